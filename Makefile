@@ -1,0 +1,50 @@
+# rapproxy — the commands a newcomer and CI run. Everything installs into .venv/ in the repo.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast lint demo bench bench-loopback bench-churn clean deps
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,demo]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the tests, demo and benchmarks drive (root only; CI runs it).
+deps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    iptables iproute2 conntrack wrk hey haproxy nginx-light kmod procps >/dev/null; \
+	else echo "make deps: not root, skipping Debian packages (root-only tests will skip)"; fi
+
+test: $(STAMP)
+	$(BIN)/pytest -n 2 --timeout=300 -ra $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -n 2 -m 'not root and not slow' -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check rapproxy bpsctl tests benchmarks
+	$(BIN)/ruff format --check rapproxy bpsctl tests benchmarks
+	$(BIN)/mypy --strict rapproxy bpsctl
+	$(BIN)/lint-imports
+
+demo: $(STAMP)
+	@if [ "$$(id -u)" != 0 ]; then echo "make demo needs root (network namespaces, iptables). Try: sudo make demo"; exit 1; fi
+	$(MAKE) deps
+	$(BIN)/rapproxy demo
+
+bench: bench-loopback
+
+bench-loopback: $(STAMP)
+	$(BIN)/python benchmarks/loopback/run.py
+
+bench-churn: $(STAMP)
+	$(BIN)/python benchmarks/loopback/churn.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,233 @@
+"""The Balancer: per-service selection state and the full decision for a new connection.
+
+For each connection the decision runs, in order:
+
+1. categorize the endpoints (ready → serving-terminating, topology, traffic policy — computed
+   once per snapshot, not per connection);
+2. drop endpoints already tried for this connection and those the outlier detector ejected;
+3. honour ClientIP affinity when the sticky endpoint is still a candidate;
+4. otherwise ask the service's policy.
+
+The Balancer is the single owner of that mutable state. It is fed whole `ServiceTable` snapshots;
+state for services whose endpoints did not change survives the swap, so a sync never resets
+round-robin cursors or affinity for unrelated services.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rapproxy.balancer.affinity import AffinityTable
+from rapproxy.balancer.categorize import Categorized, Locality, categorize
+from rapproxy.balancer.outlier import OutlierDetector, OutlierSettings
+from rapproxy.balancer.policy import (
+    Choice,
+    LeastConnections,
+    LocalOnly,
+    Placement,
+    Policy,
+    RandomChoice,
+    RoundRobin,
+    SelectionContext,
+)
+from rapproxy.model.endpoints import Endpoint
+from rapproxy.model.service import LbPolicy, ServicePortName
+from rapproxy.model.table import ServiceEntry, ServiceTable
+
+EndpointKey = tuple[str, int]
+PolicyFactory = Callable[[LbPolicy], Policy]
+
+
+def key_of(endpoint: Endpoint) -> EndpointKey:
+    return (endpoint.ip, endpoint.port)
+
+
+def basic_policy_factory(rng: random.Random) -> PolicyFactory:
+    """Policies that need nothing but a random source. RAP is added by the caller when wired."""
+
+    def make(kind: LbPolicy) -> Policy:
+        if kind is LbPolicy.RANDOM:
+            return RandomChoice(rng)
+        if kind is LbPolicy.LEAST_CONN:
+            return LeastConnections(rng)
+        if kind is LbPolicy.LOCAL_ONLY:
+            return LocalOnly()
+        return RoundRobin()
+
+    return make
+
+
+@dataclass(slots=True)
+class _ServiceState:
+    entry: ServiceEntry
+    categorized: Categorized
+    policy: Policy
+    affinity: AffinityTable | None
+    by_key: dict[EndpointKey, Endpoint] = field(default_factory=dict)
+
+
+class Balancer:
+    def __init__(
+        self,
+        where: Locality,
+        *,
+        default_policy: LbPolicy = LbPolicy.ROUND_ROBIN,
+        policy_factory: PolicyFactory | None = None,
+        rng: random.Random | None = None,
+        outliers: OutlierSettings | None = None,
+    ) -> None:
+        self.where = where
+        self.default_policy = default_policy
+        self._rng = rng or random.Random()
+        self._make_policy = policy_factory or basic_policy_factory(self._rng)
+        self._services: dict[ServicePortName, _ServiceState] = {}
+        self._outliers = OutlierDetector(outliers)
+        self._active: defaultdict[EndpointKey, int] = defaultdict(int)
+        self.selections: defaultdict[Placement, int] = defaultdict(int)
+
+    # -- snapshot updates ---------------------------------------------------------------------
+
+    def update(self, table: ServiceTable) -> None:
+        """Swap in a new snapshot, keeping state of services whose entry did not change."""
+        services: dict[ServicePortName, _ServiceState] = {}
+        alive: set[EndpointKey] = set()
+        for name in table:
+            entry = table.entries[name]
+            alive.update(key_of(e) for e in entry.endpoints)
+            previous = self._services.get(name)
+            if previous is not None and previous.entry == entry:
+                services[name] = previous
+                continue
+            services[name] = self._new_state(entry, previous)
+        self._services = services
+        self._outliers.retain(alive)
+
+    def _new_state(self, entry: ServiceEntry, previous: _ServiceState | None) -> _ServiceState:
+        kind = entry.port.lb_policy or self.default_policy
+        policy = (
+            previous.policy
+            if previous is not None and previous.policy.name is kind
+            else self._make_policy(kind)
+        )
+        timeout = entry.port.affinity_timeout_seconds
+        affinity: AffinityTable | None = None
+        if timeout is not None:
+            if previous is not None and previous.affinity is not None:
+                affinity = previous.affinity
+                affinity.timeout_seconds = timeout
+            else:
+                affinity = AffinityTable(timeout)
+            affinity.retain_endpoints({key_of(e) for e in entry.endpoints})
+        return _ServiceState(
+            entry=entry,
+            categorized=categorize(entry.endpoints, self.where),
+            policy=policy,
+            affinity=affinity,
+            by_key={key_of(e): e for e in entry.endpoints},
+        )
+
+    # -- the connection path ------------------------------------------------------------------
+
+    def has_endpoints(self, name: ServicePortName) -> bool:
+        state = self._services.get(name)
+        return state is not None and bool(state.categorized.cluster or state.categorized.local)
+
+    def choose(
+        self,
+        name: ServicePortName,
+        client_ip: str,
+        now: float,
+        *,
+        external: bool = False,
+        tried: frozenset[EndpointKey] = frozenset(),
+    ) -> Choice | None:
+        state = self._services.get(name)
+        if state is None:
+            return None
+        port = state.entry.port
+        local_only = port.external_traffic_local if external else port.internal_traffic_local
+        candidates: Sequence[Endpoint] = state.categorized.for_traffic(local_only)
+        if tried:
+            candidates = [e for e in candidates if key_of(e) not in tried]
+        candidates = self._outliers.filter(candidates, now)
+        if not candidates:
+            return None
+
+        if state.affinity is not None:
+            sticky = state.affinity.lookup(client_ip, now)
+            if sticky is not None and sticky not in tried:
+                endpoint = state.by_key.get(sticky)
+                if endpoint is not None and endpoint in candidates:
+                    state.affinity.remember(client_ip, sticky, now)
+                    placement = (
+                        Placement.LOCAL
+                        if endpoint.node_name == self.where.node_name
+                        else Placement.REMOTE
+                    )
+                    self.selections[placement] += 1
+                    return Choice(endpoint, placement, "session affinity (ClientIP)")
+
+        context = SelectionContext(name, client_ip, now, self.where, self.active_connections)
+        choice = state.policy.choose(candidates, context)
+        if choice is None:
+            return None
+        if state.affinity is not None:
+            state.affinity.remember(client_ip, key_of(choice.endpoint), now)
+        self.selections[choice.placement] += 1
+        return choice
+
+    def dial_failed(
+        self, name: ServicePortName, endpoint: EndpointKey, client_ip: str, now: float
+    ) -> None:
+        """A dial failed: feed outlier detection and reset the client's affinity."""
+        self._outliers.record_failure(endpoint, now)
+        state = self._services.get(name)
+        if state is not None and state.affinity is not None:
+            state.affinity.forget_client(client_ip)
+
+    def connection_opened(self, endpoint: EndpointKey) -> None:
+        self._active[endpoint] += 1
+        self._outliers.record_success(endpoint)
+
+    def connection_closed(self, endpoint: EndpointKey) -> None:
+        remaining = self._active.get(endpoint, 0) - 1
+        if remaining > 0:
+            self._active[endpoint] = remaining
+        else:
+            self._active.pop(endpoint, None)
+
+    def active_connections(self, endpoint: Endpoint) -> int:
+        return self._active.get(key_of(endpoint), 0)
+
+    def expire_affinity(self, now: float) -> int:
+        return sum(
+            s.affinity.expire(now) for s in self._services.values() if s.affinity is not None
+        )
+
+    # -- explainability -----------------------------------------------------------------------
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """What the balancer believes, for `/debug/state`."""
+        services = {}
+        for name, state in sorted(self._services.items()):
+            services[str(name)] = {
+                "policy": state.policy.name.value,
+                "endpoints": [e.address for e in state.entry.endpoints],
+                "usable": [e.address for e in state.categorized.cluster],
+                "local": [e.address for e in state.categorized.local],
+                "affinity_clients": len(state.affinity) if state.affinity is not None else None,
+            }
+        return {
+            "node": self.where.node_name,
+            "zone": self.where.zone,
+            "services": services,
+            "ejected": [f"{ip}:{port}" for ip, port in self._outliers.ejected(now)],
+            "active_connections": {
+                f"{ip}:{port}": n for (ip, port), n in sorted(self._active.items())
+            },
+            "selections": {p.value: n for p, n in self.selections.items()},
+        }

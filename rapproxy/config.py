@@ -1,0 +1,538 @@
+"""RapproxyConfiguration: every setting of the daemon, its default, its meaning, its validation.
+
+Settings are nested frozen dataclasses (as kopf does), so the rest of the code gets typed,
+immutable values and never looks a string up in a dict. Field names mirror
+`KubeProxyConfiguration` where the two overlap (`healthzBindAddress`, `metricsBindAddress`,
+`iptables.minSyncPeriod`, `iptables.syncPeriod`, `clientConnection.kubeconfig`, ...), so an
+operator migrating from kube-proxy recognises them.
+
+Three sources, later ones winning: the YAML file, `RAPPROXY_*` environment variables (the field
+path in upper snake case: `RAPPROXY_RAP_OVERLOAD_THRESHOLD=0.9`), and command-line flags
+(`--set rap.overloadThreshold=0.9`). Every field carries a `doc` in its metadata; the
+configuration reference in docs/ is generated from these, so it cannot drift.
+
+Pure: parsing takes text and mappings, never reads files or the environment itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from rapproxy.model.service import LbPolicy
+
+API_VERSION = "rapproxy.io/v1alpha1"
+KIND = "RapproxyConfiguration"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the field path."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConnection:
+    kubeconfig: str = _doc("Path to a kubeconfig; empty means in-cluster config.", default="")
+    context: str = _doc("kubeconfig context to use; empty means the current context.", default="")
+    request_timeout: float = _doc("Seconds before an API request is abandoned.", default=30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class IptablesSettings:
+    min_sync_period: float = _doc(
+        "Minimum seconds between two rule syncs; changes arriving faster are coalesced.",
+        default=1.0,
+    )
+    sync_period: float = _doc(
+        "Maximum seconds between full, idempotent resyncs of rules and data plane.", default=30.0
+    )
+    retry_period: float = _doc("Seconds before a failed sync is retried.", default=2.0)
+    node_port_addresses: tuple[str, ...] = _doc(
+        "CIDRs whose local addresses accept NodePort traffic; empty means every local address "
+        "except loopback.",
+        default=(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    tcp_port: int = _doc(
+        "Port of the single TCP listener every TCP service is redirected to.", default=15001
+    )
+    udp_port_range: str = _doc(
+        "Range (first-last) of ports for the per-service-port UDP sockets.", default="15100-15999"
+    )
+    listen_address: str = _doc(
+        "Address the TCP listener binds; the IPv6 listener binds '::' when IPv6 services exist.",
+        default="0.0.0.0",
+    )
+    connect_timeout: float = _doc("Seconds allowed for one dial to an endpoint.", default=1.0)
+    dial_backoff: tuple[float, ...] = _doc(
+        "Pauses before each retry on another endpoint (kube-proxy userspace: 0.25, 0.5, 1, 2).",
+        default=(0.25, 0.5, 1.0, 2.0),
+    )
+    idle_timeout: float = _doc(
+        "Seconds a TCP connection may carry no bytes either way before both sides are closed.",
+        default=3600.0,
+    )
+    udp_idle_timeout: float = _doc(
+        "Seconds a UDP client flow is kept without traffic.", default=30.0
+    )
+    max_connections: int = _doc(
+        "Cap on concurrent proxied TCP connections; new ones beyond it are closed at once.",
+        default=65536,
+    )
+    max_udp_flows: int = _doc("Cap on concurrent UDP client flows per service port.", default=4096)
+    lb_policy: LbPolicy = _doc(
+        "Default balancing policy; a Service overrides it with annotation rapproxy.io/lb-policy.",
+        default=LbPolicy.RAP,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RapWeights:
+    cpu: float = _doc("Weight of available CPU in a node's score.", default=1.0)
+    memory: float = _doc("Weight of available memory in a node's score.", default=1.0)
+    rtt: float = _doc("Weight of minRTT/RTT in a node's score.", default=1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RapSettings:
+    overload_threshold: float = _doc(
+        "CPU or memory utilization (0-1) at which the local node counts as overloaded.",
+        default=0.8,
+    )
+    exit_threshold: float = _doc(
+        "Utilization below which an overloaded node counts as healthy again (hysteresis).",
+        default=0.7,
+    )
+    weights: RapWeights = _doc("Score weights.", default_factory=RapWeights)
+    top_candidates: int = _doc(
+        "How many best-scored nodes share spilled traffic, at random weighted by score.",
+        default=3,
+    )
+    telemetry_interval: float = _doc("Seconds between polls of each peer's telemetry.", default=1.0)
+    stale_after_periods: int = _doc(
+        "A node's figures older than this many intervals count as unknown.", default=3
+    )
+    rtt_ewma_alpha: float = _doc("Weight of a new RTT sample in the moving average.", default=0.3)
+    telemetry_port: int = _doc(
+        "Port of GET /rap/v1/telemetry on the node IP (served on the healthz server).",
+        default=10256,
+    )
+    token_file: str = _doc(
+        "File holding the shared telemetry token (mounted from a Secret); empty disables "
+        "peer polling and serving.",
+        default="",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BpsSettings:
+    enabled: bool = _doc("Run the BackupPodSet controller (leader-elected).", default=True)
+    lease_name: str = _doc("Name of the leader-election Lease.", default="rapproxy-bps")
+    lease_namespace: str = _doc("Namespace of the Lease.", default="kube-system")
+    lease_duration: float = _doc("Seconds a leader's Lease is valid.", default=15.0)
+    renew_deadline: float = _doc("Seconds a leader keeps trying to renew.", default=10.0)
+    retry_period: float = _doc("Seconds between attempts to acquire or renew.", default=2.0)
+    ready_grace: float = _doc(
+        "Seconds a pod may report Ready=False before it counts as failed.", default=5.0
+    )
+    activation_timeout: float = _doc(
+        "Seconds to wait for a cold backup to confirm activation.", default=10.0
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    format: str = _doc("Log format: 'text' or 'json'.", default="text")
+    level: str = _doc("Log level: debug, info, warning or error.", default="info")
+
+
+@dataclass(frozen=True, slots=True)
+class RapproxyConfiguration:
+    hostname_override: str = _doc(
+        "This node's name; defaults to the NODE_NAME environment variable, then the hostname.",
+        default="",
+    )
+    service_proxy_name: str = _doc(
+        "Empty: handle every Service not claimed by another proxy (replace kube-proxy). Set: "
+        "handle only Services labelled service.kubernetes.io/service-proxy-name=<this>.",
+        default="",
+    )
+    healthz_bind_address: str = _doc(
+        "host:port of /healthz, /livez and the telemetry endpoint.", default="0.0.0.0:10256"
+    )
+    metrics_bind_address: str = _doc(
+        "host:port of /metrics and /debug/state.", default="127.0.0.1:10249"
+    )
+    config_sync_period: float = _doc(
+        "Seconds between informer re-lists when watches stay quiet (0 disables).", default=900.0
+    )
+    client_connection: ClientConnection = _doc(
+        "How to reach the API server.", default_factory=ClientConnection
+    )
+    iptables: IptablesSettings = _doc("Rule sync settings.", default_factory=IptablesSettings)
+    proxy: ProxySettings = _doc("Data plane settings.", default_factory=ProxySettings)
+    rap: RapSettings = _doc("RAP policy and telemetry settings.", default_factory=RapSettings)
+    bps: BpsSettings = _doc("BackupPodSet controller settings.", default_factory=BpsSettings)
+    logging: LoggingSettings = _doc("Logging.", default_factory=LoggingSettings)
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _snake_upper(name: str) -> str:
+    return name.upper()
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(value: object, path: str) -> float:
+    """Seconds from a number or a Go-style duration string ("1s", "500ms", "1m30s")."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: {value!r} is not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and _DURATION.match(value.strip()):
+        seconds = sum(
+            float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(value.strip())
+        )
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"{path}: {value!r} is not a duration (use seconds or e.g. '1s', '500ms', '1m')"
+            ) from None
+    else:
+        raise ConfigError(f"{path}: {value!r} is not a duration")
+    if seconds < 0:
+        raise ConfigError(f"{path}: {value!r} must not be negative")
+    return seconds
+
+
+# -- building from mappings -----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: object, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: must be a mapping")
+        return _build(hint, value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}: {value!r} is not a boolean")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: {value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(f"{path}: {value!r} is not an integer")
+    if hint is float:
+        # Every float setting in this file is either seconds or a ratio; both accept numbers,
+        # and durations accept Go-style strings too.
+        return parse_duration(value, path) if isinstance(value, str) else _number(value, path)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: {value!r} is not a string")
+        return value
+    if isinstance(hint, type) and issubclass(hint, LbPolicy):
+        try:
+            return LbPolicy(str(value))
+        except ValueError:
+            allowed = ", ".join(p.value for p in LbPolicy)
+            raise ConfigError(f"{path}: {value!r} is not one of {allowed}") from None
+    if origin is tuple:
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: must be a list")
+        return tuple(_convert(item, item_hint, f"{path}[{i}]") for i, item in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{path}: unsupported union setting")  # none exist; keep it loud
+    raise ConfigError(f"{path}: unsupported setting type {hint!r}")
+
+
+def _number(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{path}: {value!r} is not a number")
+    return float(value)
+
+
+def _build(cls: type[T], raw: Mapping[str, Any], path: str) -> T:
+    hints = _hints(cls)
+    by_camel = {camel(f.name): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(by_camel))
+    if unknown:
+        where = f"{path}." if path else ""
+        known = ", ".join(sorted(by_camel))
+        raise ConfigError(f"{where}{unknown[0]}: unknown field (known fields: {known})")
+    kwargs = {}
+    for key, value in raw.items():
+        f = by_camel[key]
+        kwargs[f.name] = _convert(value, hints[f.name], f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def from_mapping(raw: Mapping[str, Any]) -> RapproxyConfiguration:
+    """Build and validate a configuration from a parsed RapproxyConfiguration document."""
+    body = dict(raw)
+    api_version = body.pop("apiVersion", API_VERSION)
+    kind = body.pop("kind", KIND)
+    if api_version != API_VERSION:
+        raise ConfigError(f"apiVersion: {api_version!r}: expected {API_VERSION!r}")
+    if kind != KIND:
+        raise ConfigError(f"kind: {kind!r}: expected {KIND!r}")
+    config = _build(RapproxyConfiguration, body, "")
+    validate(config)
+    return config
+
+
+def from_yaml(text: str) -> RapproxyConfiguration:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"not valid YAML: {error}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("the configuration must be a YAML mapping")
+    return from_mapping(raw)
+
+
+def _set_path(tree: dict[str, Any], path: str, value: object) -> None:
+    parts = path.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _env_paths(cls: type[Any], prefix: str = "") -> Iterable[tuple[str, str]]:
+    """(ENV_SUFFIX, camel.path) for every leaf setting."""
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        path = f"{prefix}.{camel(f.name)}" if prefix else camel(f.name)
+        env = path.replace(".", "_")
+        env = re.sub(r"(?<!^)(?=[A-Z])", "_", env).upper().replace("__", "_")
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            yield from _env_paths(hint, path)
+        else:
+            yield env, path
+
+
+def env_variable_names() -> dict[str, str]:
+    """`RAPPROXY_*` variable → field path, e.g. RAPPROXY_RAP_OVERLOAD_THRESHOLD → rap.overloadThreshold."""
+    return {f"RAPPROXY_{env}": path for env, path in _env_paths(RapproxyConfiguration)}
+
+
+def load(
+    yaml_text: str | None,
+    environ: Mapping[str, str],
+    overrides: Iterable[str] = (),
+) -> RapproxyConfiguration:
+    """File, then environment, then `path=value` overrides; validated as a whole."""
+    tree: dict[str, Any] = {}
+    if yaml_text is not None:
+        try:
+            raw = yaml.safe_load(yaml_text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"not valid YAML: {error}") from None
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ConfigError("the configuration must be a YAML mapping")
+        tree = dict(raw or {})
+    for variable, path in env_variable_names().items():
+        if variable in environ:
+            _set_path(tree, path, environ[variable])
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"--set {override!r}: expected path=value")
+        path, value = override.split("=", 1)
+        _set_path(tree, path.strip(), yaml.safe_load(value) if value else "")
+    return from_mapping(tree)
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def parse_host_port(value: str, path: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"{path}: {value!r} is not host:port")
+    port = int(port_text)
+    if not 0 <= port < 65536:
+        raise ConfigError(f"{path}: port {port} out of range")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{path}: {host!r} is not an IP address") from None
+    return host, port
+
+
+def parse_port_range(value: str, path: str) -> range:
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+    if not match:
+        raise ConfigError(f"{path}: {value!r} is not a range like 15100-15999")
+    first, last = int(match.group(1)), int(match.group(2))
+    if not 0 < first <= last < 65536:
+        raise ConfigError(f"{path}: {value!r} must satisfy 0 < first <= last < 65536")
+    return range(first, last + 1)
+
+
+def validate(config: RapproxyConfiguration) -> None:
+    parse_host_port(config.healthz_bind_address, "healthzBindAddress")
+    parse_host_port(config.metrics_bind_address, "metricsBindAddress")
+    proxy = config.proxy
+    if not 0 < proxy.tcp_port < 65536:
+        raise ConfigError(f"proxy.tcpPort: {proxy.tcp_port} out of range")
+    udp_ports = parse_port_range(proxy.udp_port_range, "proxy.udpPortRange")
+    if proxy.tcp_port in udp_ports:
+        raise ConfigError("proxy.tcpPort: must not lie inside proxy.udpPortRange")
+    try:
+        ipaddress.ip_address(proxy.listen_address)
+    except ValueError:
+        raise ConfigError(f"proxy.listenAddress: {proxy.listen_address!r} is not an IP") from None
+    _positive(proxy.connect_timeout, "proxy.connectTimeout")
+    _positive(proxy.idle_timeout, "proxy.idleTimeout")
+    _positive(proxy.udp_idle_timeout, "proxy.udpIdleTimeout")
+    if proxy.max_connections < 1:
+        raise ConfigError("proxy.maxConnections: must be at least 1")
+    if proxy.max_udp_flows < 1:
+        raise ConfigError("proxy.maxUdpFlows: must be at least 1")
+    ipt = config.iptables
+    _positive(ipt.sync_period, "iptables.syncPeriod")
+    if ipt.min_sync_period > ipt.sync_period:
+        raise ConfigError("iptables.minSyncPeriod: must not exceed iptables.syncPeriod")
+    for i, cidr in enumerate(ipt.node_port_addresses):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"iptables.nodePortAddresses[{i}]: {cidr!r} is not a CIDR") from None
+    rap = config.rap
+    for name, value in (
+        ("rap.overloadThreshold", rap.overload_threshold),
+        ("rap.exitThreshold", rap.exit_threshold),
+        ("rap.rttEwmaAlpha", rap.rtt_ewma_alpha),
+    ):
+        if not 0 < value <= 1:
+            raise ConfigError(f"{name}: {value} must be in (0, 1]")
+    if rap.exit_threshold > rap.overload_threshold:
+        raise ConfigError("rap.exitThreshold: must not exceed rap.overloadThreshold")
+    for name, value in (
+        ("rap.weights.cpu", rap.weights.cpu),
+        ("rap.weights.memory", rap.weights.memory),
+        ("rap.weights.rtt", rap.weights.rtt),
+    ):
+        if value < 0:
+            raise ConfigError(f"{name}: {value} must not be negative")
+    if rap.top_candidates < 1:
+        raise ConfigError("rap.topCandidates: must be at least 1")
+    _positive(rap.telemetry_interval, "rap.telemetryInterval")
+    if rap.stale_after_periods < 1:
+        raise ConfigError("rap.staleAfterPeriods: must be at least 1")
+    bps = config.bps
+    for name, value in (
+        ("bps.leaseDuration", bps.lease_duration),
+        ("bps.renewDeadline", bps.renew_deadline),
+        ("bps.retryPeriod", bps.retry_period),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name}: {value} must be at least 1 second")
+    if not bps.retry_period < bps.renew_deadline < bps.lease_duration:
+        raise ConfigError("bps: need retryPeriod < renewDeadline < leaseDuration")
+    if config.logging.format not in ("text", "json"):
+        raise ConfigError(f"logging.format: {config.logging.format!r}: one of text, json")
+    if config.logging.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"logging.level: {config.logging.level!r}: one of debug, info, warning, error"
+        )
+
+
+def _positive(value: float, path: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path}: {value} must be greater than 0")
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+def to_mapping(config: Any) -> dict[str, Any]:
+    """A configuration as a YAML-ready mapping with camelCase keys."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out[camel(f.name)] = to_mapping(value)
+        elif isinstance(value, tuple):
+            out[camel(f.name)] = list(value)
+        elif isinstance(value, LbPolicy):
+            out[camel(f.name)] = value.value
+        else:
+            out[camel(f.name)] = value
+    return out
+
+
+def defaults_yaml() -> str:
+    body = {"apiVersion": API_VERSION, "kind": KIND, **to_mapping(RapproxyConfiguration())}
+    return yaml.safe_dump(body, sort_keys=False)
+
+
+def reference_rows(
+    cls: type[Any] = RapproxyConfiguration, prefix: str = ""
+) -> list[tuple[str, str, str]]:
+    """(field path, default, meaning) for every leaf field: the source of docs/configuration.md."""
+    rows: list[tuple[str, str, str]] = []
+    default = cls()
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        path = f"{prefix}.{camel(f.name)}" if prefix else camel(f.name)
+        if dataclasses.is_dataclass(hint):
+            rows.extend(reference_rows(hint, path))  # type: ignore[arg-type]
+            continue
+        value = getattr(default, f.name)
+        shown = (
+            ", ".join(str(v) for v in value)
+            if isinstance(value, tuple)
+            else value.value
+            if isinstance(value, LbPolicy)
+            else value
+        )
+        rows.append((path, f"`{shown}`" if shown != "" else '`""`', f.metadata.get("doc", "")))
+    return rows

@@ -77,9 +77,10 @@ class ProxySettings:
         "Address the TCP listener binds; the IPv6 listener binds '::' when IPv6 services exist.",
         default="0.0.0.0",
     )
-    connect_timeout: float = _doc("Seconds allowed for one dial to an endpoint.", default=1.0)
-    dial_backoff: tuple[float, ...] = _doc(
-        "Pauses before each retry on another endpoint (kube-proxy userspace: 0.25, 0.5, 1, 2).",
+    dial_timeouts: tuple[float, ...] = _doc(
+        "Connect timeout of each dial attempt, each on an endpoint not tried before for that "
+        "connection; the number of entries is the number of attempts (kube-proxy userspace: "
+        "0.25, 0.5, 1, 2).",
         default=(0.25, 0.5, 1.0, 2.0),
     )
     idle_timeout: float = _doc(
@@ -429,7 +430,10 @@ def validate(config: RapproxyConfiguration) -> None:
         ipaddress.ip_address(proxy.listen_address)
     except ValueError:
         raise ConfigError(f"proxy.listenAddress: {proxy.listen_address!r} is not an IP") from None
-    _positive(proxy.connect_timeout, "proxy.connectTimeout")
+    if not proxy.dial_timeouts:
+        raise ConfigError("proxy.dialTimeouts: needs at least one attempt")
+    for i, timeout in enumerate(proxy.dial_timeouts):
+        _positive(timeout, f"proxy.dialTimeouts[{i}]")
     _positive(proxy.idle_timeout, "proxy.idleTimeout")
     _positive(proxy.udp_idle_timeout, "proxy.udpIdleTimeout")
     if proxy.max_connections < 1:

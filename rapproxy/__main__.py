@@ -1,0 +1,7 @@
+"""`python -m rapproxy` is the `rapproxy` command."""
+
+import sys
+
+from rapproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP surfaces of the daemon: health (kube-proxy compatible), metrics, debug state, telemetry."""

@@ -1,0 +1,363 @@
+"""The Proxier: one node's data plane, brought in line with the desired state by one sync.
+
+kube-proxy's shape, in one place:
+
+    informer handlers → ChangeTracker (record only)
+                          ↓ request()
+                     BoundedRunner (coalesce, min/max interval, retry)
+                          ↓ sync()
+    snapshot → Balancer.update → UDP sockets reconciled → iptables chains rewritten → stale UDP
+    conntrack entries deleted → health and metrics updated
+
+The sync is a full, idempotent render of the desired state, so a periodic resync repairs anything
+that drifted (a rule deleted by hand, a crashed predecessor's leftovers). Rules are rewritten only
+when the set of redirects changed, or on the periodic resync (which also repairs the jumps from
+the built-in chains); endpoint-only changes touch memory only, which is what makes them fast.
+
+The Proxier is also the relay's `BackendSelector`: the relay asks it, per new connection, which
+service an intercepted destination is and which backend to dial — answered from the in-memory
+snapshot and the Balancer, never from the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from rapproxy.balancer.balancer import Balancer, PolicyFactory
+from rapproxy.balancer.categorize import Locality
+from rapproxy.config import RapproxyConfiguration, parse_port_range
+from rapproxy.dataplane.routing import Backend
+from rapproxy.dataplane.stats import RelayStats
+from rapproxy.dataplane.tcp import TcpRelayServer, TcpRelaySettings
+from rapproxy.dataplane.udp import UdpRelaySettings, UdpServicePort
+from rapproxy.http.health import HealthState
+from rapproxy.http.metrics import ProxyMetrics
+from rapproxy.model.service import L4Protocol, ServicePort, ServicePortName
+from rapproxy.model.table import Destination, ServiceTable
+from rapproxy.rules.apply import IptablesRunner
+from rapproxy.rules.conntrack import delete_udp_entries
+from rapproxy.rules.render import RedirectTarget, RuleConfig
+from rapproxy.sync.tracker import ChangeTracker
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_SUFFIX = " (external)"
+
+
+class PortRangeExhausted(RuntimeError):
+    """Every port of proxy.udpPortRange is taken; the message names the service port."""
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteKey:
+    destination: Destination
+    key: str
+
+
+class UdpPortAllocator:
+    """Stable ports for UDP service ports: a service keeps its port across syncs."""
+
+    def __init__(self, ports: range) -> None:
+        self._ports = ports
+        self._by_name: dict[ServicePortName, int] = {}
+
+    def get(self, name: ServicePortName) -> int | None:
+        return self._by_name.get(name)
+
+    def allocate(self, name: ServicePortName, skip: set[int] = frozenset()) -> int:  # type: ignore[assignment]
+        taken = set(self._by_name.values()) | skip
+        for port in self._ports:
+            if port not in taken:
+                self._by_name[name] = port
+                return port
+        raise PortRangeExhausted(
+            f"{name}: no free port left in {self._ports.start}-{self._ports.stop - 1}"
+        )
+
+    def release(self, name: ServicePortName) -> None:
+        self._by_name.pop(name, None)
+
+
+class Proxier:
+    def __init__(
+        self,
+        config: RapproxyConfiguration,
+        node_name: str,
+        *,
+        iptables: Sequence[IptablesRunner] = (),
+        policy_factory: PolicyFactory | None = None,
+        metrics: ProxyMetrics | None = None,
+        zone: str | None = None,
+        netns: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.node_name = node_name
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._netns = netns
+        self.tracker = ChangeTracker(config.service_proxy_name, clock=wall_clock)
+        self.balancer = Balancer(
+            Locality(node_name, zone),
+            default_policy=config.proxy.lb_policy,
+            policy_factory=policy_factory,
+        )
+        self.stats = RelayStats()
+        self.metrics = metrics or ProxyMetrics()
+        self.metrics.watch_live(self.stats.snapshot, self._selection_counts)
+        self.health = HealthState(sync_period=config.iptables.sync_period)
+        self.iptables = list(iptables)
+        self.rule_config = RuleConfig(node_port_cidrs=config.iptables.node_port_addresses)
+        proxy = config.proxy
+        self.tcp = TcpRelayServer(
+            self,
+            settings=TcpRelaySettings(
+                dial_timeouts=proxy.dial_timeouts,
+                idle_timeout=proxy.idle_timeout,
+                max_connections=proxy.max_connections,
+            ),
+            stats=self.stats,
+        )
+        self._udp_settings = UdpRelaySettings(
+            idle_timeout=proxy.udp_idle_timeout, max_flows=proxy.max_udp_flows
+        )
+        self.udp: dict[ServicePortName, UdpServicePort] = {}
+        self._udp_ports = UdpPortAllocator(
+            parse_port_range(proxy.udp_port_range, "proxy.udpPortRange")
+        )
+        self._routes: dict[str, Destination] = {}
+        self._route_keys: dict[tuple[ServicePortName, bool], str] = {}
+        self._backends: dict[tuple[str, int], Backend] = {}
+        self._applied_targets: tuple[RedirectTarget, ...] | None = None
+        self._last_full_sync = -float("inf")
+        self.last_sync_error: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, listen: Sequence[tuple[str, int]] | None = None) -> None:
+        if listen is None:
+            listen = [(self.config.proxy.listen_address, self.config.proxy.tcp_port)]
+        await self.tcp.start(listen)
+
+    async def aclose(self) -> None:
+        await self.tcp.aclose()
+        for port in self.udp.values():
+            await port.aclose()
+        self.udp.clear()
+
+    async def cleanup_rules(self) -> None:
+        for runner in self.iptables:
+            await runner.cleanup()
+
+    # -- the sync -----------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Bring rules and data plane in line with the recorded state; raises on failure."""
+        try:
+            await self._sync()
+        except Exception as error:
+            self.metrics.sync_failures.inc()
+            self.last_sync_error = f"{type(error).__name__}: {error}"
+            raise
+        self.last_sync_error = None
+
+    async def _sync(self) -> None:
+        started = self._clock()
+        queued_at = self.tracker.first_pending_at
+        table, changed = self.tracker.snapshot()
+        self.balancer.update(table)
+        self._index_routes(table)
+        stale_udp = await self._reconcile_udp(table)
+        targets = self._redirect_targets(table)
+        full = started - self._last_full_sync >= self.config.iptables.sync_period
+        if self.iptables and (full or targets != self._applied_targets):
+            for runner in self.iptables:
+                await runner.sync(targets, self.rule_config, repair_jumps=full)
+            self._applied_targets = targets
+            if full:
+                self._last_full_sync = started
+        elif not self.iptables:
+            self._applied_targets = targets
+        for address, port in stale_udp:
+            await self._forget_udp_flows(address, port)
+        self.balancer.expire_affinity(started)
+        now_wall = self._wall_clock()
+        self.health.last_applied = now_wall
+        self.health.oldest_pending = self.tracker.first_pending_at
+        self.metrics.sync_duration.observe(self._clock() - started)
+        self.metrics.last_sync.set(now_wall)
+        self.metrics.changes_pending.set(self.tracker.pending)
+        if queued_at is not None and changed:
+            self.metrics.programming_latency.observe(max(0.0, now_wall - queued_at))
+        for kind in ("Service", "EndpointSlice"):
+            self.metrics.rejected_objects.labels(kind).set(
+                sum(1 for error in self.tracker.errors.values() if error.kind == kind)
+            )
+        for protocol in (L4Protocol.TCP, L4Protocol.UDP):
+            self.metrics.service_ports.labels(protocol.value).set(
+                sum(1 for name in table if name.protocol is protocol)
+            )
+        if changed:
+            log.info(
+                "synced %d service ports (%d services changed) in %.1f ms",
+                len(table),
+                len(changed),
+                (self._clock() - started) * 1000,
+            )
+
+    def note_change(self) -> None:
+        """Called by sources after recording a change: keeps /healthz's staleness honest."""
+        if self.health.oldest_pending is None:
+            self.health.oldest_pending = self.tracker.first_pending_at
+
+    def _index_routes(self, table: ServiceTable) -> None:
+        routes: dict[str, Destination] = {}
+        keys: dict[tuple[ServicePortName, bool], str] = {}
+        backends: dict[tuple[str, int], Backend] = {}
+        for name in table:
+            for external in (False, True):
+                key = str(name) + (EXTERNAL_SUFFIX if external else "")
+                if name.protocol is L4Protocol.UDP:
+                    key += "/UDP"
+                routes[key] = Destination(name, external)
+                keys[(name, external)] = key
+            entry = table.entries[name]
+            for endpoint in entry.endpoints:
+                backends[(endpoint.ip, endpoint.port)] = Backend(endpoint.ip, endpoint.port)
+        self._routes = routes
+        self._route_keys = keys
+        self._backends = backends
+        for key in set(self.stats.snapshot().services) - set(routes):
+            self.stats.forget(key)
+
+    def _redirect_targets(self, table: ServiceTable) -> tuple[RedirectTarget, ...]:
+        targets = []
+        for name in sorted(table):
+            port = table.entries[name].port
+            if name.protocol is L4Protocol.TCP:
+                targets.append(RedirectTarget(port, self.config.proxy.tcp_port))
+            elif name in self.udp:
+                targets.append(RedirectTarget(port, self.udp[name].address[1]))
+        return tuple(targets)
+
+    async def _reconcile_udp(self, table: ServiceTable) -> list[tuple[str | None, int]]:
+        """Open a socket per UDP service port, close the ones gone; return stale conntrack keys."""
+        stale: list[tuple[str | None, int]] = []
+        wanted = {
+            name: table.entries[name].port for name in table if name.protocol is L4Protocol.UDP
+        }
+        for name in [n for n in self.udp if n not in wanted]:
+            await self.udp.pop(name).aclose()
+            self._udp_ports.release(name)
+            previous = self._previous_port(name)
+            if previous is not None:
+                stale.extend(_udp_destinations(previous))
+        for name, port in wanted.items():
+            if name in self.udp:
+                previous = self._previous_port(name)
+                if previous is not None and previous != port:
+                    stale.extend(_udp_destinations(previous))
+                continue
+            key = self._route_keys[(name, False)]
+            skip: set[int] = set()
+            while True:
+                number = self._udp_ports.allocate(name, skip)
+                relay = UdpServicePort(self, key, settings=self._udp_settings, stats=self.stats)
+                try:
+                    await relay.start((self.config.proxy.listen_address, number))
+                except OSError as error:
+                    log.warning(
+                        "UDP port %d for %s is unusable (%s); trying the next", number, name, error
+                    )
+                    skip.add(number)
+                    continue
+                break
+            self.udp[name] = relay
+        return stale
+
+    def _previous_port(self, name: ServicePortName) -> ServicePort | None:
+        for target in self._applied_targets or ():
+            if target.service_port.name == name:
+                return target.service_port
+        return None
+
+    async def _forget_udp_flows(self, address: str | None, port: int) -> None:
+        try:
+            deleted = await delete_udp_entries(address, port, netns=self._netns)
+        except Exception as error:  # conntrack trouble must never fail the sync
+            log.warning(
+                "could not delete UDP conntrack entries for %s:%d: %s", address or "*", port, error
+            )
+            return
+        if deleted:
+            log.info(
+                "deleted %d stale UDP conntrack entries for %s:%d", deleted, address or "*", port
+            )
+
+    # -- BackendSelector (the relay's questions) -----------------------------------------------
+
+    def service_for(
+        self, protocol: Literal["TCP", "UDP"], dst_ip: str, dst_port: int
+    ) -> str | None:
+        destination = self.tracker.table.resolve(L4Protocol(protocol), dst_ip, dst_port)
+        if destination is None:
+            return None
+        return self._route_keys.get((destination.name, destination.external))
+
+    def choose(self, service: str, client_ip: str, tried: frozenset[Backend]) -> Backend | None:
+        destination = self._routes.get(service)
+        if destination is None:
+            return None
+        tried_keys = frozenset((b.ip, b.port) for b in tried) if tried else frozenset()
+        choice = self.balancer.choose(
+            destination.name,
+            client_ip,
+            self._clock(),
+            external=destination.external,
+            tried=tried_keys,
+        )
+        if choice is None:
+            return None
+        key = (choice.endpoint.ip, choice.endpoint.port)
+        return self._backends.get(key) or Backend(*key)
+
+    def dial_failed(self, service: str, backend: Backend, client_ip: str) -> None:
+        destination = self._routes.get(service)
+        if destination is not None:
+            self.balancer.dial_failed(
+                destination.name, (backend.ip, backend.port), client_ip, self._clock()
+            )
+
+    def connection_opened(self, service: str, backend: Backend) -> None:
+        self.balancer.connection_opened((backend.ip, backend.port))
+
+    def connection_closed(self, service: str, backend: Backend) -> None:
+        self.balancer.connection_closed((backend.ip, backend.port))
+
+    # -- explainability -----------------------------------------------------------------------
+
+    def _selection_counts(self) -> dict[str, int]:
+        return {placement.value: count for placement, count in self.balancer.selections.items()}
+
+    def describe(self) -> dict[str, Any]:
+        now = self._clock()
+        state = self.balancer.describe(now)
+        state["udp_ports"] = {str(n): p.address[1] for n, p in sorted(self.udp.items())}
+        state["tcp_listeners"] = [f"{h}:{p}" for h, p in self.tcp.addresses]
+        state["rejected_objects"] = self.tracker.describe_errors()
+        state["changes_pending"] = self.tracker.pending
+        state["last_sync_error"] = self.last_sync_error
+        return state
+
+
+def _udp_destinations(port: ServicePort) -> list[tuple[str | None, int]]:
+    destinations: list[tuple[str | None, int]] = [(ip, port.port) for ip in port.cluster_ips]
+    destinations.extend((ip, port.port) for ip in port.external_addresses)
+    if port.node_port is not None:
+        destinations.append((None, port.node_port))
+    return destinations

@@ -166,7 +166,10 @@ def parse_service(obj: Mapping[str, Any]) -> ParsedService:
         raise InvalidObject("Service", key, "spec.ports", "a non-headless Service needs ports")
     ports: list[ServicePort] = []
     notes: list[str] = []
-    seen: set[tuple[str, L4Protocol]] = set()
+    # The API server rejects both duplicates; checking again here keeps a hand-written manifest
+    # (static source) from making endpoint matching or interception ambiguous.
+    seen_names: set[str] = set()
+    seen_ports: set[tuple[int, L4Protocol]] = set()
     for index, raw in enumerate(raw_ports):
         field = f"spec.ports[{index}]"
         if not isinstance(raw, Mapping):
@@ -186,9 +189,12 @@ def parse_service(obj: Mapping[str, Any]) -> ParsedService:
         node_port = raw.get("nodePort")
         if node_port is not None:
             node_port = _port_number(node_port, key, f"{field}.nodePort")
-        if (port_name, protocol) in seen:
+        if port_name in seen_names:
             raise InvalidObject("Service", key, f"{field}.name", f"duplicate port {port_name!r}")
-        seen.add((port_name, protocol))
+        if (port, protocol) in seen_ports:
+            raise InvalidObject("Service", key, f"{field}.port", f"duplicate {port}/{protocol}")
+        seen_names.add(port_name)
+        seen_ports.add((port, protocol))
         if protocol is L4Protocol.SCTP:
             notes.append(f"{field}: SCTP is not proxied by a userspace proxy; port skipped")
             continue

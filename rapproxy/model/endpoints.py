@@ -86,7 +86,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSliceInfo:
     `serving` follows `ready`, an unset `terminating` means not terminating.
     """
     key = object_key(obj)
-    meta = obj.get("metadata")
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
     if not isinstance(meta, Mapping):
         raise InvalidObject("EndpointSlice", key, "metadata", "missing or not an object")
     namespace = meta.get("namespace")
@@ -165,6 +165,9 @@ def _parse_endpoints(raw: object, key: str, address_type: str) -> Iterable[Slice
         parsed = []
         for j, address in enumerate(addresses):
             try:
+                # ip_address() also takes integers (5 -> 0.0.0.5); the API only ever sends text.
+                if not isinstance(address, str):
+                    raise ValueError(address)
                 ip = ipaddress.ip_address(address)
             except ValueError:
                 raise InvalidObject(

@@ -32,8 +32,8 @@ class NodeInfo:
 
 def parse_node(obj: Mapping[str, Any]) -> NodeInfo:
     """Parse a v1 Node; InternalIP addresses come first, hostnames are ignored."""
-    meta = obj.get("metadata")
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str):
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]:
         raise InvalidObject("Node", "<unnamed>", "metadata.name", "required")
     name: str = meta["name"]
     labels = meta.get("labels") or {}
@@ -52,7 +52,11 @@ def parse_node(obj: Mapping[str, Any]) -> NodeInfo:
         if kind not in ADDRESS_PREFERENCE:
             continue
         try:
-            address = str(ipaddress.ip_address(entry.get("address", "")))
+            raw_address = entry.get("address")
+            # ip_address() also takes integers (5 -> 0.0.0.5); the API only ever sends text.
+            if not isinstance(raw_address, str):
+                raise ValueError(raw_address)
+            address = str(ipaddress.ip_address(raw_address))
         except ValueError:
             raise InvalidObject(
                 "Node",
@@ -62,8 +66,11 @@ def parse_node(obj: Mapping[str, Any]) -> NodeInfo:
             ) from None
         ranked.append((ADDRESS_PREFERENCE.index(kind), address))
     addresses = tuple(address for _, address in sorted(ranked, key=lambda item: item[0]))
+    conditions = status.get("conditions") or []
+    if not isinstance(conditions, list):
+        raise InvalidObject("Node", name, "status.conditions", "must be a list")
     ready = False
-    for condition in status.get("conditions") or []:
+    for condition in conditions:
         if isinstance(condition, Mapping) and condition.get("type") == "Ready":
             ready = condition.get("status") == "True"
     spec = obj.get("spec") or {}

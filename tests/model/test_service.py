@@ -499,7 +499,7 @@ SERVICE_KEYS = [
 PORT_KEYS = ["name", "protocol", "port", "targetPort", "nodePort"]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=75, deadline=None)
 @given(st.data())
 def test_random_garbage_in_any_field_only_ever_raises_invalid_object(data: st.DataObject) -> None:
     obj = api_service(type=data.draw(st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer"])))
@@ -521,7 +521,7 @@ def test_random_garbage_in_any_field_only_ever_raises_invalid_object(data: st.Da
         assert error.field and error.field in str(error)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(json_values)
 def test_entirely_random_json_only_ever_raises_invalid_object(value: Any) -> None:
     with contextlib.suppress(InvalidObject):

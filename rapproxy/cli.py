@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rapproxy import __version__, logs
+from rapproxy.cluster.client import ApiError
 from rapproxy.config import ConfigError, RapproxyConfiguration, defaults_yaml, load
 
 EXIT_USAGE = 2
@@ -148,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     options = daemon.RunOptions(objects=tuple(args.objects), intercept=not args.no_iptables)
     try:
         run_async(daemon.run(config, options))
-    except daemon.StartupError as error:
+    except (daemon.StartupError, ApiError) as error:
         print(f"rapproxy: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

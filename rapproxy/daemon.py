@@ -15,13 +15,17 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from rapproxy.cluster.client import ENDPOINT_SLICES, SERVICES, ClientSettings, KubeClient
+from rapproxy.cluster.informer import Callbacks, Informer
 from rapproxy.cluster.static import Objects, StaticSource
 from rapproxy.config import RapproxyConfiguration, parse_host_port
 from rapproxy.http.server import HttpServer, health_app, metrics_app
+from rapproxy.model.service import LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.backend import detect_backend, tools_for
 from rapproxy.sync.proxier import Proxier
@@ -56,11 +60,6 @@ async def iptables_runners(exec_prefix: Sequence[str] = ()) -> list[IptablesRunn
 
 
 async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
-    if not options.objects:
-        raise StartupError(
-            "no source of Services: give --objects FILE... (Kubernetes YAML). Following a live "
-            "API server (--kubeconfig / in-cluster) is not implemented in this version."
-        )
     node_name = node_name_for(config)
     runners = await iptables_runners(options.exec_prefix) if options.intercept else []
     proxier = Proxier(config, node_name, iptables=runners, netns=options.netns)
@@ -74,12 +73,31 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         ),
     )
 
-    def apply_objects(objects: Objects) -> None:
-        proxier.tracker.replace_all(objects.services, objects.slices)
+    def changed() -> None:
         proxier.note_change()
         runner.request()
 
-    source = StaticSource(list(options.objects), apply_objects)
+    client: KubeClient | None = None
+    sources: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    ready: list[asyncio.Event] = []
+    if options.objects:
+        source = StaticSource(
+            list(options.objects), lambda objects: _apply_objects(proxier, objects, changed)
+        )
+        source.load_changed()  # the first load is synchronous: rules start from the files' state
+        sources.append(source.run)
+    else:
+        client = await KubeClient.connect(
+            ClientSettings(
+                config.client_connection.kubeconfig,
+                config.client_connection.context,
+                config.client_connection.request_timeout,
+            )
+        )
+        for informer in proxy_informers(client, proxier, config, changed):
+            sources.append(informer.run)
+            ready.append(informer.synced)
+
     health_host, health_port = parse_host_port(config.healthz_bind_address, "healthzBindAddress")
     metrics_host, metrics_port = parse_host_port(config.metrics_bind_address, "metricsBindAddress")
     health_server = HttpServer(health_app(proxier.health), health_host, health_port)
@@ -87,26 +105,31 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         metrics_app(proxier.metrics, proxier.describe), metrics_host, metrics_port
     )
 
-    await proxier.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        await proxier.start()
         await health_server.start()
         await metrics_server.start()
         log.info(
-            "rapproxy on node %s: TCP %s, health %s, metrics %s, %d objects file(s), interception %s",
+            "rapproxy on node %s: TCP %s, health %s, metrics %s, source %s, interception %s",
             node_name,
             ", ".join(f"{h}:{p}" for h, p in proxier.tcp.addresses),
             health_server.url,
             metrics_server.url,
-            len(options.objects),
+            f"{len(options.objects)} objects file(s)"
+            if options.objects
+            else f"API {client.host}"
+            if client
+            else "?",
             "iptables " + ",".join(f"v{r.family}" for r in runners) if runners else "off",
         )
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(runner.run_forever(), name="sync-runner")
-            tasks.create_task(source.run(), name="objects-source")
+            for source_run in sources:
+                tasks.create_task(source_run())
+            tasks.create_task(_sync_when_ready(runner, ready), name="sync-runner")
             await stop.wait()
             log.info("shutting down")
             raise _Shutdown
@@ -119,6 +142,62 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         await metrics_server.aclose()
         await health_server.aclose()
         await proxier.aclose()
+        if client is not None:
+            await client.close()
+
+
+async def _sync_when_ready(runner: BoundedRunner, ready: Sequence[asyncio.Event]) -> None:
+    """Start syncing only once every informer has listed.
+
+    Syncing earlier would render an empty table and remove every rule a previous instance left:
+    a restart would black-hole all Services until the lists arrive.
+    """
+    for event in ready:
+        await event.wait()
+    await runner.run_forever()
+
+
+def _apply_objects(proxier: Proxier, objects: Objects, changed: Callable[[], None]) -> None:
+    proxier.tracker.replace_all(objects.services, objects.slices)
+    changed()
+
+
+def service_label_selector(service_proxy_name: str) -> str:
+    """kube-proxy's server-side filter for the Services a proxy instance handles."""
+    if service_proxy_name:
+        return f"{LABEL_SERVICE_PROXY_NAME}={service_proxy_name},!{LABEL_HEADLESS}"
+    return f"!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"
+
+
+def proxy_informers(
+    client: KubeClient,
+    proxier: Proxier,
+    config: RapproxyConfiguration,
+    changed: Callable[[], None],
+) -> list[Informer]:
+    tracker = proxier.tracker
+
+    def recorded(action: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        def handle(obj: dict[str, Any]) -> None:
+            action(obj)
+            changed()
+
+        return handle
+
+    services = Informer(
+        client,
+        SERVICES,
+        Callbacks(recorded(tracker.service_updated), recorded(tracker.service_deleted)),
+        label_selector=service_label_selector(config.service_proxy_name),
+        relist_period=config.config_sync_period,
+    )
+    slices = Informer(
+        client,
+        ENDPOINT_SLICES,
+        Callbacks(recorded(tracker.slice_updated), recorded(tracker.slice_deleted)),
+        relist_period=config.config_sync_period,
+    )
+    return [services, slices]
 
 
 class _Shutdown(Exception):

@@ -1,0 +1,149 @@
+"""Running the rendered transactions: `iptables-save` and `iptables-restore` as subprocesses.
+
+`iptables-restore` stays a subprocess on purpose: it is iptables' transactional interface (one
+commit for the whole text, on both backends), and re-implementing rule encoding over netlink for
+two backends would trade a well-tested tool for a private one.
+
+One `IptablesRunner` owns one address family's rules. It fails loudly: a non-zero exit raises
+`IptablesError` carrying iptables' own stderr and, when iptables names it, the rejected line of
+the transaction. A command that hangs (a stuck xtables lock) is killed after `timeout` seconds.
+
+Startup repair needs no special mode: the first `sync` (with `repair_jumps=True`, the default)
+declares rapproxy's chains — which creates or flushes them, so leftovers of a crashed run are
+simply rewritten — and, from an `iptables-save` taken just before, fixes the jumps in the same
+transaction. `cleanup` removes everything, including what older versions left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+
+from rapproxy.rules.backend import IptablesTools
+from rapproxy.rules.render import (
+    Family,
+    RedirectTarget,
+    RuleConfig,
+    render_cleanup,
+    render_jumps,
+    render_rules,
+)
+
+_FAILED_LINE = re.compile(r"line:? (\d+) failed")
+
+
+class IptablesError(RuntimeError):
+    """An iptables command failed; `stderr` is its own explanation."""
+
+    def __init__(
+        self, argv: Sequence[str], returncode: int | None, stderr: str, failed_line: str | None
+    ) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        self.failed_line = failed_line
+        status = "timed out" if returncode is None else f"exited {returncode}"
+        message = f"{' '.join(self.argv)} {status}: {stderr.strip() or '(no stderr)'}"
+        if failed_line is not None:
+            message += f" [rejected line: {failed_line}]"
+        super().__init__(message)
+
+
+class IptablesRunner:
+    """Applies rapproxy's nat rules for one address family with one iptables backend.
+
+    `exec_prefix` runs every command through a wrapper — `("ip", "netns", "exec", NAME)` in the
+    tests; empty on a node, where rapproxy runs in the host network namespace.
+    """
+
+    def __init__(
+        self,
+        tools: IptablesTools,
+        *,
+        exec_prefix: Sequence[str] = (),
+        timeout: float = 60.0,
+        lock_wait_seconds: int = 5,
+    ) -> None:
+        self._tools = tools
+        self._prefix = tuple(exec_prefix)
+        self._timeout = timeout
+        self._lock_wait = lock_wait_seconds
+
+    @property
+    def family(self) -> Family:
+        return self._tools.family
+
+    @property
+    def tools(self) -> IptablesTools:
+        return self._tools
+
+    async def save(self) -> str:
+        """The current nat table, as `iptables-save -t nat` prints it."""
+        return await self._run((self._tools.save, "-t", "nat"), None)
+
+    async def restore(self, text: str) -> None:
+        """Apply one transaction with `--noflush` (other chains are left alone); "" is a no-op."""
+        if not text:
+            return
+        argv = (self._tools.restore, "--noflush", f"--wait={self._lock_wait}")
+        await self._run(argv, text)
+
+    async def sync(
+        self,
+        targets: Sequence[RedirectTarget],
+        config: RuleConfig,
+        *,
+        repair_jumps: bool = True,
+    ) -> None:
+        """Rewrite rapproxy's chains to exactly `targets`, in one transaction.
+
+        With `repair_jumps` the nat table is read first and the jumps from PREROUTING/OUTPUT are
+        repaired in the same transaction (do it at startup and on periodic full resyncs);
+        without, only the chains are rewritten (one subprocess instead of two).
+        """
+        saved = await self.save() if repair_jumps else None
+        await self.restore(render_rules(targets, config, self.family, saved_nat=saved))
+
+    async def ensure_jumps(self) -> bool:
+        """Repair the jumps without touching live rules; True when something was repaired."""
+        text = render_jumps(await self.save())
+        await self.restore(text)
+        return bool(text)
+
+    async def cleanup(self) -> bool:
+        """Remove every `RAPPROXY-*` chain and every jump into one; True when there was any."""
+        text = render_cleanup(await self.save())
+        await self.restore(text)
+        return bool(text)
+
+    async def _run(self, command: Sequence[str], stdin_text: str | None) -> str:
+        argv = (*self._prefix, *command)
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin_text is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        data = stdin_text.encode() if stdin_text is not None else None
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(data), self._timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise IptablesError(argv, None, f"no answer within {self._timeout} s", None) from None
+        if process.returncode != 0:
+            error_text = stderr.decode(errors="replace")
+            raise IptablesError(
+                argv, process.returncode, error_text, _failed_line(error_text, stdin_text)
+            )
+        return stdout.decode(errors="replace")
+
+
+def _failed_line(stderr: str, text: str | None) -> str | None:
+    match = _FAILED_LINE.search(stderr)
+    if match is None or text is None:
+        return None
+    lines = text.splitlines()
+    number = int(match.group(1))
+    return lines[number - 1] if 0 < number <= len(lines) else None

@@ -53,7 +53,7 @@ def test_list_kind_is_unpacked() -> None:
     ],
 )
 def test_bad_manifests_name_the_file_and_document(text: str, fragment: str) -> None:
-    with pytest.raises(ManifestError, match="f.yaml") as error:
+    with pytest.raises(ManifestError, match=r"f\.yaml") as error:
         parse_manifests(text, "f.yaml")
     assert fragment in str(error.value)
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections.abc import Callable
 
 import pytest
 
 from rapproxy.sync.runner import BoundedRunner, RunnerTimings
 
 
-async def wait_for(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
+async def wait_for(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
@@ -52,7 +54,7 @@ async def test_periodic_resync_without_requests(runs: list[float]) -> None:
         await wait_for(lambda: len(runs) >= 4)
     finally:
         task.cancel()
-    gaps = [b - a for a, b in zip(runs, runs[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert all(gap >= 0.09 for gap in gaps)
 
 

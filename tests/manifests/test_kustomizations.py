@@ -23,7 +23,13 @@ MANIFESTS = REPO / "manifests"
 OVERLAYS = ("replace-kube-proxy", "beside-kube-proxy")
 Render = Callable[[str], list[dict[str, Any]]]
 KUBERNETES_VERSIONS = ("1.28", kubernetes_validate.latest_version())
-KUSTOMIZATIONS = ("", "base", *(f"overlays/{name}" for name in OVERLAYS))
+KUSTOMIZATIONS = (
+    "",
+    "base",
+    *(f"overlays/{name}" for name in OVERLAYS),
+    "cleanup",
+    "kube-proxy-cleanup",
+)
 CRD_FILE = MANIFESTS / "crd-backuppodset.yaml"
 EXAMPLES = MANIFESTS / "examples"
 
@@ -146,3 +152,17 @@ def test_telemetry_token_is_never_committed() -> None:
         ["git", "check-ignore", "-q", "manifests/base/telemetry-token"], cwd=REPO, check=False
     )
     assert ignored.returncode == 0, "manifests/base/telemetry-token must be gitignored"
+
+
+def test_cleanup_runs_rapproxy_cleanup_with_the_daemonsets_privileges_only(render: Render) -> None:
+    (daemonset,) = render("cleanup")
+    spec = daemonset["spec"]["template"]["spec"]
+    assert daemonset["metadata"]["namespace"] == "kube-system", "must not delete a namespace"
+    (init,) = spec["initContainers"]
+    assert init["args"] == ["rapproxy", "cleanup"]
+    assert init["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_ADMIN", "NET_RAW"],
+    }
+    assert spec["hostNetwork"] is True
+    assert spec["tolerations"] == [{"operator": "Exists"}]

@@ -1,0 +1,54 @@
+"""Client probes that run inside a test namespace (via `Namespace.call`): small and picklable.
+
+They are module-level functions because `Namespace.call` runs them in a worker process started
+inside the namespace; each returns plain data or raises with a message saying what failed.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+
+def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
+    """(status, body) of one GET, with a fresh connection."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status, response.read().decode()
+
+
+def backend_names(url: str, count: int, timeout: float = 3.0) -> list[str]:
+    """The first body line of `count` GETs: which backend served each one."""
+    names = []
+    for _ in range(count):
+        _status, body = http_get(url, timeout)
+        names.append(body.split("\n", 1)[0])
+    return names
+
+
+def udp_ask(
+    host: str, port: int, payload: bytes, timeout: float = 3.0, source_port: int = 0
+) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        if source_port:
+            sock.bind(("0.0.0.0", source_port))
+        sock.sendto(payload, (host, port))
+        data, _ = sock.recvfrom(65535)
+        return data
+
+
+def wait_http(url: str, within: float = 15.0) -> int:
+    """Poll until `url` answers 200; returns how many milliseconds that took."""
+    started = time.monotonic()
+    last_error = ""
+    while time.monotonic() - started < within:
+        try:
+            status, _ = http_get(url, timeout=1.0)
+            if status == 200:
+                return int((time.monotonic() - started) * 1000)
+            last_error = f"status {status}"
+        except OSError as error:
+            last_error = repr(error)
+        time.sleep(0.02)
+    raise TimeoutError(f"{url} did not answer 200 within {within}s (last: {last_error})")

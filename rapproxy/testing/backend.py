@@ -89,6 +89,10 @@ class UdpEcho(asyncio.DatagramProtocol):
             self.transport.sendto(self.prefix + data[len(self.prefix) :], addr)
 
 
+def _mark_ready(path: Path) -> None:
+    path.write_text("ready\n")
+
+
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host or "0.0.0.0", int(port)
@@ -113,7 +117,7 @@ async def serve(args: argparse.Namespace) -> None:
         )
         closers.append(transport.close)
     if args.ready_file:
-        Path(args.ready_file).write_text("ready\n")
+        _mark_ready(Path(args.ready_file))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

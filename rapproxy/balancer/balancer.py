@@ -65,6 +65,7 @@ def basic_policy_factory(rng: random.Random) -> PolicyFactory:
 class _ServiceState:
     entry: ServiceEntry
     categorized: Categorized
+    kind: LbPolicy  # what was asked for; `policy.name` differs when the factory substitutes
     policy: Policy
     affinity: AffinityTable | None
     by_key: dict[EndpointKey, Endpoint] = field(default_factory=dict)
@@ -110,7 +111,7 @@ class Balancer:
         kind = entry.port.lb_policy or self.default_policy
         policy = (
             previous.policy
-            if previous is not None and previous.policy.name is kind
+            if previous is not None and previous.kind is kind
             else self._make_policy(kind)
         )
         timeout = entry.port.affinity_timeout_seconds
@@ -125,6 +126,7 @@ class Balancer:
         return _ServiceState(
             entry=entry,
             categorized=categorize(entry.endpoints, self.where),
+            kind=kind,
             policy=policy,
             affinity=affinity,
             by_key={key_of(e): e for e in entry.endpoints},

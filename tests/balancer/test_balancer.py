@@ -1,0 +1,410 @@
+"""The Balancer: the whole decision for a new connection, and the state it keeps between them."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rapproxy.balancer.balancer import Balancer, key_of
+from rapproxy.balancer.categorize import Locality, categorize
+from rapproxy.balancer.outlier import OutlierSettings
+from rapproxy.balancer.policy import Placement
+from rapproxy.model.endpoints import Endpoint
+from rapproxy.model.service import LbPolicy, ServicePort, ServicePortName
+from rapproxy.model.table import ServiceEntry, ServiceTable
+
+HERE = Locality("node-a", "zone-a")
+WEB = ServicePortName("default", "web", "http")
+API = ServicePortName("default", "api", "http")
+CLIENT = "192.168.0.9"
+
+
+def ep(i: int, node: str = "node-b", *, ready: bool = True, term: bool = False) -> Endpoint:
+    return Endpoint(
+        f"10.0.0.{i}", 8080, node_name=node, ready=ready, serving=ready or term, terminating=term
+    )
+
+
+def port(name: ServicePortName = WEB, **changes: object) -> ServicePort:
+    base = ServicePort(name=name, port=80, target_port=8080, cluster_ips=("10.96.0.10",))
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def table(*entries: tuple[ServicePort, tuple[Endpoint, ...]]) -> ServiceTable:
+    return ServiceTable({p.name: ServiceEntry(p, eps) for p, eps in entries})
+
+
+def balancer(*entries: tuple[ServicePort, tuple[Endpoint, ...]], **kw: object) -> Balancer:
+    b = Balancer(HERE, rng=random.Random(5), **kw)  # type: ignore[arg-type]
+    b.update(table(*entries))
+    return b
+
+
+def chosen(
+    b: Balancer,
+    n: int = 1,
+    name: ServicePortName = WEB,
+    *,
+    client: str = CLIENT,
+    now: float = 0.0,
+    external: bool = False,
+    tried: frozenset[tuple[str, int]] = frozenset(),
+) -> list[str | None]:
+    """The endpoint IPs of `n` consecutive choices with the same inputs."""
+    out: list[str | None] = []
+    for _ in range(n):
+        choice = b.choose(name, client, now, external=external, tried=tried)
+        out.append(choice.endpoint.ip if choice is not None else None)
+    return out
+
+
+# -- categorization and traffic policy -----------------------------------------------------------
+
+
+def test_unknown_service_has_no_choice() -> None:
+    b = balancer()
+    assert b.choose(WEB, CLIENT, 0.0) is None
+    assert not b.has_endpoints(WEB)
+
+
+def test_service_without_usable_endpoints_has_no_choice() -> None:
+    b = balancer((port(), (ep(1, ready=False),)))
+    assert b.choose(WEB, CLIENT, 0.0) is None
+    assert not b.has_endpoints(WEB)
+
+
+def test_round_robin_over_ready_endpoints_by_default() -> None:
+    b = balancer((port(), (ep(1), ep(2), ep(3, ready=False))))
+    assert chosen(b, 4) == ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2"]
+    assert b.has_endpoints(WEB)
+
+
+def test_serving_terminating_endpoints_take_traffic_when_nothing_is_ready() -> None:
+    b = balancer((port(), (ep(1, ready=False, term=True), ep(2, ready=False))))
+    assert chosen(b, 2) == ["10.0.0.1", "10.0.0.1"]
+
+
+def test_internal_traffic_policy_local_restricts_internal_connections_only() -> None:
+    b = balancer((port(internal_traffic_local=True), (ep(1, "node-a"), ep(2, "node-b"))))
+    assert set(chosen(b, 4)) == {"10.0.0.1"}
+    assert set(chosen(b, 4, external=True)) == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_external_traffic_policy_local_restricts_external_connections_only() -> None:
+    b = balancer((port(external_traffic_local=True), (ep(1, "node-a"), ep(2, "node-b"))))
+    assert set(chosen(b, 4, external=True)) == {"10.0.0.1"}
+    assert set(chosen(b, 4)) == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_traffic_policy_local_without_local_endpoints_drops_rather_than_go_remote() -> None:
+    b = balancer((port(external_traffic_local=True), (ep(2, "node-b"),)))
+    assert b.choose(WEB, CLIENT, 0.0, external=True) is None
+    assert b.choose(WEB, CLIENT, 0.0) is not None
+
+
+def test_tried_endpoints_are_excluded() -> None:
+    b = balancer((port(), (ep(1), ep(2), ep(3))))
+    tried = frozenset({key_of(ep(1)), key_of(ep(2))})
+    assert set(chosen(b, 5, tried=tried)) == {"10.0.0.3"}
+    assert b.choose(WEB, CLIENT, 0.0, tried=tried | {key_of(ep(3))}) is None
+
+
+# -- policy selection ----------------------------------------------------------------------------
+
+
+def test_lb_policy_annotation_overrides_the_default() -> None:
+    b = balancer((port(lb_policy=LbPolicy.RANDOM), (ep(1), ep(2))))
+    assert b.describe(0.0)["services"][str(WEB)]["policy"] == "random"
+
+
+def test_custom_policy_factory_is_asked_for_the_configured_kind() -> None:
+    asked: list[LbPolicy] = []
+
+    def factory(kind: LbPolicy) -> object:
+        asked.append(kind)
+        from rapproxy.balancer.policy import RoundRobin
+
+        return RoundRobin()
+
+    balancer((port(), (ep(1),)), default_policy=LbPolicy.RAP, policy_factory=factory)
+    assert asked == [LbPolicy.RAP]
+
+
+# -- session affinity ----------------------------------------------------------------------------
+
+STICKY = port(affinity_timeout_seconds=60)
+THREE = (ep(1), ep(2), ep(3))
+
+
+def test_client_ip_affinity_sticks_to_the_first_choice() -> None:
+    b = balancer((STICKY, THREE))
+    first = chosen(b, 1, client="192.168.0.1")
+    assert chosen(b, 5, client="192.168.0.1") == first * 5
+    other = b.choose(WEB, "192.168.0.2", 0.0)
+    assert other is not None and other.endpoint.ip != first[0]  # round-robin moved on
+    choice = b.choose(WEB, "192.168.0.1", 1.0)
+    assert choice is not None and choice.reason == "session affinity (ClientIP)"
+
+
+def test_affinity_slides_with_each_connection_and_expires_after_idle_timeout() -> None:
+    b = balancer((STICKY, THREE))
+    (first,) = chosen(b, 1, now=0.0)
+    for now in (50.0, 100.0, 150.0):
+        assert chosen(b, 1, now=now) == [first]
+    chosen(b, 1, client="192.168.0.2", now=150.0)  # moves the round-robin cursor
+    assert chosen(b, 1, now=211.0) != [first]
+
+
+def test_affinity_resets_when_a_dial_to_the_endpoint_fails() -> None:
+    b = balancer((STICKY, THREE))
+    (first,) = chosen(b, 1)
+    b.dial_failed(WEB, (first, 8080), CLIENT, 0.0)
+    (second,) = chosen(b, 1, tried=frozenset({(first, 8080)}))
+    assert second != first
+    assert chosen(b, 3) == [second] * 3
+
+
+def test_affinity_is_not_honoured_for_an_endpoint_already_tried() -> None:
+    b = balancer((STICKY, THREE))
+    (first,) = chosen(b, 1)
+    (second,) = chosen(b, 1, tried=frozenset({(first, 8080)}))
+    assert second != first
+
+
+def test_affinity_resets_when_the_endpoint_disappears() -> None:
+    b = balancer((STICKY, THREE))
+    (first,) = chosen(b, 1)
+    remaining = tuple(e for e in THREE if e.ip != first)
+    b.update(table((STICKY, remaining)))
+    (now_on,) = chosen(b, 1)
+    assert now_on != first
+    b.update(table((STICKY, THREE)))
+    assert chosen(b, 3) == [now_on] * 3
+    assert b.describe(0.0)["services"][str(WEB)]["affinity_clients"] == 1
+
+
+def test_affinity_survives_an_unrelated_endpoint_change() -> None:
+    b = balancer((STICKY, THREE))
+    (first,) = chosen(b, 1)
+    b.update(table((STICKY, (*THREE, ep(4)))))
+    assert chosen(b, 3) == [first] * 3
+
+
+def test_affinity_is_not_honoured_when_the_sticky_endpoint_is_ejected() -> None:
+    b = balancer((STICKY, THREE), outliers=OutlierSettings(consecutive_failures=1))
+    (first,) = chosen(b, 1)
+    b.dial_failed(WEB, (first, 8080), "192.168.0.77", 0.0)  # another client's failed dial
+    assert chosen(b, 1, now=1.0) != [first]
+
+
+def test_expire_affinity_counts_dropped_clients() -> None:
+    b = balancer((STICKY, THREE))
+    chosen(b, 1, client="192.168.0.1", now=0.0)
+    chosen(b, 1, client="192.168.0.2", now=50.0)
+    assert b.expire_affinity(100.0) == 1
+
+
+def test_turning_affinity_off_drops_it() -> None:
+    b = balancer((STICKY, THREE))
+    chosen(b, 1)
+    b.update(table((port(), THREE)))
+    assert b.describe(0.0)["services"][str(WEB)]["affinity_clients"] is None
+    assert len(set(chosen(b, 3))) == 3
+
+
+# -- outlier detection ---------------------------------------------------------------------------
+
+
+def test_endpoint_is_skipped_after_consecutive_dial_failures_then_returns() -> None:
+    b = balancer((port(), (ep(1), ep(2))), outliers=OutlierSettings(3, 10.0, 100.0))
+    for _ in range(3):
+        b.dial_failed(WEB, key_of(ep(1)), CLIENT, 0.0)
+    assert set(chosen(b, 4, now=1.0)) == {"10.0.0.2"}
+    assert b.describe(1.0)["ejected"] == ["10.0.0.1:8080"]
+    assert set(chosen(b, 4, now=11.0)) == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_all_ejected_is_panic_mode_not_an_outage() -> None:
+    b = balancer((port(), (ep(1), ep(2))), outliers=OutlierSettings(1, 10.0, 100.0))
+    b.dial_failed(WEB, key_of(ep(1)), CLIENT, 0.0)
+    b.dial_failed(WEB, key_of(ep(2)), CLIENT, 0.0)
+    assert set(chosen(b, 4, now=1.0)) == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_successful_connection_resets_the_failure_streak() -> None:
+    b = balancer((port(), (ep(1), ep(2))), outliers=OutlierSettings(2, 10.0, 100.0))
+    b.dial_failed(WEB, key_of(ep(1)), CLIENT, 0.0)
+    b.connection_opened(key_of(ep(1)))
+    b.dial_failed(WEB, key_of(ep(1)), CLIENT, 0.0)
+    assert b.describe(0.0)["ejected"] == []
+
+
+def test_outlier_state_of_removed_endpoints_is_forgotten() -> None:
+    b = balancer((port(), (ep(1), ep(2))), outliers=OutlierSettings(1, 10.0, 100.0))
+    b.dial_failed(WEB, key_of(ep(1)), CLIENT, 0.0)
+    b.update(table((port(), (ep(2),))))
+    assert b.describe(0.0)["ejected"] == []
+
+
+# -- state across snapshots ----------------------------------------------------------------------
+
+
+def test_unchanged_service_keeps_its_round_robin_position_across_updates() -> None:
+    entries = ((port(), (ep(1), ep(2), ep(3))), (port(API), (ep(9),)))
+    b = balancer(*entries)
+    assert chosen(b, 1) == ["10.0.0.1"]
+    b.update(table(entries[0], (port(API), (ep(8), ep(9)))))
+    assert chosen(b, 2) == ["10.0.0.2", "10.0.0.3"]
+
+
+def test_changed_service_is_recategorized_and_keeps_its_cursor() -> None:
+    b = balancer((port(), (ep(1), ep(2), ep(3))), default_policy=LbPolicy.RAP)
+    assert chosen(b, 1) == ["10.0.0.1"]
+    b.update(table((port(), (ep(1), ep(2), ep(3, ready=False), ep(4)))))
+    assert chosen(b, 3) == ["10.0.0.2", "10.0.0.4", "10.0.0.1"]
+
+
+def test_changing_the_policy_annotation_replaces_the_policy() -> None:
+    b = balancer((port(), (ep(1), ep(2))))
+    b.update(table((port(lb_policy=LbPolicy.LEAST_CONN), (ep(1), ep(2)))))
+    assert b.describe(0.0)["services"][str(WEB)]["policy"] == "least-conn"
+
+
+def test_removed_service_is_forgotten() -> None:
+    b = balancer((port(), (ep(1),)), (port(API), (ep(2),)))
+    b.update(table((port(API), (ep(2),))))
+    assert b.choose(WEB, CLIENT, 0.0) is None
+    assert list(b.describe(0.0)["services"]) == [str(API)]
+
+
+# -- accounting and explainability ---------------------------------------------------------------
+
+
+def test_active_connections_are_counted_per_endpoint() -> None:
+    b = balancer((port(), (ep(1), ep(2))))
+    b.connection_opened(key_of(ep(1)))
+    b.connection_opened(key_of(ep(1)))
+    assert b.active_connections(ep(1)) == 2
+    b.connection_closed(key_of(ep(1)))
+    assert b.active_connections(ep(1)) == 1
+    b.connection_closed(key_of(ep(1)))
+    b.connection_closed(key_of(ep(1)))  # an extra close never goes negative
+    assert b.active_connections(ep(1)) == 0
+    assert b.describe(0.0)["active_connections"] == {}
+
+
+def test_least_connections_uses_the_balancers_active_counts() -> None:
+    b = balancer((port(lb_policy=LbPolicy.LEAST_CONN), (ep(1), ep(2))))
+    for _ in range(3):
+        b.connection_opened(key_of(ep(1)))
+    assert set(chosen(b, 10)) == {"10.0.0.2"}
+
+
+def test_selections_are_counted_by_placement() -> None:
+    b = balancer((STICKY, (ep(1, "node-a"), ep(2, "node-b"))))
+    chosen(b, 3, client="192.168.0.1")  # first choice, then two affinity hits
+    chosen(b, 1, client="192.168.0.2")
+    assert b.selections == Counter({Placement.LOCAL: 3, Placement.REMOTE: 1})
+
+
+def test_describe_is_json_serialisable_and_explains_the_state() -> None:
+    b = balancer(
+        (STICKY, (ep(1, "node-a"), ep(2), ep(3, ready=False))),
+        (port(API, lb_policy=LbPolicy.RANDOM), (Endpoint("fd00::1", 80, node_name="node-a"),)),
+        outliers=OutlierSettings(1, 10.0, 100.0),
+    )
+    chosen(b, 1)
+    b.connection_opened(key_of(ep(2)))
+    b.dial_failed(WEB, key_of(ep(2)), CLIENT, 0.0)
+    state = json.loads(json.dumps(b.describe(0.0)))
+    assert state["node"] == "node-a"
+    assert state["zone"] == "zone-a"
+    assert state["services"][str(WEB)] == {
+        "policy": "round-robin",
+        "endpoints": ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"],
+        "usable": ["10.0.0.1:8080", "10.0.0.2:8080"],
+        "local": ["10.0.0.1:8080"],
+        "affinity_clients": 0,
+    }
+    assert state["services"][str(API)]["endpoints"] == ["[fd00::1]:80"]
+    assert state["ejected"] == ["10.0.0.2:8080"]
+    assert state["active_connections"] == {"10.0.0.2:8080": 1}
+    assert state["selections"] == {"local": 1}
+
+
+# -- the invariant ---------------------------------------------------------------------------------
+
+endpoint_rows = st.lists(
+    st.tuples(
+        st.integers(1, 40),
+        st.sampled_from(["node-a", "node-b", "node-c"]),
+        st.booleans(),
+        st.booleans(),
+    ),
+    max_size=8,
+    unique_by=lambda row: row[0],
+)
+actions = st.lists(
+    st.tuples(
+        st.sampled_from(["choose", "fail", "open", "close"]),
+        st.sampled_from(["192.168.0.1", "192.168.0.2"]),
+        st.booleans(),
+        st.integers(0, 40),
+    ),
+    max_size=30,
+)
+
+
+service_options = st.tuples(
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([None, 30]),
+    st.sampled_from([LbPolicy.ROUND_ROBIN, LbPolicy.RANDOM, LbPolicy.LEAST_CONN]),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(endpoint_rows, service_options, actions)
+def test_choose_only_ever_returns_an_endpoint_usable_for_that_traffic(
+    rows: list[tuple[int, str, bool, bool]],
+    options: tuple[bool, bool, int | None, LbPolicy],
+    steps: list[tuple[str, str, bool, int]],
+) -> None:
+    internal_local, external_local, affinity, policy = options
+    endpoints = tuple(ep(i, node, ready=ready, term=term) for i, node, ready, term in rows)
+    svc = port(
+        internal_traffic_local=internal_local,
+        external_traffic_local=external_local,
+        affinity_timeout_seconds=affinity,
+        lb_policy=policy,
+    )
+    b = balancer((svc, endpoints), outliers=OutlierSettings(2, 5.0, 20.0))
+    categorized = categorize(endpoints, HERE)
+    now = 0.0
+    for action, client, external, pick in steps:
+        now += 1.0
+        if action == "choose":
+            tried = frozenset({(f"10.0.0.{pick}", 8080)})
+            choice = b.choose(WEB, client, now, external=external, tried=tried)
+            allowed = categorized.for_traffic(external_local if external else internal_local)
+            allowed = tuple(e for e in allowed if key_of(e) not in tried)
+            if choice is None:
+                assert not allowed
+            else:
+                assert choice.endpoint in allowed
+                expected = (
+                    Placement.LOCAL if choice.endpoint.node_name == "node-a" else Placement.REMOTE
+                )
+                assert choice.placement is expected
+        elif action == "fail":
+            b.dial_failed(WEB, (f"10.0.0.{pick}", 8080), client, now)
+        elif action == "open":
+            b.connection_opened((f"10.0.0.{pick}", 8080))
+        else:
+            b.connection_closed((f"10.0.0.{pick}", 8080))
+    json.dumps(b.describe(now))

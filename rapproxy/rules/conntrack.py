@@ -53,6 +53,8 @@ async def delete_udp_entries(dst_ip: str | None, dst_port: int, *, netns: str | 
     """
     if not 0 < dst_port < 65536:
         raise ValueError(f"dst_port: {dst_port} is not a port")
+    if dst_ip is not None:
+        dst_ip = _canonical(dst_ip)  # netlink reports addresses in canonical text form
     families = (socket.AF_INET, socket.AF_INET6) if dst_ip is None else (_family_of(dst_ip),)
     try:
         counts = [await _delete_netlink(family, dst_ip, dst_port, netns) for family in families]
@@ -100,10 +102,17 @@ async def delete_udp_entries_cli(
 
 
 async def _delete_netlink(family: int, dst_ip: str | None, dst_port: int, netns: str | None) -> int:
-    wanted = NFCTAttrTuple(family=family, daddr=dst_ip, proto=socket.IPPROTO_UDP, dport=dst_port)
+    # The kernel filters by protocol and port; the address is compared here, because pyroute2
+    # 0.9's dump filter silently matches nothing for an IPv6 address.
+    wanted = NFCTAttrTuple(family=family, proto=socket.IPPROTO_UDP, dport=dst_port)
+    address = ipaddress.ip_address(dst_ip) if dst_ip is not None else None
     deleted = 0
     async with AsyncConntrack(nfgen_family=family, netns=netns) as ct:
-        entries = [entry async for entry in await ct.dump_entries(tuple_orig=wanted)]
+        entries = [
+            entry
+            async for entry in await ct.dump_entries(tuple_orig=wanted)
+            if address is None or ipaddress.ip_address(entry.tuple_orig.daddr) == address
+        ]
         for entry in entries:
             try:
                 await ct.delete(entry)
@@ -113,6 +122,11 @@ async def _delete_netlink(family: int, dst_ip: str | None, dst_port: int, netns:
                 continue
             deleted += 1
     return deleted
+
+
+def _canonical(ip: str) -> str:
+    _family_of(ip)
+    return str(ipaddress.ip_address(ip))
 
 
 def _family_of(ip: str) -> int:

@@ -27,6 +27,8 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import importlib
+import importlib.util
 import ipaddress
 import itertools
 import multiprocessing
@@ -35,6 +37,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -189,7 +192,9 @@ class Namespace:
         """Run `function(*args)` in a worker process that lives inside the namespace.
 
         The worker is started with `spawn` (no fork of a process that has threads and an event
-        loop), so `function` and its arguments must be picklable: a module-level function.
+        loop), so `function` must be a module-level function and its arguments and result must
+        pickle. The function is found again in the worker by module name or, for modules that
+        are not importable by name (pytest's importlib mode, `__main__`), by file path.
         """
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
@@ -198,8 +203,11 @@ class Namespace:
                 initializer=_enter_namespace,
                 initargs=(self.name,),
             )
+        module = sys.modules.get(function.__module__)
+        reference = (function.__module__, getattr(module, "__file__", None), function.__qualname__)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, function, *args)
+        result: T = await loop.run_in_executor(self._pool, _call_by_reference, reference, args)
+        return result
 
     def socket(
         self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
@@ -433,6 +441,27 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _call_by_reference(reference: tuple[str, str | None, str], args: tuple[Any, ...]) -> Any:
+    module_name, module_file, qualname = reference
+    module = sys.modules.get(module_name)
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            if module_file is None:
+                raise
+            spec = importlib.util.spec_from_file_location(module_name, module_file)
+            if spec is None or spec.loader is None:
+                raise
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+    target: Any = module
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target(*args)
 
 
 def _enter_namespace(name: str) -> None:

@@ -100,9 +100,8 @@ def test_entrypoint_honours_an_explicit_backend(tmp_path: Path, backend: str) ->
     assert result.stdout.strip() == shutil.which(f"xtables-{backend}-multi")
 
 
+@pytest.mark.root
 def test_entrypoint_rejects_an_unknown_backend(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("NEEDS ROOT: the backend is only chosen when running as root")
     result = run_entrypoint(tmp_path, "rapproxy", "run", IPTABLES_BACKEND="nftables")
     assert result.returncode == 64
     assert "expected nft, legacy or auto" in result.stderr

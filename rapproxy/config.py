@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import types
 import typing
@@ -227,6 +228,8 @@ def parse_duration(value: object, path: str) -> float:
             ) from None
     else:
         raise ConfigError(f"{path}: {value!r} is not a duration")
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{path}: {value!r} is not a finite duration")
     if seconds < 0:
         raise ConfigError(f"{path}: {value!r} must not be negative")
     return seconds
@@ -290,13 +293,19 @@ def _convert(value: object, hint: Any, path: str) -> Any:
 def _number(value: object, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{path}: {value!r} is not a number")
+    # Every float setting is seconds, a ratio or a weight: NaN would slip through every `<`
+    # comparison in validate(), and a negative number through those that only check an upper bound.
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: {value!r} is not a finite number")
+    if value < 0:
+        raise ConfigError(f"{path}: {value!r} must not be negative")
     return float(value)
 
 
 def _build(cls: type[T], raw: Mapping[str, Any], path: str) -> T:
     hints = _hints(cls)
     by_camel = {camel(f.name): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(by_camel))
+    unknown = sorted(set(raw) - set(by_camel), key=str)  # YAML keys need not be strings
     if unknown:
         where = f"{path}." if path else ""
         known = ", ".join(sorted(by_camel))
@@ -385,7 +394,13 @@ def load(
         if "=" not in override:
             raise ConfigError(f"--set {override!r}: expected path=value")
         path, value = override.split("=", 1)
-        _set_path(tree, path.strip(), yaml.safe_load(value) if value else "")
+        try:
+            parsed: object = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            # Not YAML (`[::]:10256`): take it as text; the field's conversion judges it and
+            # names the field if it is wrong.
+            parsed = value
+        _set_path(tree, path.strip(), parsed)
     return from_mapping(tree)
 
 
@@ -440,8 +455,10 @@ def validate(config: RapproxyConfiguration) -> None:
         raise ConfigError("proxy.maxConnections: must be at least 1")
     if proxy.max_udp_flows < 1:
         raise ConfigError("proxy.maxUdpFlows: must be at least 1")
+    _positive(config.client_connection.request_timeout, "clientConnection.requestTimeout")
     ipt = config.iptables
     _positive(ipt.sync_period, "iptables.syncPeriod")
+    _positive(ipt.retry_period, "iptables.retryPeriod")
     if ipt.min_sync_period > ipt.sync_period:
         raise ConfigError("iptables.minSyncPeriod: must not exceed iptables.syncPeriod")
     for i, cidr in enumerate(ipt.node_port_addresses):
@@ -471,6 +488,8 @@ def validate(config: RapproxyConfiguration) -> None:
     _positive(rap.telemetry_interval, "rap.telemetryInterval")
     if rap.stale_after_periods < 1:
         raise ConfigError("rap.staleAfterPeriods: must be at least 1")
+    if not 0 < rap.telemetry_port < 65536:
+        raise ConfigError(f"rap.telemetryPort: {rap.telemetry_port} out of range")
     bps = config.bps
     for name, value in (
         ("bps.leaseDuration", bps.lease_duration),
@@ -481,6 +500,7 @@ def validate(config: RapproxyConfiguration) -> None:
             raise ConfigError(f"{name}: {value} must be at least 1 second")
     if not bps.retry_period < bps.renew_deadline < bps.lease_duration:
         raise ConfigError("bps: need retryPeriod < renewDeadline < leaseDuration")
+    _positive(bps.activation_timeout, "bps.activationTimeout")
     if config.logging.format not in ("text", "json"):
         raise ConfigError(f"logging.format: {config.logging.format!r}: one of text, json")
     if config.logging.level not in ("debug", "info", "warning", "error"):

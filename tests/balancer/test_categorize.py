@@ -197,7 +197,7 @@ endpoints_strategy = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     endpoints_strategy, st.sampled_from([HERE, Locality("node-a"), Locality("node-z", "zone-b")])
 )

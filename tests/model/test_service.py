@@ -1,6 +1,6 @@
 """Service parsing: what the proxy takes from a v1 Service, and what it refuses, field by field.
 
-The shapes are the API server's own (tests/…/fixtures kube-api-v1.28 02-crud-service.json,
+The shapes are the API server's own (/work/shared/fixtures/kube-api-v1.28: 02-crud-service.json,
 10-endpointslice-controller.json) with the recorded placeholders replaced by real addresses.
 """
 

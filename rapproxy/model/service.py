@@ -242,7 +242,9 @@ def _load_balancer_ips(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
         raise InvalidObject("Service", key, "status.loadBalancer.ingress", "must be a list")
     ips = []
     for i, entry in enumerate(ingress):
-        if isinstance(entry, Mapping) and entry.get("ip"):
+        # ipMode "Proxy": the load balancer delivers to the node with its own address as the
+        # destination, so kube-proxy (1.30+) does not intercept that IP; only "VIP" (the default).
+        if isinstance(entry, Mapping) and entry.get("ip") and entry.get("ipMode") in (None, "VIP"):
             ips.append(_ip(entry["ip"], key, f"status.loadBalancer.ingress[{i}].ip"))
     return tuple(ips)
 

@@ -157,6 +157,20 @@ def test_load_balancer_service_carries_node_ports_and_ingress_ips() -> None:
     assert port.external_addresses == ("203.0.113.7", "2001:db8::7")
 
 
+def test_load_balancer_ingress_in_proxy_ip_mode_is_not_intercepted() -> None:
+    obj = single_port_service(type="LoadBalancer")
+    obj["status"] = {
+        "loadBalancer": {
+            "ingress": [
+                {"ip": "203.0.113.7", "ipMode": "Proxy"},
+                {"ip": "203.0.113.8", "ipMode": "VIP"},
+            ]
+        }
+    }
+    (port,) = parse_service(obj).ports
+    assert port.load_balancer_ips == ("203.0.113.8",)
+
+
 def test_ingress_ips_of_a_non_load_balancer_service_are_ignored() -> None:
     obj = single_port_service()
     obj["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}

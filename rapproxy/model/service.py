@@ -179,7 +179,8 @@ def parse_service(obj: Mapping[str, Any]) -> ParsedService:
             raise InvalidObject("Service", key, f"{field}.name", "must be a string")
         if len(raw_ports) > 1 and not port_name:
             raise InvalidObject("Service", key, f"{field}.name", "required when there are several")
-        protocol = _protocol(raw.get("protocol", "TCP"), key, f"{field}.protocol")
+        # Like the API server's defaulting: unset, null and "" all mean TCP.
+        protocol = _protocol(raw.get("protocol") or "TCP", key, f"{field}.protocol")
         port = _port_number(raw.get("port"), key, f"{field}.port")
         target = raw.get("targetPort", port)
         if isinstance(target, bool) or not isinstance(target, int | str):

@@ -102,8 +102,9 @@ def test_single_unnamed_port_is_allowed_and_target_port_defaults_to_port() -> No
     assert str(port.name) == "fx-eps/web:"
 
 
-def test_protocol_defaults_to_tcp_when_absent() -> None:
-    (port,) = parse_service(api_service(ports=[{"port": 80}])).ports
+@pytest.mark.parametrize("unset", [{}, {"protocol": None}, {"protocol": ""}])
+def test_protocol_defaults_to_tcp_when_unset_like_the_api_server(unset: dict[str, Any]) -> None:
+    (port,) = parse_service(api_service(ports=[{"port": 80, **unset}])).ports
     assert port.protocol is L4Protocol.TCP
 
 
@@ -319,7 +320,7 @@ def test_invalid_node_port_is_refused(bad: object) -> None:
     assert refused(obj).field == "spec.ports[0].nodePort"
 
 
-@pytest.mark.parametrize("bad", ["tcp", "ICMP", "", 6, None])
+@pytest.mark.parametrize("bad", ["tcp", "ICMP", 6, ["TCP"]])
 def test_unknown_protocol_is_refused(bad: object) -> None:
     obj = single_port_service()
     obj["spec"]["ports"][0]["protocol"] = bad

@@ -337,7 +337,10 @@ class _TcpRelay:
         server = self.server
         client = self.client
         transport = cast(asyncio.Transport, client.transport)
-        if server.closing or len(server.relays) >= server.settings.max_connections:
+        if server.closing:
+            client.reset()
+            return
+        if len(server.relays) >= server.settings.max_connections:
             server.reject_over_cap()
             client.reset()
             return
@@ -365,14 +368,15 @@ class _TcpRelay:
         server.relays.add(self)
         self.registered = True
         self.dialing = True
-        self.dial_task = server.loop.create_task(self.dial())
+        self.dial_task = task = server.loop.create_task(self.dial())
+        # A done callback, not a `finally` in dial(): a task cancelled before its first step
+        # (the client reset right after connecting) never runs its body at all.
+        task.add_done_callback(self.dial_done)
 
     async def dial(self) -> None:
         try:
             await self._dial_attempts()
         except asyncio.CancelledError:
-            if self.upstream is None:
-                self.client.reset()
             raise
         except Exception:
             log.exception(
@@ -381,10 +385,16 @@ class _TcpRelay:
                 self.client_ip,
             )
             self.client.reset()
-        finally:
+
+    def dial_done(self, _task: asyncio.Task[None]) -> None:
+        try:
             self.dialing = False
             self.dial_task = None
+            if self.upstream is None:
+                self.client.reset()  # cancelled or gave up: nothing will ever serve this client
             self.maybe_finish()
+        except Exception:
+            self.fail("dial_done")
 
     async def _dial_attempts(self) -> None:
         server = self.server

@@ -234,6 +234,35 @@ async def test_client_bytes_wait_unread_while_dialling(
     writer.close()
 
 
+async def test_clients_resetting_while_dialling_leave_no_relay_behind(
+    make_selector, eventually, relay, blackhole: Backend
+) -> None:
+    server, address = await relay(make_selector([blackhole]), TcpRelaySettings(dial_timeouts=(5,)))
+
+    async def connect_and_reset() -> None:
+        _, writer = await connect(address)
+        reset_on_close(writer)
+        writer.transport.abort()
+
+    await asyncio.gather(*(connect_and_reset() for _ in range(200)))
+    await eventually(lambda: server.active_connections == 0, what="every relay to finish")
+    assert server.stats.snapshot().tcp_active == 0
+    assert server.stats.snapshot().services[SERVICE].tcp_active == 0
+
+
+async def test_close_while_dialling_finishes_every_relay(
+    make_selector, eventually, relay, blackhole: Backend
+) -> None:
+    server, address = await relay(make_selector([blackhole]), TcpRelaySettings(dial_timeouts=(5,)))
+    writers = [(await connect(address))[1] for _ in range(50)]
+    await eventually(lambda: server.active_connections == 50, what="all clients accepted")
+    async with asyncio.timeout(2):
+        await server.aclose()
+    assert server.active_connections == 0
+    for writer in writers:
+        writer.close()
+
+
 async def test_idle_connection_is_closed(echo_backend, make_selector, relay) -> None:
     backend = await echo_backend()
     server, address = await relay(make_selector([backend]), TcpRelaySettings(idle_timeout=0.4))

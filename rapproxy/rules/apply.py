@@ -69,6 +69,9 @@ class IptablesRunner:
         self._prefix = tuple(exec_prefix)
         self._timeout = timeout
         self._lock_wait = lock_wait_seconds
+        # The chains' text as last written by `sync`, so an unchanged sync costs a render and no
+        # subprocess; forgotten whenever the kernel state may differ from it.
+        self._last_rules: str | None = None
 
     @property
     def family(self) -> Family:
@@ -95,15 +98,26 @@ class IptablesRunner:
         config: RuleConfig,
         *,
         repair_jumps: bool = True,
-    ) -> None:
+    ) -> bool:
         """Rewrite rapproxy's chains to exactly `targets`, in one transaction.
 
-        With `repair_jumps` the nat table is read first and the jumps from PREROUTING/OUTPUT are
-        repaired in the same transaction (do it at startup and on periodic full resyncs);
-        without, only the chains are rewritten (one subprocess instead of two).
+        With `repair_jumps` the nat table is read first, the jumps from PREROUTING/OUTPUT are
+        repaired in the same transaction and the chains are always rewritten (do it at startup
+        and on periodic full resyncs: it also undoes anyone else's edits to our chains).
+        Without, nothing runs when the rendered chains equal what this runner wrote last;
+        otherwise only the chains are rewritten. Returns whether iptables-restore ran.
         """
-        saved = await self.save() if repair_jumps else None
-        await self.restore(render_rules(targets, config, self.family, saved_nat=saved))
+        rules = render_rules(targets, config, self.family)
+        if not repair_jumps and rules == self._last_rules:
+            return False
+        self._last_rules = None
+        if repair_jumps:
+            text = render_rules(targets, config, self.family, saved_nat=await self.save())
+        else:
+            text = rules
+        await self.restore(text)
+        self._last_rules = rules
+        return True
 
     async def ensure_jumps(self) -> bool:
         """Repair the jumps without touching live rules; True when something was repaired."""
@@ -113,6 +127,7 @@ class IptablesRunner:
 
     async def cleanup(self) -> bool:
         """Remove every `RAPPROXY-*` chain and every jump into one; True when there was any."""
+        self._last_rules = None
         text = render_cleanup(await self.save())
         await self.restore(text)
         return bool(text)

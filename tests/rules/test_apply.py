@@ -71,3 +71,23 @@ async def test_sync_without_repair_does_not_read_the_table(tmp_path: Path) -> No
     await fake.sync([], RuleConfig(), repair_jumps=False)
     with pytest.raises(IptablesError, match="exited 7"):
         await fake.sync([], RuleConfig())
+
+
+async def test_an_unchanged_sync_runs_nothing_unless_asked_to_repair(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    fake = runner(tmp_path, "true\n", f"cat >/dev/null\necho restore >> {calls}\n")
+    assert await fake.sync([], RuleConfig(), repair_jumps=False) is True
+    assert await fake.sync([], RuleConfig(), repair_jumps=False) is False
+    assert await fake.sync([], RuleConfig(localhost_nodeports=True), repair_jumps=False) is True
+    assert await fake.sync([], RuleConfig(localhost_nodeports=True)) is True
+    assert calls.read_text().count("restore") == 3
+
+
+async def test_a_failed_sync_is_retried_in_full_next_time(tmp_path: Path) -> None:
+    flag = tmp_path / "fail"
+    flag.write_text("")
+    fake = runner(tmp_path, "true\n", f"cat >/dev/null\ntest -e {flag} && exit 1\nexit 0\n")
+    with pytest.raises(IptablesError):
+        await fake.sync([], RuleConfig(), repair_jumps=False)
+    flag.unlink()
+    assert await fake.sync([], RuleConfig(), repair_jumps=False) is True

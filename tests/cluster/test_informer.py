@@ -93,7 +93,9 @@ async def test_list_then_watch_sees_creates_updates_and_deletes(
     await client.create(SERVICES, service("web"), "default")
     await eventually(lambda: "default/web" in recorder.live)
     await client.patch(SERVICES, "web", {"metadata": {"labels": {"tier": "front"}}}, "default")
-    await eventually(lambda: recorder.live["default/web"]["metadata"].get("labels") == {"tier": "front"})
+    await eventually(
+        lambda: recorder.live["default/web"]["metadata"].get("labels") == {"tier": "front"}
+    )
     await client.delete(SERVICES, "web", "default")
     await eventually(lambda: "default/web" not in recorder.live)
     assert recorder.deletes == ["default/web"]

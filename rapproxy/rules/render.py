@@ -163,13 +163,17 @@ def render_jumps(saved_nat: str) -> str:
     """
     saved = parse_saved_nat(saved_nat)
     repair = _plan_repair(saved)
+    # A stale chain still referenced from one of our live chains must wait for the next full
+    # sync (which flushes ours first); deleting it now would fail the whole transaction.
+    still_used = {_jump_target(spec) for chain, spec in saved.rules if chain in OWN_CHAINS}
+    stale_chains = [chain for chain in repair.stale_chains if chain not in still_used]
     missing_chains = [chain for chain in OWN_CHAINS if chain not in saved.chains]
-    if not (repair.stale_chains or repair.stale_rules or repair.missing_jumps or missing_chains):
+    if not (stale_chains or repair.stale_rules or repair.missing_jumps or missing_chains):
         return ""
     lines = ["*nat"]
-    lines.extend(f":{chain} - [0:0]" for chain in (*missing_chains, *repair.stale_chains))
+    lines.extend(f":{chain} - [0:0]" for chain in (*missing_chains, *stale_chains))
     lines.extend(f"-D {chain} {spec}" for chain, spec in repair.stale_rules)
-    lines.extend(f"-X {chain}" for chain in repair.stale_chains)
+    lines.extend(f"-X {chain}" for chain in stale_chains)
     lines.extend(f"-I {chain} 1 {_jump_spec()}" for chain in repair.missing_jumps)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"

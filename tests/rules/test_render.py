@@ -241,6 +241,19 @@ def test_jump_check_leaves_live_chains_unflushed() -> None:
     assert render_jumps("") == HEADER + JUMPS + "COMMIT\n"
 
 
+def test_jump_check_keeps_a_stale_chain_that_a_live_chain_still_uses() -> None:
+    saved = (
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        ":RAPPROXY-SERVICES - [0:0]\n:RAPPROXY-NODEPORTS - [0:0]\n:RAPPROXY-OLD - [0:0]\n"
+        ":RAPPROXY-UNUSED - [0:0]\n"
+        '-A PREROUTING -m comment --comment "rapproxy service portals" -j RAPPROXY-SERVICES\n'
+        '-A OUTPUT -m comment --comment "rapproxy service portals" -j RAPPROXY-SERVICES\n'
+        "-A RAPPROXY-SERVICES -j RAPPROXY-OLD\n"
+        "COMMIT\n"
+    )
+    assert render_jumps(saved) == ("*nat\n:RAPPROXY-UNUSED - [0:0]\n-X RAPPROXY-UNUSED\nCOMMIT\n")
+
+
 def test_cleanup_removes_every_rapproxy_chain_and_reference() -> None:
     saved = (
         "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n"

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -256,7 +257,7 @@ class Testbed:
         self.name = f"rapbench-{os.getpid()}-{next(_names)}"
         self.dir = Path(tempfile.mkdtemp(prefix="rapbench-"))
         self.dir.chmod(0o755)  # nginx workers run as nobody and must read www/big.bin
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.processes: dict[str, subprocess.Popen[Any]] = {}
         self._log_files: list[object] = []
         self._created = False
         self._closed = False
@@ -543,7 +544,7 @@ end
 """
 
 
-def _stop(process: subprocess.Popen[bytes], name: str) -> None:
+def _stop(process: subprocess.Popen[Any], name: str) -> None:
     if process.poll() is not None:
         return
     process.terminate()

@@ -1,0 +1,97 @@
+"""The emulated cluster's control plane: scheduler, EndpointSlice controller, kubelets.
+
+Each component is a separately startable asyncio object that talks to the `Registry` directly
+(same semantics as the HTTP API, without the round trip). `ControlPlane` bundles them for the
+common case: one scheduler, one EndpointSlice controller and one status-only kubelet per node,
+node N getting pod CIDR 10.244.N.0/24 and node IP 10.250.0.N+1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from rapproxy.testing.apiserver.controlplane.endpointslices import EndpointSliceController
+from rapproxy.testing.apiserver.controlplane.kubelet import (
+    InstantRuntime,
+    Kubelet,
+    KubeletConfig,
+    PodHandle,
+    PodReport,
+    PodRuntime,
+    StatusReport,
+)
+from rapproxy.testing.apiserver.controlplane.scheduler import Scheduler
+from rapproxy.testing.apiserver.registry import Registry
+
+__all__ = [
+    "ControlPlane",
+    "EndpointSliceController",
+    "InstantRuntime",
+    "Kubelet",
+    "KubeletConfig",
+    "PodHandle",
+    "PodReport",
+    "PodRuntime",
+    "Scheduler",
+    "StatusReport",
+    "node_config",
+]
+
+
+def node_config(name: str, index: int, heartbeat_interval: float = 10.0) -> KubeletConfig:
+    """The default addressing of the index-th emulated node (zone-a, zone-b, ... alternate)."""
+    return KubeletConfig(
+        node_name=name,
+        pod_cidr=f"10.244.{index}.0/24",
+        node_ip=f"10.250.0.{index + 1}",
+        zone=f"zone-{'abc'[index % 3]}",
+        heartbeat_interval=heartbeat_interval,
+    )
+
+
+class ControlPlane:
+    """Scheduler + EndpointSlice controller + one kubelet per node, started and stopped together."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        nodes: Sequence[str] = (),
+        heartbeat_interval: float = 10.0,
+        runtime_factory: Callable[[str], PodRuntime] | None = None,
+        scheduler: bool = True,
+        endpointslices: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.scheduler = Scheduler(registry) if scheduler else None
+        self.endpointslices = EndpointSliceController(registry) if endpointslices else None
+        self.kubelets = [
+            Kubelet(
+                registry,
+                node_config(name, i, heartbeat_interval),
+                runtime_factory(name) if runtime_factory else None,
+            )
+            for i, name in enumerate(nodes)
+        ]
+
+    def add_node(self, name: str, runtime: PodRuntime | None = None) -> Kubelet:
+        """A kubelet for another node (start it yourself if the control plane runs)."""
+        kubelet = Kubelet(self.registry, node_config(name, len(self.kubelets)), runtime)
+        self.kubelets.append(kubelet)
+        return kubelet
+
+    async def start(self) -> None:
+        for kubelet in self.kubelets:
+            await kubelet.start()
+        if self.endpointslices is not None:
+            self.endpointslices.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
+
+    async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.endpointslices is not None:
+            await self.endpointslices.stop()
+        for kubelet in self.kubelets:
+            await kubelet.stop()

@@ -4,7 +4,10 @@ One round polls all peers concurrently, each with its own timeout (`poll_timeout
 interval), so a dead or slow peer costs only its own timeout and never delays the others or the
 next round. A success feeds `TelemetryTracker.record_peer` (figures + RTT sample, EWMA in the
 tracker); a timeout, connection error, non-200 answer or garbage JSON feeds `record_failure`,
-which makes the peer stale at once. Failures are logged when a peer goes bad, then at most once
+which makes the peer stale at once. A round's results are applied together when the round ends
+(at most `poll_timeout` later; ages stay exact because each result keeps its receive time), so a
+round makes one new telemetry snapshot, not one per peer: policies re-plan once per round.
+Failures are logged when a peer goes bad, then at most once
 per `log_interval` while it stays bad, and once when it recovers — a dead node must not flood
 the log at one line per second.
 
@@ -34,7 +37,12 @@ import aiohttp
 
 from rapproxy.model.service import ServicePortName
 from rapproxy.model.table import ServiceTable
-from rapproxy.model.telemetry import InvalidTelemetry, TelemetryTracker, parse_peer_report
+from rapproxy.model.telemetry import (
+    InvalidTelemetry,
+    PeerReport,
+    TelemetryTracker,
+    parse_peer_report,
+)
 from rapproxy.telemetry.server import TELEMETRY_PATH
 
 log = logging.getLogger(__name__)
@@ -120,7 +128,9 @@ class PeerPoller:
         targets = self.poll_set()
         self.tracker.retain(t.node_name for t in self._targets())
         if targets:
-            await asyncio.gather(*(self._poll(t) for t in targets))
+            results = await asyncio.gather(*(self._poll(t) for t in targets))
+            for target, outcome in zip(targets, results, strict=True):
+                self._apply(target, outcome)
         self.rounds += 1
 
     async def run(self) -> None:
@@ -142,7 +152,8 @@ class PeerPoller:
         finally:
             await self.close()
 
-    async def _poll(self, target: PeerTarget) -> None:
+    async def _poll(self, target: PeerTarget) -> tuple[PeerReport, float] | str:
+        """One peer: its report and RTT sample, or the reason it failed. Never raises."""
         session = self._client()
         timeout = aiohttp.ClientTimeout(total=self.settings.poll_timeout)
         headers = {"Authorization": f"Bearer {self._token()}"}
@@ -157,16 +168,22 @@ class PeerPoller:
             if report.stats.node_name != target.node_name:
                 raise _PollError(f"answered as node {report.stats.node_name!r}")
         except TimeoutError:
-            self._failed(target, f"timeout after {self.settings.poll_timeout}s")
+            return f"timeout after {self.settings.poll_timeout}s"
         except (aiohttp.ClientError, OSError) as error:
-            self._failed(target, f"{type(error).__name__}: {error}")
+            return f"{type(error).__name__}: {error}"
         except (ValueError, InvalidTelemetry, _PollError) as error:
             # json.JSONDecodeError and UnicodeDecodeError are ValueErrors: garbage from the peer.
-            self._failed(target, f"bad answer: {error}")
-        else:
-            self.tracker.record_peer(target.node_name, report.stats, finished - started)
-            if self._failing_since_log.pop(target.node_name, None) is not None:
-                log.info("telemetry from node %s (%s) recovered", target.node_name, target.url)
+            return f"bad answer: {error}"
+        return report, finished - started
+
+    def _apply(self, target: PeerTarget, outcome: tuple[PeerReport, float] | str) -> None:
+        if isinstance(outcome, str):
+            self._failed(target, outcome)
+            return
+        report, rtt = outcome
+        self.tracker.record_peer(target.node_name, report.stats, rtt)
+        if self._failing_since_log.pop(target.node_name, None) is not None:
+            log.info("telemetry from node %s (%s) recovered", target.node_name, target.url)
 
     def _failed(self, target: PeerTarget, reason: str) -> None:
         self.tracker.record_failure(target.node_name, reason)

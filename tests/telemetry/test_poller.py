@@ -32,6 +32,8 @@ class Peer:
         self.host = host
         self.delay = 0.0
         self.garbage = False
+        self.hold: asyncio.Event | None = None
+        self.served = 0
         self.cpu = 0.1
         self.endpoint = TelemetryEndpoint(
             lambda: NodeStats(self.name, self.cpu, 0.2, time.monotonic()),
@@ -45,6 +47,9 @@ class Peer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.delay:
             await asyncio.sleep(self.delay)  # injected network/processing delay
+        if self.hold is not None:
+            await self.hold.wait()
+        self.served += 1
         if self.garbage:
             return web.Response(text="<html>not telemetry</html>", content_type="text/html")
         return await self.endpoint.handle(request)
@@ -183,3 +188,22 @@ async def test_scope_limits_the_poll_set(peers: dict[str, Peer]) -> None:
     clock[0] = 111.0  # outside the window: no recent traffic any more
     assert poller.poll_set() == []
     await poller.close()
+
+
+async def test_a_round_is_applied_as_one_update_after_every_peer_answered(
+    peers: dict[str, Peer],
+) -> None:
+    release = asyncio.Event()
+    peers["n1"].hold = release
+    async with poller_for(peers, "s3cret-token") as poller:
+        round_task = asyncio.create_task(poller.poll_once())
+        deadline = time.monotonic() + 5
+        while peers["n2"].served == 0 or peers["n3"].served == 0:
+            assert time.monotonic() < deadline, "fast peers were not polled"
+            await asyncio.sleep(0.01)
+        # n2 and n3 have answered, n1 is still being waited for: nothing is published yet, so
+        # policies do not re-plan once per peer.
+        assert poller.tracker.snapshot().nodes == {}
+        release.set()
+        await round_task
+    assert set(poller.tracker.snapshot().nodes) == {"n1", "n2", "n3"}

@@ -190,7 +190,7 @@ class RapPolicy:
         """
         view = self._view()
         node = local_node if local_node is not None else view.local_node
-        plan = _make_plan(candidates, view, node, now, self.settings)
+        plan = _make_plan(candidates, view, node, now, self.settings, score_always=True)
         nodes: dict[str, Any] = {}
         by_name = {s.node: s for s in plan.scores}
         for name, endpoints in sorted(plan.groups.items(), key=lambda item: str(item[0])):
@@ -226,7 +226,11 @@ def _make_plan(
     local_node: str,
     now: float,
     settings: RapSettings,
+    *,
+    score_always: bool = False,
 ) -> _Plan:
+    """The decision for these candidates; `score_always` scores remote nodes even when the
+    decision is local (for `explain`: operators want to see where traffic *would* spill)."""
     grouped: dict[str | None, list[Endpoint]] = {}
     for endpoint in candidates:
         grouped.setdefault(endpoint.node_name, []).append(endpoint)
@@ -266,7 +270,8 @@ def _make_plan(
 
     if not fresh and not local_fresh:
         return plan(RapDecision.ROUND_ROBIN)
-    if local and not local_overloaded:
+    stays_local = bool(local) and not local_overloaded
+    if stays_local and not score_always:
         return plan(RapDecision.LOCAL)
 
     remote = [n for n in groups if n != local_node]
@@ -285,7 +290,7 @@ def _make_plan(
     top: list[str | None] = [*ranked_fresh, *ranked_unknown][: settings.top_k]
     if not top:
         scores = tuple(_NodeScore(n, None, True, True, 0.0, False) for n in overloaded)
-        return plan(RapDecision.FALLBACK, scores=scores)
+        return plan(RapDecision.LOCAL if stays_local else RapDecision.FALLBACK, scores=scores)
 
     fresh_in_top = [raw[n] for n in top if n is not None and n in raw]
     unknown_weight = settings.unknown_weight * min(fresh_in_top) if fresh_in_top else 1.0
@@ -309,6 +314,8 @@ def _make_plan(
         ]
         + [_NodeScore(n, None, True, True, 0.0, False) for n in overloaded]
     )
+    if stays_local:
+        return plan(RapDecision.LOCAL, scores=scores)
     return plan(RapDecision.REMOTE, tuple(top), tuple(cumulative), scores)
 
 

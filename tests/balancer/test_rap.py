@@ -396,3 +396,13 @@ def test_scores_are_recomputed_only_when_the_snapshot_changes() -> None:
     load.set("n2", 0.2)
     p.choose(candidates, context(now=NOW + 0.5))
     assert p._plan is not plan
+
+
+def test_explain_shows_where_traffic_would_spill_while_staying_local() -> None:
+    candidates = endpoints([LOCAL, "n1", "n2"])
+    load = Load().set(LOCAL, 0.2).set("n1", 0.0, 0.0).set("n2", 0.5, 0.5, at=NOW - 1)
+    explained = policy(load).explain(candidates, NOW)
+    assert explained["decision"] == "local" and explained["local_overloaded"] is False
+    assert explained["nodes"]["n1"]["score"] == pytest.approx(3.0)
+    assert explained["nodes"]["n2"]["age_seconds"] == pytest.approx(1.0)
+    assert explained["nodes"][LOCAL]["local"] is True

@@ -264,9 +264,9 @@ def _activation(raw: object, key: str) -> ActivationSpec:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise InvalidBackupPodSet(key, "spec.activation.port", f"{port!r} is not a port")
     timeout = raw.get("timeoutSeconds", DEFAULT_ACTIVATION_TIMEOUT_SECONDS)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0.1:
         raise InvalidBackupPodSet(
-            key, "spec.activation.timeoutSeconds", f"{timeout!r} must be a number > 0"
+            key, "spec.activation.timeoutSeconds", f"{timeout!r} must be a number >= 0.1"
         )
     image = raw.get("image")
     if image is not None and (not isinstance(image, str) or not image):

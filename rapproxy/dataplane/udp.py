@@ -43,6 +43,12 @@ Address = tuple[Any, ...]
 """A socket address as the loop reports it: (ip, port) or, for IPv6, (ip, port, flow, scope)."""
 
 
+def _buffered(transport: asyncio.DatagramTransport) -> int:
+    """Bytes the loop holds for this socket (both loops implement it; the stubs lack it)."""
+    size: int = cast(asyncio.WriteTransport, transport).get_write_buffer_size()
+    return size
+
+
 class InvalidUdpRelaySettings(ValueError):
     """A UdpRelaySettings field is out of range; the message names the field."""
 
@@ -59,6 +65,11 @@ class UdpRelaySettings:
     """Datagrams held per flow while its upstream socket is being opened; more are dropped."""
     dial_attempts: int = 4
     """Backends tried when opening the upstream socket fails (rare for UDP)."""
+    max_buffered_bytes: int = 4 * 1024 * 1024
+    """Per socket: datagrams that would queue beyond this in the loop's buffer are dropped.
+
+    A socket whose kernel buffer is full makes the loop queue datagrams in memory, without
+    bound; for UDP, dropping is the honest answer to overload."""
     drop_log_interval: float = 10.0
 
     def __post_init__(self) -> None:
@@ -120,6 +131,9 @@ class _UdpFlow(asyncio.DatagramProtocol):
                 self.pending.append(data)
             else:
                 self.port.counters.udp_datagrams_dropped += 1
+            return
+        if _buffered(transport) > self.port.settings.max_buffered_bytes:
+            self.port.counters.udp_datagrams_dropped += 1
             return
         transport.sendto(data)
         self.touched = True
@@ -288,8 +302,13 @@ class UdpServicePort:
         flow.send(data)
 
     def reply(self, data: bytes, client: Address) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.sendto(data, client)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if _buffered(transport) > self.settings.max_buffered_bytes:
+            self.counters.udp_datagrams_dropped += 1
+            return
+        transport.sendto(data, client)
 
     def report_dial_failed(self, backend: Backend, client_ip: str) -> None:
         self.counters.dial_failures += 1

@@ -245,7 +245,8 @@ async def test_clients_resetting_while_dialling_leave_no_relay_behind(
         writer.transport.abort()
 
     await asyncio.gather(*(connect_and_reset() for _ in range(200)))
-    await eventually(lambda: server.active_connections == 0, what="every relay to finish")
+    # Long before the 5 s connect timeout: the resets themselves end the relays.
+    await eventually(lambda: server.active_connections == 0, within=2, what="every relay to finish")
     assert server.stats.snapshot().tcp_active == 0
     assert server.stats.snapshot().services[SERVICE].tcp_active == 0
 
@@ -373,6 +374,33 @@ async def test_500_concurrent_clients_each_get_their_own_bytes(
     assert len(selector.opened) == 500
     assert len(selector.closed) == 500
     assert server.stats.snapshot().services[SERVICE].tcp_connections_total == 500
+
+
+async def test_a_failing_selector_closes_both_sides_and_never_reaches_the_loop(
+    make_selector, eventually, backends, relay
+) -> None:
+    backend_saw: asyncio.Future[bytes | BaseException] = asyncio.get_running_loop().create_future()
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            backend_saw.set_result(await reader.read())
+        except ConnectionResetError as error:
+            backend_saw.set_result(error)
+        writer.close()
+
+    class Broken(make_selector):  # type: ignore[misc,valid-type]
+        def connection_opened(self, service: str, backend: Backend) -> None:
+            raise RuntimeError("selector bug")
+
+    backend = await backends(record)
+    server, address = await relay(Broken([backend]))
+    reader, writer = await connect(address)
+    await assert_closed_by_relay(reader, within=2)
+    async with asyncio.timeout(2):
+        outcome = await backend_saw
+    assert outcome == b"" or isinstance(outcome, ConnectionResetError)
+    await eventually(lambda: server.active_connections == 0, what="the relay to finish")
+    writer.close()
 
 
 async def test_unknown_destination_closes_the_client(make_selector, relay) -> None:

@@ -98,7 +98,8 @@ def test_crd_names_scope_and_subresources(crd: dict[str, Any]) -> None:
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {
-        "Primaries": ".status.primariesReady",
+        "Primaries": ".spec.replicas",
+        "Ready": ".status.readyReplicas",
         "Hot": ".status.hotBackups",
         "Cold": ".status.coldBackups",
         "Age": ".metadata.creationTimestamp",
@@ -192,19 +193,18 @@ def test_a_status_as_the_controller_writes_it_validates(schema: dict[str, Any]) 
         "spec": {"template": {"spec": {}}},
         "status": {
             "observedGeneration": 2,
-            "primariesReady": "2/2",
-            "primaries": 2,
-            "readyPrimaries": 2,
+            "replicas": 2,
+            "readyReplicas": 2,
             "hotBackups": 2,
             "readyHotBackups": 2,
             "coldBackups": 2,
             "pods": {"primary": ["web-a"], "hotBackup": ["web-b"], "coldBackup": ["web-c"]},
             "conditions": [
                 {
-                    "type": "Ready",
+                    "type": "Available",
                     "status": "True",
-                    "reason": "Converged",
-                    "message": "",
+                    "reason": "PrimariesReady",
+                    "message": "2 of 2 primaries ready",
                     "lastTransitionTime": "2026-11-22T14:00:00Z",
                     "observedGeneration": 2,
                 }
@@ -212,10 +212,15 @@ def test_a_status_as_the_controller_writes_it_validates(schema: dict[str, Any]) 
             "lastFailover": {
                 "failedPod": "web-x",
                 "reason": "terminating",
+                "node": "n1",
                 "promotedPod": "web-b",
-                "detectedAt": "2026-11-22T14:00:00Z",
-                "totalSeconds": 1.2,
-                "stages": [{"name": "promoted", "at": "2026-11-22T14:00:00Z", "seconds": 0.01}],
+                "detectedAt": "2026-11-22T14:00:00.000Z",
+                "promotedAt": "2026-11-22T14:00:00.011Z",
+                "activatedAt": "2026-11-22T14:00:00.052Z",
+                "replacementCreatedAt": "2026-11-22T14:00:00.020Z",
+                "restoredAt": "2026-11-22T14:00:01.200Z",
+                "durations": {"promoted": 0.011, "activated": 0.052, "restored": 1.2},
+                "handlingSeconds": 0.018,
             },
         },
     }

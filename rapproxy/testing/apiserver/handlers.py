@@ -128,6 +128,7 @@ class ApiHandlers:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         app.router.add_get("/version", self._version)
+        app.router.add_get("/version/", self._version)
         app.router.add_get("/healthz", self._ok)
         app.router.add_get("/livez", self._ok)
         app.router.add_get("/readyz", self._ok)

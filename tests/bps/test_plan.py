@@ -560,3 +560,36 @@ def test_applying_plans_converges_to_the_desired_counts_within_three_rounds(
     assert result.converged
     for role in (P, HB, CB):
         assert result.counts[role].alive == desired.desired(role)
+
+
+@settings(max_examples=200, deadline=None)
+@given(situation(), st.booleans())
+def test_failed_activations_are_replaced_and_the_set_still_converges(
+    case: tuple[BackupPodSetSpec, list[ObservedPod], tuple[Node, ...], InFlight],
+    first_round_fails: bool,
+) -> None:
+    desired, pods, _, _ = case
+    serial = itertools.count()
+    world = [p for p in pods if not p.deleting]
+    failed: frozenset[str] = frozenset()
+    for round_number in range(4):
+        result = plan(desired, world, NODES, NOW, InFlight(failed_activations=failed))
+        if not result.actions:
+            break
+        activations = [a for a in result.actions if isinstance(a, Activate)]
+        assert not {a.pod.name for a in activations} & failed  # a failed pod is not retried
+        if round_number == 0 and first_round_fails and activations:
+            # Every waiter refuses: the role patches land, the waiters keep waiting.
+            failed = frozenset(a.pod.name for a in activations)
+            kept = [a for a in result.actions if not isinstance(a, Activate)]
+            world, landing = apply(world, kept, serial)
+        else:
+            world, landing = apply(world, result.actions, serial)
+            failed = frozenset(name for name in failed if any(p.name == name for p in world))
+        world += landing
+        assert {p.name for p in world}.isdisjoint(
+            {a.pod.name for a in result.actions if isinstance(a, DeletePod)}
+        )
+    else:
+        raise AssertionError(f"not converged after 4 rounds: {summary(result.actions)}")
+    assert result.converged

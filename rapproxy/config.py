@@ -133,6 +133,12 @@ class RapSettings:
         "Port of GET /rap/v1/telemetry on the node IP (served on the healthz server).",
         default=10256,
     )
+    load_source: str = _doc(
+        "Where this node's CPU and memory figures come from: 'host' (psutil), "
+        "'cgroup:/sys/fs/cgroup/PATH' (a cgroup v2 directory standing for the node) or "
+        '\'file:/PATH\' (JSON {"cpu": 0.9, "memory": 0.3}, for emulations that inject load).',
+        default="host",
+    )
     token_file: str = _doc(
         "File holding the shared telemetry token (mounted from a Secret); empty disables "
         "peer polling and serving.",
@@ -483,6 +489,11 @@ def validate(config: RapproxyConfiguration) -> None:
     ):
         if value < 0:
             raise ConfigError(f"{name}: {value} must not be negative")
+    kind, _, argument = rap.load_source.partition(":")
+    if not ((kind == "host" and not argument) or (kind in ("cgroup", "file") and argument)):
+        raise ConfigError(
+            f"rap.loadSource: {rap.load_source!r}: expected host, cgroup:PATH or file:PATH"
+        )
     if rap.top_candidates < 1:
         raise ConfigError("rap.topCandidates: must be at least 1")
     _positive(rap.telemetry_interval, "rap.telemetryInterval")

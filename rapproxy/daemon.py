@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rapproxy.cluster.client import ENDPOINT_SLICES, SERVICES, ClientSettings, KubeClient
+from rapproxy.cluster.client import ENDPOINT_SLICES, NODES, SERVICES, ClientSettings, KubeClient
 from rapproxy.cluster.informer import Callbacks, Informer
 from rapproxy.cluster.static import Objects, StaticSource
 from rapproxy.config import RapproxyConfiguration, parse_host_port
@@ -30,6 +30,7 @@ from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.backend import detect_backend, tools_for
 from rapproxy.sync.proxier import Proxier
 from rapproxy.sync.runner import BoundedRunner, RunnerTimings
+from rapproxy.telemetry.runtime import RapRuntime
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,11 @@ async def iptables_runners(exec_prefix: Sequence[str] = ()) -> list[IptablesRunn
 async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
     node_name = node_name_for(config)
     runners = await iptables_runners(options.exec_prefix) if options.intercept else []
-    proxier = Proxier(config, node_name, iptables=runners, netns=options.netns)
+    rap = RapRuntime(config, node_name)
+    proxier = Proxier(
+        config, node_name, iptables=runners, netns=options.netns, policy_factory=rap.policy_factory
+    )
+    proxier.extra_state["rap"] = rap.describe
     runner = BoundedRunner(
         "proxy-rules",
         proxier.sync,
@@ -77,13 +82,16 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         proxier.note_change()
         runner.request()
 
+    def apply_objects(objects: Objects) -> None:
+        proxier.tracker.replace_all(objects.services, objects.slices)
+        rap.nodes.replace_all(objects.nodes)
+        changed()
+
     client: KubeClient | None = None
     sources: list[Callable[[], Coroutine[Any, Any, None]]] = []
     ready: list[asyncio.Event] = []
     if options.objects:
-        source = StaticSource(
-            list(options.objects), lambda objects: _apply_objects(proxier, objects, changed)
-        )
+        source = StaticSource(list(options.objects), apply_objects)
         source.load_changed()  # the first load is synchronous: rules start from the files' state
         sources.append(source.run)
     else:
@@ -97,10 +105,22 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         for informer in proxy_informers(client, proxier, config, changed):
             sources.append(informer.run)
             ready.append(informer.synced)
+        nodes = Informer(
+            client,
+            NODES,
+            Callbacks(rap.nodes.upsert, rap.nodes.delete, rap.nodes.listed.set),
+            relist_period=config.config_sync_period,
+        )
+        sources.append(nodes.run)
+    sources.extend(rap.tasks())
 
     health_host, health_port = parse_host_port(config.healthz_bind_address, "healthzBindAddress")
     metrics_host, metrics_port = parse_host_port(config.metrics_bind_address, "metricsBindAddress")
-    health_server = HttpServer(health_app(proxier.health), health_host, health_port)
+    health_server = HttpServer(
+        health_app(proxier.health, rap.routes(proxier.balancer.active_connection_counts)),
+        health_host,
+        health_port,
+    )
     metrics_server = HttpServer(
         metrics_app(proxier.metrics, proxier.describe), metrics_host, metrics_port
     )
@@ -155,11 +175,6 @@ async def _sync_when_ready(runner: BoundedRunner, ready: Sequence[asyncio.Event]
     for event in ready:
         await event.wait()
     await runner.run_forever()
-
-
-def _apply_objects(proxier: Proxier, objects: Objects, changed: Callable[[], None]) -> None:
-    proxier.tracker.replace_all(objects.services, objects.slices)
-    changed()
 
 
 def service_label_selector(service_proxy_name: str) -> str:

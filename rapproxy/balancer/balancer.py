@@ -202,6 +202,13 @@ class Balancer:
         else:
             self._active.pop(endpoint, None)
 
+    def active_connection_counts(self) -> dict[str, int]:
+        """`ip:port` → open connections, as peers read it from the telemetry endpoint."""
+        return {
+            (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"): n
+            for (ip, port), n in self._active.items()
+        }
+
     def active_connections(self, endpoint: Endpoint) -> int:
         return self._active.get(key_of(endpoint), 0)
 
@@ -223,6 +230,11 @@ class Balancer:
                 "local": [e.address for e in state.categorized.local],
                 "affinity_clients": len(state.affinity) if state.affinity is not None else None,
             }
+            explain = getattr(state.policy, "explain", None)
+            if callable(explain):
+                services[str(name)]["decision"] = explain(
+                    state.categorized.cluster, now, self.where.node_name
+                )
         return {
             "node": self.where.node_name,
             "zone": self.where.zone,

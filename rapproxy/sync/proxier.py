@@ -136,6 +136,7 @@ class Proxier:
         self._applied_targets: tuple[RedirectTarget, ...] | None = None
         self._last_full_sync = -float("inf")
         self.last_sync_error: str | None = None
+        self.extra_state: dict[str, Callable[[float], Any]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -352,6 +353,8 @@ class Proxier:
         state["rejected_objects"] = self.tracker.describe_errors()
         state["changes_pending"] = self.tracker.pending
         state["last_sync_error"] = self.last_sync_error
+        for name, describe in self.extra_state.items():
+            state[name] = describe(now)
         return state
 
 

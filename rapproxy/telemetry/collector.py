@@ -21,6 +21,7 @@ files; nothing here blocks for long, and a file that vanishes (a pod deleted mid
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -82,6 +83,45 @@ class FixedProbe:
 
     def read(self) -> Utilization:
         return self._value
+
+
+class FileProbe:
+    """Figures read from a JSON file (`{"cpu": 0.9, "memory": 0.3}`), re-read on every sample.
+
+    For emulated nodes and experiments that inject load into a running daemon. A missing or
+    malformed file reads as idle and is logged once per distinct problem: a typo in a test
+    fixture must not look like an overloaded node.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._last_problem: str | None = None
+
+    def read(self) -> Utilization:
+        try:
+            data = json.loads(self.path.read_text())
+            cpu = float(data.get("cpu", 0.0))
+            memory = float(data.get("memory", 0.0))
+        except (OSError, ValueError, TypeError, AttributeError) as error:
+            problem = f"{type(error).__name__}: {error}"
+            if problem != self._last_problem:
+                log.warning("load file %s unusable (%s); reading as idle", self.path, problem)
+                self._last_problem = problem
+            return Utilization(0.0, 0.0)
+        self._last_problem = None
+        return Utilization(_clamp(cpu), _clamp(memory))
+
+
+def probe_from_spec(spec: str) -> Probe:
+    """`host`, `cgroup:/sys/fs/cgroup/PATH` or `file:/path/load.json` (config `rap.loadSource`)."""
+    kind, _, argument = spec.partition(":")
+    if kind == "host" and not argument:
+        return HostProbe()
+    if kind == "cgroup" and argument:
+        return CgroupV2Probe(argument)
+    if kind == "file" and argument:
+        return FileProbe(argument)
+    raise ValueError(f"{spec!r}: expected host, cgroup:PATH or file:PATH")
 
 
 class _CpuRate:

@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
 import urllib.request
 
 
 def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
-    """(status, body) of one GET, with a fresh connection."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.status, response.read().decode()
+    """(status, body) of one GET, with a fresh connection; error statuses are returned too."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:  # carries a socket: must not cross processes
+        body = error.read().decode(errors="replace")
+        error.close()
+        return error.code, body
 
 
 def backend_names(url: str, count: int, timeout: float = 3.0) -> list[str]:
     """The first body line of `count` GETs: which backend served each one."""
     names = []
     for _ in range(count):
-        _status, body = http_get(url, timeout)
+        status, body = http_get(url, timeout)
+        if status != 200:
+            raise OSError(f"{url}: HTTP {status}: {body[:200]}")
         names.append(body.split("\n", 1)[0])
     return names
 

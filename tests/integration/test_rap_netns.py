@@ -127,7 +127,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                     f"b{n}",
                     "--http",
                     f"10.244.{n}.2:8080",
-                ]  # fmt: skip
+                ]
             )
             await node.spawn(
                 [
@@ -145,7 +145,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                     f"rap.loadSource=file:{load_files[n - 1]}",
                     "--set",
                     f"rap.tokenFile={token_file}",
-                ],  # fmt: skip
+                ],
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )

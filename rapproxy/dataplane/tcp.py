@@ -31,7 +31,8 @@ succeeds, an upstream side. Each side is a small Protocol whose `peer` is the ot
   timeouts is closed.
 - A global cap on concurrent relays: a client over it is closed at once, counted, and logged at
   most once per interval (a log line per rejected client would turn overload into disk I/O).
-- TCP_NODELAY: both asyncio and uvloop set it on every TCP transport they create; not repeated.
+- TCP_NODELAY: both loops set it on every TCP transport they create (the stock loop only when
+  the socket's proto is IPPROTO_TCP, hence the listener is created with it); not repeated.
 
 Robustness: a naive uvloop relay was seen to abort the process ("double free or corruption") under
 Connection: close load. So every callback is guarded: a side never touches its transport after it
@@ -389,8 +390,6 @@ class _TcpRelay:
     async def dial(self) -> None:
         try:
             await self._dial_attempts()
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception(
                 "dialling for service %s failed unexpectedly; closing client %s",
@@ -662,7 +661,9 @@ class TcpRelayServer:
 
     def _listening_socket(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto must be IPPROTO_TCP, not 0: accepted sockets inherit it, and the stock loop
+        # sets TCP_NODELAY only on sockets whose proto says TCP.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.settings.reuse_port:

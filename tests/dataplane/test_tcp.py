@@ -12,7 +12,12 @@ import time
 import pytest
 
 from rapproxy.dataplane.routing import Backend
-from rapproxy.dataplane.tcp import InvalidTcpRelaySettings, TcpRelaySettings
+from rapproxy.dataplane.tcp import (
+    InvalidTcpRelaySettings,
+    TcpRelayServer,
+    TcpRelaySettings,
+    fixed_destination,
+)
 
 SERVICE = "default/web:80/TCP"
 FAST_DIALS = TcpRelaySettings(dial_timeouts=(0.3, 0.3, 0.3, 0.3))
@@ -401,6 +406,52 @@ async def test_a_failing_selector_closes_both_sides_and_never_reaches_the_loop(
     assert outcome == b"" or isinstance(outcome, ConnectionResetError)
     await eventually(lambda: server.active_connections == 0, what="the relay to finish")
     writer.close()
+
+
+async def test_both_sides_of_a_relay_have_nodelay(echo_backend, make_selector, relay) -> None:
+    backend = await echo_backend()
+    server, address = await relay(make_selector([backend]))
+    reader, writer = await connect(address)
+    writer.write(b"x")
+    assert await reader.readexactly(1) == b"x"
+    (only_relay,) = server.relays
+    for side in (only_relay.client, only_relay.upstream):
+        sock = side.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    writer.close()
+
+
+async def test_ipv6_listener_relays_to_an_ipv6_backend(make_selector, eventually) -> None:
+    async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readexactly(4))
+        await writer.drain()
+        writer.close()
+
+    backend_server = await asyncio.start_server(echo_once, "::1", 0)
+    backend = Backend("::1", backend_server.sockets[0].getsockname()[1])
+    selector = make_selector([backend])
+    clients: list[str] = []
+    original_choose = selector.choose
+
+    def choose(service: str, client_ip: str, tried: frozenset[Backend]) -> Backend | None:
+        clients.append(client_ip)
+        return original_choose(service, client_ip, tried)
+
+    selector.choose = choose
+    server = TcpRelayServer(selector, destination=fixed_destination("fd00::10", 80))
+    try:
+        await server.start([("127.0.0.1", 0), ("::1", 0)])
+        v4, v6 = server.addresses
+        assert v4[0] == "127.0.0.1" and v6[0] == "::1"
+        reader, writer = await asyncio.open_connection("::1", v6[1])
+        writer.write(b"six!")
+        async with asyncio.timeout(2):
+            assert await reader.readexactly(4) == b"six!"
+        assert clients == ["::1"]
+        writer.close()
+    finally:
+        await server.aclose()
+        backend_server.close()
 
 
 async def test_unknown_destination_closes_the_client(make_selector, relay) -> None:

@@ -42,6 +42,21 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 DEFAULT_WATCH_TIMEOUT = 1800.0
+# A few of the real server's printer columns for built-ins, so `kubectl get` is informative.
+BUILTIN_COLUMNS: dict[str, list[JsonObject]] = {
+    "v1/pods": [
+        {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "IP", "type": "string", "jsonPath": ".status.podIP", "priority": 1},
+        {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName", "priority": 1},
+    ],
+    "v1/services": [
+        {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
+        {"name": "Cluster-IP", "type": "string", "jsonPath": ".spec.clusterIP"},
+    ],
+    "discovery.k8s.io/v1/endpointslices": [
+        {"name": "AddressType", "type": "string", "jsonPath": ".addressType"},
+    ],
+}
 NAME_COLUMN_DESCRIPTION = (
     "Name must be unique within a namespace. Is required when creating resources, although some "
     "resources may allow a client to request the generation of an appropriate name "
@@ -78,7 +93,7 @@ def json_response(
     body: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=json.dumps(body).encode(),
+        body=json.dumps(body, separators=(",", ":")).encode(),
         status=status,
         content_type=JSON,
         headers=headers,
@@ -362,7 +377,7 @@ class ApiHandlers:
                 "priority": 0,
             }
         ]
-        custom = self.registry.columns(rt)
+        custom = self.registry.columns(rt) or BUILTIN_COLUMNS.get(rt.key, [])
         for col in custom:
             columns.append(
                 {
@@ -468,8 +483,8 @@ class ApiHandlers:
                     break  # the server dropped this watch
                 await _write_watch_event(response, event)
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise
+        except ConnectionError:
+            log.debug("watch client went away")  # nothing to tell it any more
         finally:
             self.store.unsubscribe(sub)
         return response
@@ -485,7 +500,8 @@ class ApiHandlers:
 
 
 async def _write_event(response: web.StreamResponse, kind: str, obj: JsonObject) -> None:
-    await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+    line = json.dumps({"type": kind, "object": obj}, separators=(",", ":"))
+    await response.write(line.encode() + b"\n")
 
 
 async def _write_watch_event(response: web.StreamResponse, event: WatchEvent) -> None:

@@ -301,6 +301,47 @@ CRDS = ResourceType(
     },
 )
 
+# Stored and served without controllers, so manifests that contain them (RBAC, DaemonSets)
+# can be applied as they are.
+APPS_TYPES = tuple(
+    ResourceType(
+        "apps",
+        "v1",
+        plural,
+        kind,
+        True,
+        kind.lower(),
+        short,
+        ("all",),
+        status_subresource=True,
+        has_generation=True,
+        bookmark_body={"spec": {}, "status": {}},
+    )
+    for plural, kind, short in (
+        ("deployments", "Deployment", ("deploy",)),
+        ("daemonsets", "DaemonSet", ("ds",)),
+        ("replicasets", "ReplicaSet", ("rs",)),
+        ("statefulsets", "StatefulSet", ("sts",)),
+    )
+)
+RBAC_TYPES = tuple(
+    ResourceType(
+        "rbac.authorization.k8s.io",
+        "v1",
+        plural,
+        kind,
+        namespaced,
+        kind.lower(),
+        bookmark_body={},
+    )
+    for plural, kind, namespaced in (
+        ("roles", "Role", True),
+        ("rolebindings", "RoleBinding", True),
+        ("clusterroles", "ClusterRole", False),
+        ("clusterrolebindings", "ClusterRoleBinding", False),
+    )
+)
+
 BUILTIN_TYPES: tuple[ResourceType, ...] = (
     NAMESPACES,
     PODS,
@@ -315,4 +356,6 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     LEASES,
     EVENTS_V1,
     CRDS,
+    *APPS_TYPES,
+    *RBAC_TYPES,
 )

@@ -141,6 +141,7 @@ class _Side(asyncio.Protocol):
         "closing",
         "counters",
         "eof",
+        "failed",
         "lost",
         "peer",
         "pending",
@@ -161,6 +162,7 @@ class _Side(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.closing = False  # we called close/abort, or the transport was lost
         self.lost = False  # connection_lost has run
+        self.failed = False  # ... with an error (reset, broken pipe): the peer gets a RST too
         self.eof = False  # the remote end sent FIN
         self.touched = False  # bytes arrived since the idle sweeper last looked
 
@@ -200,6 +202,7 @@ class _Side(asyncio.Protocol):
         try:
             self.closing = True
             self.lost = True
+            self.failed = exc is not None
             peer = self.peer
             if peer is not None:
                 peer.sink = None
@@ -238,7 +241,9 @@ class _Side(asyncio.Protocol):
         transport.abort()
 
     def close_if_drained_else_reset(self) -> None:
-        if self.transport is not None and self.transport.get_write_buffer_size() == 0:
+        if self.closing or self.transport is None:
+            return
+        if self.transport.get_write_buffer_size() == 0:
             self.close()
         else:
             self.reset()
@@ -504,8 +509,11 @@ class _TcpRelay:
             counters.bytes_from_clients += len(data)
         upstream.pending.clear()
         client.pending.clear()
-        if upstream.lost:
-            client.close()
+        if upstream.lost:  # between connect and now; what it sent was flushed above
+            if upstream.failed:
+                client.reset()
+            else:
+                client.close()
             return
         if client.eof and upstream.eof:
             self.close_both()

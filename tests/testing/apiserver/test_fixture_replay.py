@@ -299,7 +299,14 @@ class Replayer:
                 i += 1
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
+# Files whose watches run for their recorded timeoutSeconds take 15-20 s each.
+SLOW = {"05-list-watch.json", "09-garbage-collection.json"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in sorted(SCENARIOS)],
+)
 async def test_emulator_replays_real_apiserver_transcript(name: str) -> None:
     path = FIXTURES / name
     if not path.exists():

@@ -113,6 +113,9 @@ class EndpointSliceController:
         self.legacy_endpoints = legacy_endpoints
         self._dirty: set[ServiceKey] = set()
         self._labels: dict[tuple[str, str, str], set[str]] = {}  # (ns, key, value) → pods
+        # (ns, key, value) → Services whose selector has that pair; (ns, service) → slices.
+        self._selectors: dict[tuple[str, str, str], set[str]] = {}
+        self._slices: dict[ServiceKey, set[str]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -120,10 +123,15 @@ class EndpointSliceController:
         if self._task is not None:
             return
         self._labels.clear()
+        self._selectors.clear()
+        self._slices.clear()
         for pod in self.store.list(PODS):
             self._index_pod(pod, add=True)
         for svc in self.store.list(SERVICES):
+            self._index_service(svc, add=True)
             self._dirty.add((svc["metadata"]["namespace"], svc["metadata"]["name"]))
+        for eps in self.store.list(ENDPOINT_SLICES):
+            self._index_slice(eps, add=True)
         self.store.add_listener(self._on_event)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="endpointslices")
         self._wake.set()
@@ -146,8 +154,38 @@ class EndpointSliceController:
             else:
                 names.discard(meta["name"])
 
+    def _index_service(self, svc: JsonObject, *, add: bool) -> None:
+        meta = svc["metadata"]
+        for key, value in ((svc.get("spec") or {}).get("selector") or {}).items():
+            names = self._selectors.setdefault((meta["namespace"], key, value), set())
+            if add:
+                names.add(meta["name"])
+            else:
+                names.discard(meta["name"])
+
+    def _index_slice(self, eps: JsonObject, *, add: bool) -> None:
+        meta = eps["metadata"]
+        labels = meta.get("labels") or {}
+        if labels.get(MANAGED_BY) != CONTROLLER_NAME or SERVICE_NAME not in labels:
+            return
+        names = self._slices.setdefault((meta["namespace"], labels[SERVICE_NAME]), set())
+        if add:
+            names.add(meta["name"])
+        else:
+            names.discard(meta["name"])
+
     def _on_event(self, rt: ResourceType, event: WatchEvent) -> None:
+        if rt is ENDPOINT_SLICES:
+            if event.previous is not None:
+                self._index_slice(event.previous, add=False)
+            if event.type != "DELETED":
+                self._index_slice(event.object, add=True)
+            return
         if rt is SERVICES:
+            if event.previous is not None:
+                self._index_service(event.previous, add=False)
+            if event.type != "DELETED":
+                self._index_service(event.object, add=True)
             meta = event.object["metadata"]
             self._dirty.add((meta["namespace"], meta["name"]))
         elif rt is PODS:
@@ -171,10 +209,14 @@ class EndpointSliceController:
     def _mark_services_of(self, pod: JsonObject) -> None:
         namespace = pod["metadata"]["namespace"]
         labels = pod["metadata"].get("labels") or {}
-        for svc in self.store.list(SERVICES, namespace):
-            selector = (svc.get("spec") or {}).get("selector") or {}
+        candidates: set[str] = set()
+        for key, value in labels.items():
+            candidates |= self._selectors.get((namespace, key, value), set())
+        for name in candidates:
+            svc = self.store.get(SERVICES, namespace, name)
+            selector = ((svc or {}).get("spec") or {}).get("selector") or {}
             if selector and all(labels.get(k) == v for k, v in selector.items()):
-                self._dirty.add((namespace, svc["metadata"]["name"]))
+                self._dirty.add((namespace, name))
 
     # -- reconcile ------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -212,10 +254,9 @@ class EndpointSliceController:
     def reconcile(self, namespace: str, name: str) -> None:
         service = self.store.get(SERVICES, namespace, name)
         slices = [
-            s
-            for s in self.store.list(ENDPOINT_SLICES, namespace)
-            if (s["metadata"].get("labels") or {}).get(SERVICE_NAME) == name
-            and (s["metadata"].get("labels") or {}).get(MANAGED_BY) == CONTROLLER_NAME
+            found
+            for slice_name in sorted(self._slices.get((namespace, name), ()))
+            if (found := self.store.get(ENDPOINT_SLICES, namespace, slice_name)) is not None
         ]
         if service is None:
             if self.legacy_endpoints and self.store.get(ENDPOINTS, namespace, name) is not None:

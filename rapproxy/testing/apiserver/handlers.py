@@ -347,12 +347,21 @@ class ApiHandlers:
         )
 
     def _list(self, request: web.Request, t: Target, query: dict[str, str]) -> web.Response:
-        body = self.registry.list(t.rt, t.namespace, self._list_options(query))
+        rt = t.rt
+        meta, items = self.registry.list_page(rt, t.namespace, self._list_options(query))
         if _wants_table(request):
-            return json_response(
-                self._table(t.rt, body["items"], body["metadata"]["resourceVersion"])
-            )
-        return json_response(body)
+            return json_response(self._table(rt, items, meta["resourceVersion"]))
+        # Assembled from each object's cached encoding: lists of 10k objects stay cheap.
+        encoded_meta = json.dumps(meta, separators=(",", ":")).encode()
+        if rt.custom:
+            head = f'{{"apiVersion":"{rt.api_version}","items":['.encode()
+            body = head + b",".join(self.store.encode(o) for o in items)
+            body += f'],"kind":"{rt.list_kind}","metadata":'.encode() + encoded_meta + b"}"
+        else:
+            head = f'{{"kind":"{rt.list_kind}","apiVersion":"{rt.api_version}","metadata":'.encode()
+            body = head + encoded_meta + b',"items":['
+            body += b",".join(self.store.encode_item(o) for o in items) + b"]}"
+        return web.Response(body=body, content_type=JSON)
 
     def _delete_collection(self, t: Target, query: dict[str, str]) -> web.Response:
         listed = self.registry.list(t.rt, t.namespace, self._list_options(query))
@@ -460,7 +469,7 @@ class ApiHandlers:
             deadline = start + timeout
             baseline = max([since or 0] + [e.resource_version for e in replay])
             for replayed in replay:
-                await _write_event(response, replayed.type, replayed.object)
+                await self._write_watch_event(response, replayed)
             next_bookmark = self._next_bookmark(start, start, deadline)
             while True:
                 now = time.monotonic()
@@ -481,13 +490,17 @@ class ApiHandlers:
                     continue
                 if event is None:
                     break  # the server dropped this watch
-                await _write_watch_event(response, event)
+                await self._write_watch_event(response, event)
             await response.write_eof()
         except ConnectionError:
             log.debug("watch client went away")  # nothing to tell it any more
         finally:
             self.store.unsubscribe(sub)
         return response
+
+    async def _write_watch_event(self, response: web.StreamResponse, event: WatchEvent) -> None:
+        encoded = self.store.encode(event.object)
+        await response.write(b'{"type":"' + event.type.encode() + b'","object":' + encoded + b"}\n")
 
     def _next_bookmark(self, start: float, after: float, deadline: float) -> float:
         """Bookmarks every `bookmark_interval` and once about 2 s before the timeout."""
@@ -502,10 +515,6 @@ class ApiHandlers:
 async def _write_event(response: web.StreamResponse, kind: str, obj: JsonObject) -> None:
     line = json.dumps({"type": kind, "object": obj}, separators=(",", ":"))
     await response.write(line.encode() + b"\n")
-
-
-async def _write_watch_event(response: web.StreamResponse, event: WatchEvent) -> None:
-    await _write_event(response, event.type, event.object)
 
 
 def _typed(body: JsonObject, content_type: str) -> web.Response:

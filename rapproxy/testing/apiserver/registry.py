@@ -161,6 +161,26 @@ class Registry:
         return self._columns.get(rt.key, [])
 
     def list(self, rt: ResourceType, namespace: str | None, options: ListOptions) -> JsonObject:
+        """A list response body as a dict (see `list_page` for the stored items themselves)."""
+        meta, selected = self.list_page(rt, namespace, options)
+        if rt.custom:
+            return {
+                "apiVersion": rt.api_version,
+                "items": selected,
+                "kind": rt.list_kind,
+                "metadata": meta,
+            }
+        return {
+            "kind": rt.list_kind,
+            "apiVersion": rt.api_version,
+            "metadata": meta,
+            "items": [_strip_type(o) for o in selected],
+        }
+
+    def list_page(
+        self, rt: ResourceType, namespace: str | None, options: ListOptions
+    ) -> tuple[JsonObject, builtins.list[JsonObject]]:
+        """The list's metadata and the selected stored objects (shared: do not mutate)."""
         try:
             accepts = selector_predicate(
                 options.label_selector, options.field_selector, rt.field_selectors
@@ -198,18 +218,7 @@ class Registry:
             selected = page
         if rt.custom:
             meta = {"continue": meta.get("continue", ""), **meta}
-            return {
-                "apiVersion": rt.api_version,
-                "items": selected,
-                "kind": rt.list_kind,
-                "metadata": meta,
-            }
-        return {
-            "kind": rt.list_kind,
-            "apiVersion": rt.api_version,
-            "metadata": meta,
-            "items": [_strip_type(o) for o in selected],
-        }
+        return meta, selected
 
     # -- create ---------------------------------------------------------------------------
     def create(

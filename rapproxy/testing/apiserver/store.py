@@ -117,6 +117,9 @@ class Store:
         self._history: dict[str, History] = {}
         self._subscribers: dict[str, set[Subscription]] = {}
         self._listeners: list[Callable[[ResourceType, WatchEvent], None]] = []
+        # JSON of current objects, encoded once and shared by every list and watch:
+        # id(obj) → (obj, full encoding, encoding without kind/apiVersion).
+        self._encoded: dict[int, tuple[JsonObject, bytes, bytes | None]] = {}
         for rt in BUILTIN_TYPES:
             self.register(rt, window_from_now=False)
 
@@ -208,6 +211,8 @@ class Store:
         revision = self.next_revision()
         obj["metadata"]["resourceVersion"] = str(revision)
         self._objects[rt.key][key] = obj
+        if previous is not None:
+            self._encoded.pop(id(previous), None)
         self._publish(
             rt, WatchEvent("ADDED" if previous is None else "MODIFIED", obj, revision, previous)
         )
@@ -217,6 +222,7 @@ class Store:
         """Delete the object; its DELETED event carries the deletion's new revision."""
         key = (namespace if rt.namespaced else "", name)
         previous = self._objects[rt.key].pop(key)
+        self._encoded.pop(id(previous), None)
         revision = self.next_revision()
         final = dict(previous)
         final["metadata"] = dict(previous["metadata"], resourceVersion=str(revision))
@@ -234,6 +240,36 @@ class Store:
                 sub.queue.put_nowait(sub.translate(event))
         for listener in list(self._listeners):
             listener(rt, event)
+
+    # -- encoding -------------------------------------------------------------------------
+    def encode(self, obj: JsonObject) -> bytes:
+        """`obj` as compact JSON; cached while `obj` is a current (stored) object."""
+        cached = self._encoded.get(id(obj))
+        if cached is not None and cached[0] is obj:
+            return cached[1]
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        if self._is_current(obj):
+            self._encoded[id(obj)] = (obj, data, None)
+        return data
+
+    def encode_item(self, obj: JsonObject) -> bytes:
+        """`obj` without kind/apiVersion, as built-in list items are rendered."""
+        cached = self._encoded.get(id(obj))
+        if cached is not None and cached[0] is obj and cached[2] is not None:
+            return cached[2]
+        stripped = {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
+        data = json.dumps(stripped, separators=(",", ":")).encode()
+        if self._is_current(obj):
+            full = cached[1] if cached is not None and cached[0] is obj else self.encode(obj)
+            self._encoded[id(obj)] = (obj, full, data)
+        return data
+
+    def _is_current(self, obj: JsonObject) -> bool:
+        rt = self.lookup_kind(obj.get("apiVersion", ""), obj.get("kind", ""))
+        if rt is None:
+            return False
+        namespace, name = object_key(obj)
+        return self._objects[rt.key].get((namespace if rt.namespaced else "", name)) is obj
 
     # -- watches --------------------------------------------------------------------------
     def subscribe(

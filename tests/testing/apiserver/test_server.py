@@ -109,3 +109,23 @@ async def test_kubeconfig_works_with_kubernetes_asyncio(
         names = [n.metadata.name for n in (await client.CoreV1Api(api).list_namespace()).items]
     assert version.git_version == "v1.28.7"
     assert {"default", "kube-system"} <= set(names)
+
+
+async def test_http_lists_encode_exactly_the_registry_list(emulator: EmulatedApiServer) -> None:
+    from rapproxy.testing.apiserver.registry import ListOptions
+
+    for i in range(3):
+        emulator.registry.create(CONFIGMAPS, "default", {"metadata": {"name": f"c{i}"}})
+    # A cached encoding must follow updates.
+    emulator.registry.patch(
+        CONFIGMAPS, "default", "c1", "application/merge-patch+json", b'{"data": {"k": "v"}}'
+    )
+    for query in ("", "?limit=2"):
+        status, body = await _get(f"{emulator.url}/api/v1/namespaces/default/configmaps{query}")
+        assert status == 200
+        expected = emulator.registry.list(
+            CONFIGMAPS, "default", ListOptions(limit=2 if query else None)
+        )
+        assert body == expected
+    status, body = await _get(f"{emulator.url}/api/v1/namespaces/default/configmaps/c1")
+    assert body["data"] == {"k": "v"}

@@ -488,33 +488,33 @@ class _TcpRelay:
         settings = self.server.settings
         client_transport = cast(asyncio.Transport, client.transport)
         upstream_transport = cast(asyncio.Transport, upstream.transport)
+        counters = cast(ServiceCounters, self.counters)
+        upstream.counters = counters
+        client.peer = upstream
+        upstream.peer = client
+        # Deliver what arrived on either side before the two were wired together.
+        for data in upstream.pending:
+            client_transport.write(data)
+            counters.bytes_to_clients += len(data)
+        upstream.pending.clear()
+        if upstream.lost:  # between connect and now: pass on how it ended, write nothing to it
+            if upstream.failed:
+                client.reset()
+            else:
+                client.close()
+            return
         client_transport.set_write_buffer_limits(
             settings.write_buffer_high, settings.write_buffer_low
         )
         upstream_transport.set_write_buffer_limits(
             settings.write_buffer_high, settings.write_buffer_low
         )
-        upstream.counters = client.counters
-        client.peer = upstream
-        upstream.peer = client
-        client.sink = upstream_transport
-        upstream.sink = client_transport
-        # Deliver what arrived on either side before the two were wired together.
-        counters = cast(ServiceCounters, self.counters)
-        for data in upstream.pending:
-            client_transport.write(data)
-            counters.bytes_to_clients += len(data)
         for data in client.pending:
             upstream_transport.write(data)
             counters.bytes_from_clients += len(data)
-        upstream.pending.clear()
         client.pending.clear()
-        if upstream.lost:  # between connect and now; what it sent was flushed above
-            if upstream.failed:
-                client.reset()
-            else:
-                client.close()
-            return
+        client.sink = upstream_transport
+        upstream.sink = client_transport
         if client.eof and upstream.eof:
             self.close_both()
             return

@@ -10,24 +10,34 @@ through plain counters in `stats.RelayStats`.
 
 from rapproxy.dataplane.original_dst import NoOriginalDestination, original_destination
 from rapproxy.dataplane.routing import Backend, BackendSelector, L4Protocol
-from rapproxy.dataplane.stats import RelayStats, ServiceCounters
+from rapproxy.dataplane.stats import (
+    RelayStats,
+    RelayStatsSnapshot,
+    ServiceCounters,
+    ServiceCountersSnapshot,
+)
 from rapproxy.dataplane.tcp import (
     DestinationResolver,
+    InvalidTcpRelaySettings,
     TcpRelayServer,
     TcpRelaySettings,
     fixed_destination,
     intercepted_destination,
 )
-from rapproxy.dataplane.udp import UdpRelaySettings, UdpServicePort
+from rapproxy.dataplane.udp import InvalidUdpRelaySettings, UdpRelaySettings, UdpServicePort
 
 __all__ = [
     "Backend",
     "BackendSelector",
     "DestinationResolver",
+    "InvalidTcpRelaySettings",
+    "InvalidUdpRelaySettings",
     "L4Protocol",
     "NoOriginalDestination",
     "RelayStats",
+    "RelayStatsSnapshot",
     "ServiceCounters",
+    "ServiceCountersSnapshot",
     "TcpRelayServer",
     "TcpRelaySettings",
     "UdpRelaySettings",

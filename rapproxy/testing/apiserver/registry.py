@@ -723,7 +723,26 @@ class Registry:
             "code": 201,
         }
 
-    # -- direct access for controllers ----------------------------------------------------
+    # -- direct access for controllers and tests ------------------------------------------
+    def inject(self, rt: ResourceType, obj: JsonObject) -> JsonObject:
+        """Store `obj` as given, skipping defaults and validation (a create or replace).
+
+        For tests that need what a real server would refuse (a malformed Service, a slice
+        with a bad address) or exact control over fields. Only kind/apiVersion, uid and
+        creationTimestamp are filled in when missing; watchers see ADDED or MODIFIED.
+        """
+        stored = json_copy(obj)
+        stored["kind"], stored["apiVersion"] = rt.kind, rt.api_version
+        meta = stored.setdefault("metadata", {})
+        if not rt.namespaced:
+            meta.pop("namespace", None)
+        elif not meta.get("namespace"):
+            meta["namespace"] = "default"
+        current = self.store.get(rt, meta.get("namespace", ""), meta["name"])
+        meta.setdefault("uid", current["metadata"]["uid"] if current else str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", defaults.now_rfc3339())
+        return self.store.persist(rt, _ordered(rt, stored))
+
     def mutate(
         self,
         rt: ResourceType,

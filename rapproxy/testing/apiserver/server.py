@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
-from rapproxy.testing.apiserver.controlplane import ControlPlane
+from rapproxy.testing.apiserver.controlplane import ControlPlane, KubeletConfig, PodRuntime
 from rapproxy.testing.apiserver.gc import GarbageCollector
 from rapproxy.testing.apiserver.handlers import ApiHandlers, Faults
 from rapproxy.testing.apiserver.registry import Registry
@@ -42,10 +42,11 @@ class EmulatedApiServer:
         port: int = 0,
         history_size: int = DEFAULT_HISTORY_SIZE,
         bookmark_interval: float = 60.0,
-        nodes: Sequence[str] = (),
+        nodes: Sequence[str | KubeletConfig] = (),
         control_plane: bool | None = None,
         heartbeat_interval: float = 10.0,
         gc_delay: float = 0.05,
+        runtime_factory: Callable[[str], PodRuntime] | None = None,
         store: Store | None = None,
     ) -> None:
         self.host = host
@@ -62,7 +63,12 @@ class EmulatedApiServer:
         self.gc = GarbageCollector(self.registry, delay=gc_delay)
         run_control_plane = bool(nodes) if control_plane is None else control_plane
         self.control_plane: ControlPlane | None = (
-            ControlPlane(self.registry, nodes=list(nodes), heartbeat_interval=heartbeat_interval)
+            ControlPlane(
+                self.registry,
+                nodes=list(nodes),
+                heartbeat_interval=heartbeat_interval,
+                runtime_factory=runtime_factory,
+            )
             if run_control_plane
             else None
         )

@@ -119,3 +119,18 @@ def test_deployments_are_stored_with_generation_for_manifests_that_need_them() -
         deployments, "default", "d", "application/merge-patch+json", b'{"spec": {"replicas": 2}}'
     ).body
     assert bumped["metadata"]["generation"] == 2
+
+
+def test_inject_stores_what_validation_would_refuse_and_watchers_see_it() -> None:
+    from rapproxy.testing.apiserver.resources import SERVICES
+
+    registry = Registry(Store())
+    sub, _ = registry.store.subscribe(SERVICES, registry.store.revision)
+    bad = {"metadata": {"name": "bad"}, "spec": {"ports": [{"port": 70000}]}}
+    with pytest.raises(ApiError):
+        registry.create(SERVICES, "default", bad)
+    stored = registry.inject(SERVICES, bad)
+    assert stored["spec"]["ports"][0]["port"] == 70000 and stored["metadata"]["uid"]
+    event = sub.queue.get_nowait()
+    assert event is not None and event.type == "ADDED"
+    assert registry.get(SERVICES, "default", "bad")["kind"] == "Service"

@@ -56,7 +56,7 @@ class ControlPlane:
         self,
         registry: Registry,
         *,
-        nodes: Sequence[str] = (),
+        nodes: Sequence[str | KubeletConfig] = (),
         heartbeat_interval: float = 10.0,
         runtime_factory: Callable[[str], PodRuntime] | None = None,
         scheduler: bool = True,
@@ -65,18 +65,19 @@ class ControlPlane:
         self.registry = registry
         self.scheduler = Scheduler(registry) if scheduler else None
         self.endpointslices = EndpointSliceController(registry) if endpointslices else None
+        configs = [
+            node if isinstance(node, KubeletConfig) else node_config(node, i, heartbeat_interval)
+            for i, node in enumerate(nodes)
+        ]
         self.kubelets = [
-            Kubelet(
-                registry,
-                node_config(name, i, heartbeat_interval),
-                runtime_factory(name) if runtime_factory else None,
-            )
-            for i, name in enumerate(nodes)
+            Kubelet(registry, cfg, runtime_factory(cfg.node_name) if runtime_factory else None)
+            for cfg in configs
         ]
 
-    def add_node(self, name: str, runtime: PodRuntime | None = None) -> Kubelet:
+    def add_node(self, node: str | KubeletConfig, runtime: PodRuntime | None = None) -> Kubelet:
         """A kubelet for another node (start it yourself if the control plane runs)."""
-        kubelet = Kubelet(self.registry, node_config(name, len(self.kubelets)), runtime)
+        cfg = node if isinstance(node, KubeletConfig) else node_config(node, len(self.kubelets))
+        kubelet = Kubelet(self.registry, cfg, runtime)
         self.kubelets.append(kubelet)
         return kubelet
 

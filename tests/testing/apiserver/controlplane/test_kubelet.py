@@ -6,7 +6,12 @@ import ipaddress
 from typing import Any
 
 from rapproxy.testing.apiserver import EmulatedApiServer
-from rapproxy.testing.apiserver.controlplane import InstantRuntime, PodReport, StatusReport
+from rapproxy.testing.apiserver.controlplane import (
+    InstantRuntime,
+    KubeletConfig,
+    PodReport,
+    StatusReport,
+)
 from rapproxy.testing.apiserver.registry import DeleteOptions
 from rapproxy.testing.apiserver.resources import NODES, PODS
 
@@ -96,9 +101,8 @@ class RecordingRuntime:
 
 async def test_runtime_hook_controls_readiness_and_is_told_to_stop() -> None:
     runtime = RecordingRuntime()
-    async with EmulatedApiServer(nodes=["node-a"]) as api:
-        assert api.control_plane is not None
-        api.control_plane.kubelets[0].runtime = runtime
+    node = KubeletConfig("edge-1", pod_cidr="10.244.7.0/24", node_ip="10.250.0.77")
+    async with EmulatedApiServer(nodes=[node], runtime_factory=lambda _name: runtime) as api:
         api.registry.create(
             PODS,
             "default",
@@ -113,6 +117,9 @@ async def test_runtime_hook_controls_readiness_and_is_told_to_stop() -> None:
             return conditions.get("Ready")
 
         assert await eventually(ready) == "False"
+        pod = api.store.get(PODS, "default", "p")
+        assert pod is not None and pod["status"]["podIP"].startswith("10.244.7.")
+        assert pod["spec"]["nodeName"] == "edge-1" and pod["status"]["hostIP"] == "10.250.0.77"
         await runtime.reports["p"](PodReport("Running", ready=True))
         assert await eventually(lambda: ready() == "True")
         api.registry.delete(PODS, "default", "p", DeleteOptions())

@@ -64,7 +64,7 @@ from rapproxy.bps.plan import (
     plan,
 )
 from rapproxy.bps.pod_template import DEFAULT_WAITER_COMMAND, build_pod
-from rapproxy.bps.status import FailoverRecord, build_status, invalid_status
+from rapproxy.bps.status import FailoverRecord, build_status, invalid_status, settled_and_ready
 from rapproxy.cluster.client import (
     BACKUP_POD_SETS,
     NODES,
@@ -210,7 +210,8 @@ class BpsController:
         self.ready = asyncio.Event()
         self.history: deque[ReconcileRecord] = deque(maxlen=10_000)
         self.failover_history: deque[FailoverRecord] = deque(maxlen=1000)
-        self._queued_at: dict[str, float] = {}
+        self._queued_at: dict[str, float] = {}  # first event since the key was last dequeued
+        self._last_event_at: dict[str, float] = {}  # latest event, for "final state observed"
         self._set_of_pod: dict[str, str] = {}  # pod store key → set key
         self._pods_of_set: dict[str, set[str]] = {}  # set key → pod store keys
         self._node_ready: dict[str, bool] = {}
@@ -254,7 +255,9 @@ class BpsController:
 
     # -- informer handlers: record and enqueue, nothing else ----------------------------------
     def _enqueue(self, key: str) -> None:
-        self._queued_at.setdefault(key, self._clock())
+        now = self._clock()
+        self._queued_at.setdefault(key, now)
+        self._last_event_at[key] = now
         self.queue.add(key)
 
     def _on_set(self, obj: Obj) -> None:
@@ -339,8 +342,9 @@ class BpsController:
             except ShutDown:
                 return
             triggered = self._queued_at.pop(key, self._clock())
+            latest = self._last_event_at.pop(key, triggered)
             try:
-                await self.reconcile(key, triggered)
+                await self.reconcile(key, triggered, latest)
             except ApiError as error:
                 self.metrics.errors.inc()
                 self.metrics.reconciles.labels("error").inc()
@@ -378,7 +382,11 @@ class BpsController:
                 nodes.append(parse_node(obj))
         return nodes
 
-    async def reconcile(self, key: str, triggered_at: float) -> None:
+    async def reconcile(
+        self, key: str, triggered_at: float, latest_event_at: float | None = None
+    ) -> None:
+        """One pass for set `key`. `triggered_at`/`latest_event_at`: when the first and the
+        last informer event that queued it arrived (the handling and restored clocks)."""
         obj = self.sets.store.get(key)
         if obj is None:
             self._forget(key)
@@ -412,7 +420,7 @@ class BpsController:
             )
             if record is not None and record.handling_seconds is None:
                 record.handling_seconds = done - triggered_at
-        self._track_restored(bps, result, triggered_at)
+        self._track_restored(bps, result, latest_event_at or triggered_at)
         await self._write_status(obj, bps, result, done)
         if result.recheck_at is not None:
             self.queue.add_after(key, max(0.0, result.recheck_at - done))
@@ -427,6 +435,7 @@ class BpsController:
         self._last_failover.pop(key, None)
         self._known_failures.pop(key, None)
         self._lost_primaries.pop(key, None)
+        self._last_event_at.pop(key, None)
 
     # -- applying a plan ----------------------------------------------------------------------
     async def _apply(self, bps: BackupPodSet, result: Plan) -> tuple[int, list[ApiError]]:
@@ -677,9 +686,10 @@ class BpsController:
 
     def _track_restored(self, bps: BackupPodSet, result: Plan, observed_at: float) -> None:
         record = self._open_failover.get(bps.key)
-        if record is None or not _restored(result):
+        if record is None or not settled_and_ready(result):
             return
-        record.restored = max(observed_at, record.detected)
+        stages = [t for t in record.stage_times().values() if t is not None]
+        record.restored = max([observed_at, record.detected, *stages])
         del self._open_failover[bps.key]
         self._last_failover[bps.key] = record
         self.failover_history.append(record)
@@ -746,15 +756,6 @@ class _LostPrimary:
 
 def _about(bps: BackupPodSet) -> InvolvedObject:
     return InvolvedObject(bps.namespace, bps.name, bps.uid)
-
-
-def _restored(result: Plan) -> bool:
-    counts = result.counts
-    return (
-        result.converged
-        and counts[Role.PRIMARY].ready >= counts[Role.PRIMARY].desired
-        and counts[Role.HOT_BACKUP].ready >= counts[Role.HOT_BACKUP].desired
-    )
 
 
 # -- entry points ---------------------------------------------------------------------------------

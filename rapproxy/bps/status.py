@@ -141,7 +141,7 @@ def build_status(
     prior = _previous_conditions(previous)
     primaries = counts[Role.PRIMARY]
     available = primaries.ready >= primaries.desired
-    settled = result.converged
+    settled = settled_and_ready(result)
     gen = bps.generation
     status: dict[str, Any] = {
         "observedGeneration": gen,
@@ -166,7 +166,9 @@ def build_status(
                 PROGRESSING,
                 status=not settled,
                 reason="Converged" if settled else "Reconciling",
-                message="every role has its desired pods" if settled else _progress_message(result),
+                message="every role has its desired pods, ready"
+                if settled
+                else _progress_message(result),
                 generation=gen,
                 now=now,
             ),
@@ -188,6 +190,16 @@ def build_status(
     return status
 
 
+def settled_and_ready(result: Plan) -> bool:
+    """Converged, and every primary and hot backup Ready (cold backups are never Ready)."""
+    counts = result.counts
+    return (
+        result.converged
+        and counts[Role.PRIMARY].ready >= counts[Role.PRIMARY].desired
+        and counts[Role.HOT_BACKUP].ready >= counts[Role.HOT_BACKUP].desired
+    )
+
+
 def _progress_message(result: Plan) -> str:
     parts = []
     for role, count in result.counts.items():
@@ -196,6 +208,8 @@ def _progress_message(result: Plan) -> str:
             if count.in_flight:
                 text += f" (+{count.in_flight} starting)"
             parts.append(text)
+        elif role is not Role.COLD_BACKUP and count.ready < count.desired:
+            parts.append(f"{role} {count.ready}/{count.desired} ready")
     return "; ".join(parts) or "waiting for pods to become ready"
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ JsonObject = dict[str, Any]
 ObjectKey = tuple[str, str]  # (namespace or "", name)
 
 DEFAULT_HISTORY_SIZE = 1000
+log = logging.getLogger(__name__)
 
 
 def json_copy(obj: JsonObject) -> JsonObject:
@@ -239,7 +241,10 @@ class Store:
             if not sub.closed and sub.wants(event):
                 sub.queue.put_nowait(sub.translate(event))
         for listener in list(self._listeners):
-            listener(rt, event)
+            try:
+                listener(rt, event)
+            except Exception:  # a broken controller must not fail the client's write
+                log.exception("store listener %r failed on %s %s", listener, event.type, rt.key)
 
     # -- encoding -------------------------------------------------------------------------
     def encode(self, obj: JsonObject) -> bytes:

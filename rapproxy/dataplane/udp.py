@@ -4,8 +4,9 @@ UDP has no connection, and REDIRECT leaves no SO_ORIGINAL_DST to read on an unco
 so each UDP service port gets its own socket (the rules REDIRECT `clusterIP:port/udp` to it) and
 the service is fixed per socket. A client is recognised by its source address; its first datagram
 creates a *flow*: a backend chosen by the selector and a connected datagram socket towards it.
-Replies arriving on that socket are sent back to the client from the service socket, so conntrack
-rewrites their source to the ClusterIP the client spoke to.
+Replies arriving on that socket are sent back to the client from the service socket, from the exact
+address the client's datagram reached (see `udp_socket`), so conntrack rewrites their source to the
+ClusterIP the client spoke to.
 
 Decisions that differ from kube-proxy userspace mode, and why:
 - Flows expire after `idle_timeout` (default 30 s) with no datagram either way. kube-proxy used
@@ -34,6 +35,7 @@ from typing import Any, cast
 
 from rapproxy.dataplane.routing import Backend, BackendSelector
 from rapproxy.dataplane.stats import RelayStats, ServiceCounters
+from rapproxy.dataplane.udp_socket import PktinfoDatagramSocket
 
 log = logging.getLogger(__name__)
 
@@ -89,31 +91,13 @@ class UdpRelaySettings:
             )
 
 
-class _ServiceSocket(asyncio.DatagramProtocol):
-    """The socket clients' datagrams are redirected to."""
-
-    def __init__(self, port: UdpServicePort) -> None:
-        self.port = port
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        try:
-            self.port.from_client(data, addr)
-        except Exception:
-            log.exception(
-                "UDP service %s: handling a datagram from %s failed", self.port.service, addr
-            )
-
-    def error_received(self, exc: Exception) -> None:
-        # An ICMP error for a reply we sent to a client that has gone; nothing to do.
-        log.debug("UDP service %s: service socket error: %r", self.port.service, exc)
-
-
 class _UdpFlow(asyncio.DatagramProtocol):
     """One client's flow: a connected socket towards the chosen backend."""
 
-    def __init__(self, port: UdpServicePort, client: Address) -> None:
+    def __init__(self, port: UdpServicePort, client: Address, local: str | None) -> None:
         self.port = port
         self.client = client
+        self.local = local  # the address the client's datagrams arrive at: replies leave from it
         self.client_ip = str(client[0])
         self.backend: Backend | None = None
         self.transport: asyncio.DatagramTransport | None = None
@@ -145,7 +129,7 @@ class _UdpFlow(asyncio.DatagramProtocol):
             self.touched = True
             self.port.counters.udp_datagrams_to_clients += 1
             self.port.counters.bytes_to_clients += len(data)
-            self.port.reply(data, self.client)
+            self.port.reply(data, self.client, self.local)
         except Exception:
             log.exception("UDP service %s: relaying a reply failed", self.port.service)
             self.close()
@@ -250,7 +234,7 @@ class UdpServicePort:
         self.stats = stats if stats is not None else RelayStats()
         self.counters: ServiceCounters = self.stats.service(service)
         self.flows: dict[Address, _UdpFlow] = {}
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: PktinfoDatagramSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._drops_unlogged = 0
@@ -274,13 +258,10 @@ class UdpServicePort:
         if self._transport is not None:
             raise RuntimeError("UdpServicePort.start() called twice")
         self._loop = asyncio.get_running_loop()
-        transport, _ = await self._loop.create_datagram_endpoint(
-            lambda: _ServiceSocket(self), local_addr=bind
-        )
-        self._transport = transport
+        self._transport = PktinfoDatagramSocket(self._loop, bind, self.from_client)
         self._sweeper = self._loop.create_task(self._sweep_idle())
 
-    def from_client(self, data: bytes, client: Address) -> None:
+    def from_client(self, data: bytes, client: Address, local: str | None = None) -> None:
         counters = self.counters
         counters.udp_datagrams_from_clients += 1
         counters.bytes_from_clients += len(data)
@@ -293,7 +274,7 @@ class UdpServicePort:
                 counters.udp_datagrams_dropped += 1
                 self._log_drop()
                 return
-            flow = self.flows[client] = _UdpFlow(self, client)
+            flow = self.flows[client] = _UdpFlow(self, client, local)
             counters.udp_flows_total += 1
             counters.udp_flows_active += 1
             flow.pending.append(data)
@@ -301,14 +282,12 @@ class UdpServicePort:
             return
         flow.send(data)
 
-    def reply(self, data: bytes, client: Address) -> None:
+    def reply(self, data: bytes, client: Address, local: str | None = None) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if _buffered(transport) > self.settings.max_buffered_bytes:
+        if not transport.sendto(data, client, local):
             self.counters.udp_datagrams_dropped += 1
-            return
-        transport.sendto(data, client)
 
     def report_dial_failed(self, backend: Backend, client_ip: str) -> None:
         self.counters.dial_failures += 1

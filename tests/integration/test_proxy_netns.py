@@ -171,6 +171,13 @@ async def test_cluster_ip_node_port_and_udp_reach_backends_in_other_namespaces(
 
     reply = await world.client.call(probes.udp_ask, "10.96.0.11", 53, b"x" * 60_000)
     assert len(reply) == 60_000 and reply.split(b":")[0] in (b"b1", b"b2")
+    # From the node itself (nat OUTPUT, REDIRECT to 127.0.0.1), with a connected socket that
+    # only accepts a reply from 10.96.0.11:53.
+    for connected in (True, False):
+        reply = await world.node.call(probes.udp_ask, "10.96.0.11", 53, b"ping", 3.0, connected)
+        assert reply.split(b":")[0] in (b"b1", b"b2")
+    reply = await world.client.call(probes.udp_ask, "10.96.0.11", 53, b"ping", 3.0, True)
+    assert reply.split(b":")[0] in (b"b1", b"b2")
 
     rules = await world.rapproxy_rules()
     assert any("10.96.0.10/32" in rule for rule in rules)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -60,8 +61,31 @@ async def iptables_runners(exec_prefix: Sequence[str] = ()) -> list[IptablesRunn
     return runners
 
 
+def raise_fd_limit(max_connections: int) -> int:
+    """Each relayed connection holds two descriptors; lift the soft limit to fit the cap.
+
+    Returns the soft limit in force. Never above the hard limit: when that is too low for the
+    configured cap, say so once, since the symptom (EMFILE on accept) is otherwise puzzling.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * max_connections + 1024
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < wanted:
+        log.warning(
+            "open-file limit %d is below the %d that proxy.maxConnections=%d needs",
+            soft,
+            wanted,
+            max_connections,
+        )
+    return soft
+
+
 async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
     node_name = node_name_for(config)
+    raise_fd_limit(config.proxy.max_connections)
     runners = await iptables_runners(options.exec_prefix) if options.intercept else []
     rap = RapRuntime(config, node_name)
     proxier = Proxier(

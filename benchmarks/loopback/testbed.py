@@ -4,7 +4,9 @@ Both benchmarks in this directory (`run.py`, `churn.py`) stand on it. Inside ONE
 
 - nginx (one worker) on 10.200.0.2:8080, a lo address standing in for a pod: `/` returns "ok\\n",
   `/big` a 10 MB file for bulk transfer;
-- HAProxy (`nbthread 1`, `mode tcp`) bound to 10.96.0.20:80, forwarding to nginx;
+- HAProxy (`nbthread 1`, `mode tcp`) bound to 10.96.0.20:80, forwarding to nginx, and also
+  reached at 10.96.0.40:80 through an iptables REDIRECT to its port 15002 — the same
+  interception path rapproxy pays, so the two proxies can be compared like for like;
 - rapproxy, the real daemon started through its CLI, serving Service 10.96.0.10:80 → nginx (one
   endpoint, round-robin) via its own iptables REDIRECT to its listener on :15001;
 - a kernel DNAT rule (nat OUTPUT, in a chain of our own) from 10.96.0.30:80 to nginx.
@@ -45,6 +47,8 @@ BACKEND_PORT = 8080
 RAPPROXY_VIP = "10.96.0.10"
 HAPROXY_VIP = "10.96.0.20"
 DNAT_VIP = "10.96.0.30"
+HAPROXY_NAT_VIP = "10.96.0.40"
+HAPROXY_NAT_PORT = 15002
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_PORT = 80
 BIG_BODY_BYTES = 10 * 1024 * 1024
@@ -75,6 +79,12 @@ TARGETS = (
         f"http://{HAPROXY_VIP}:{SERVICE_PORT}",
         "haproxy",
         "HAProxy 1 thread, mode tcp, bound to the VIP (no NAT)",
+    ),
+    Target(
+        "haproxy-nat",
+        f"http://{HAPROXY_NAT_VIP}:{SERVICE_PORT}",
+        "haproxy",
+        f"VIP → iptables REDIRECT → the same HAProxy on :{HAPROXY_NAT_PORT} (rapproxy's NAT path)",
     ),
     Target(
         "rapproxy",
@@ -223,6 +233,7 @@ defaults
   timeout server 120s
 listen bench
   bind {vip}:{port}
+  bind 0.0.0.0:{nat_port}
   server backend {ip}:{backend_port}
 """
 
@@ -297,8 +308,8 @@ class Testbed:
                 "iptables.minSyncPeriod=0.1",
             ],
         )
-        targets = [t for t in TARGETS if (with_haproxy or t.name != "haproxy")]
-        targets = [t for t in targets if (with_dnat or t.name != "dnat")]
+        targets = [t for t in TARGETS if with_haproxy or not t.name.startswith("haproxy")]
+        targets = [t for t in targets if with_dnat or t.name not in ("dnat", "haproxy-nat")]
         for target in targets:
             self.wait_for_ok(target.url + "/", target.name)
         if with_dnat:
@@ -349,7 +360,11 @@ class Testbed:
         )
         (self.dir / "haproxy.cfg").write_text(
             _HAPROXY_CFG.format(
-                vip=HAPROXY_VIP, port=SERVICE_PORT, ip=BACKEND_IP, backend_port=BACKEND_PORT
+                vip=HAPROXY_VIP,
+                port=SERVICE_PORT,
+                nat_port=HAPROXY_NAT_PORT,
+                ip=BACKEND_IP,
+                backend_port=BACKEND_PORT,
             )
         )
         (self.dir / "objects.yaml").write_text(
@@ -367,6 +382,8 @@ class Testbed:
             f"-t nat -N {DNAT_CHAIN}",
             f"-t nat -A {DNAT_CHAIN} -d {DNAT_VIP}/32 -p tcp --dport {SERVICE_PORT} "
             f"-j DNAT --to-destination {BACKEND_IP}:{BACKEND_PORT}",
+            f"-t nat -A {DNAT_CHAIN} -d {HAPROXY_NAT_VIP}/32 -p tcp --dport {SERVICE_PORT} "
+            f"-j REDIRECT --to-ports {HAPROXY_NAT_PORT}",
             f"-t nat -I OUTPUT 1 -j {DNAT_CHAIN}",
         ):
             self.check(["iptables", "-w", *rule.split()])
@@ -505,7 +522,7 @@ class Testbed:
             "wrk",
             "-t1",
             f"-c{connections}",
-            f"-d{duration:g}s",
+            f"-d{max(1, round(duration))}s",  # wrk takes whole seconds only
             f"--timeout={timeout_s}",
             "-s",
             str(self.dir / "summary.lua"),

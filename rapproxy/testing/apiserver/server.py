@@ -48,7 +48,13 @@ class EmulatedApiServer:
         gc_delay: float = 0.05,
         runtime_factory: Callable[[str], PodRuntime] | None = None,
         store: Store | None = None,
+        socket_factory: Callable[[], socket.socket] | None = None,
     ) -> None:
+        # `socket_factory` makes the listening socket (unbound): e.g. `Namespace.socket`, so a
+        # daemon inside a test network namespace can reach an API server run by the test.
+        self._socket_factory = socket_factory or (
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        )
         self.host = host
         self.port = port
         self.store = store or Store(history_size=history_size)
@@ -89,7 +95,7 @@ class EmulatedApiServer:
             return
         runner = web.AppRunner(self.handlers.app(), access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = self._socket_factory()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]

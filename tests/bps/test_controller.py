@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,11 +16,13 @@ from typing import Any
 import pytest
 
 from rapproxy.bps.controller import BpsController
+from rapproxy.bps.status import rfc3339
 from rapproxy.bps.testbed import BpsTestbed, set_manifest, wait_for
 from rapproxy.cluster.client import BACKUP_POD_SETS, EVENTS, PODS, KubeClient
 from rapproxy.config import BpsSettings
 from rapproxy.model.bps import LABEL_ROLE
 from rapproxy.testing.apiserver.resources import EVENTS as SERVER_EVENTS
+from rapproxy.testing.apiserver.resources import NODES as SERVER_NODES
 from rapproxy.testing.apiserver.resources import PODS as SERVER_PODS
 
 pytestmark = pytest.mark.timeout(60)
@@ -304,3 +307,50 @@ async def test_a_cold_backup_that_cannot_be_activated_is_replaced() -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_primaries_on_a_node_gone_not_ready_are_replaced_from_other_nodes(rig: Rig) -> None:
+    await rig.bed.create_set(rig.client, set_manifest("web", 2, 1, 1))
+    await converge(rig, "web", 2, 1, 1)
+    pods = {p["metadata"]["name"]: p for p in rig.bed.pods("web")}
+    victim = rig.bed.roles("web")["primary"][0]
+    node = pods[victim]["spec"]["nodeName"]
+
+    def not_ready(obj: dict[str, Any]) -> None:
+        for c in obj["status"]["conditions"]:
+            if c["type"] == "Ready":
+                c["status"] = "False"
+
+    rig.bed.api.registry.mutate(SERVER_NODES, "", node, not_ready, subresource="status")
+
+    def replaced() -> bool:
+        live = [p for p in rig.bed.pods("web") if not p["metadata"].get("deletionTimestamp")]
+        on_node = [p for p in live if p["spec"].get("nodeName") == node]
+        return not on_node and rig.settled("web", 2, 1, 1)
+
+    await wait_for(replaced, SETTLE)
+    await wait_for(lambda: "restoredAt" in rig.status("web").get("lastFailover", {}), SETTLE)
+    assert rig.status("web")["lastFailover"]["reason"] == "node-not-ready"
+
+
+async def test_a_primary_not_ready_past_the_grace_is_replaced() -> None:
+    async with BpsTestbed() as bed, running(bed, BpsSettings(ready_grace=1.5)) as (client, ctl):
+        rig = Rig(bed, client, ctl)
+        await bed.create_set(client, set_manifest("web", 1, 1, 0))
+        await converge(rig, "web", 1, 1, 0)
+        victim = bed.roles("web")["primary"][0]
+        hot = bed.roles("web")["hot-backup"][0]
+
+        def not_ready(pod: dict[str, Any]) -> None:
+            for c in pod["status"]["conditions"]:
+                if c["type"] == "Ready":
+                    c["status"] = "False"
+                    c["lastTransitionTime"] = rfc3339(time.time())
+
+        bed.api.registry.mutate(SERVER_PODS, "default", victim, not_ready, subresource="status")
+        took = await wait_for(lambda: bed.roles("web")["primary"] == [hot], SETTLE)
+        # Not before the grace; the API's timestamps have whole seconds, so up to 1 s less.
+        assert took >= 0.45
+        await wait_for(
+            lambda: victim not in uids(bed, "web") and rig.settled("web", 1, 1, 0), SETTLE
+        )

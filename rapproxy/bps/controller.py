@@ -419,7 +419,7 @@ class BpsController:
                 ReconcileRecord(key, triggered_at, started, done, writes, len(errors))
             )
             if record is not None and record.handling_seconds is None:
-                record.handling_seconds = done - triggered_at
+                record.handling_seconds = done - record.detected
         self._track_restored(bps, result, latest_event_at or triggered_at)
         await self._write_status(obj, bps, result, done)
         if result.recheck_at is not None:
@@ -679,8 +679,11 @@ class BpsController:
         record = self._open_failover.get(key)
         if record is None:
             first = min(fresh, key=lambda lost: lost.observed_at)
-            detected = min(first.observed_at, triggered_at)
-            record = FailoverRecord(first.name, first.reason, first.node, detected=detected)
+            # The informer's delivery of the failure itself, not an earlier event the key was
+            # already queued for: that would charge the controller for time it was not told.
+            record = FailoverRecord(
+                first.name, first.reason, first.node, detected=first.observed_at
+            )
             self._open_failover[key] = record
         return record
 

@@ -66,6 +66,7 @@ class Series:
     handling: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
     detected: list[float] = field(default_factory=list)  # request sent → failure observed
+    promoted: list[float] = field(default_factory=list)  # request sent → new primary labelled
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -151,6 +152,8 @@ class Bench:
         assert record.failed_pod == victim and record.handling_seconds is not None
         series.handling.append(record.handling_seconds)
         series.detected.append(record.detected - sent)
+        assert record.promoted is not None
+        series.promoted.append(record.promoted - sent)
 
 
 async def measure(runs: int, startup_delay: float) -> list[Series]:
@@ -239,7 +242,9 @@ def markdown(results: list[Series], command: str, started: str, loads: list[str]
             f"- start-up {s.startup_delay:g} s: handling {ms(got_h)} (target ≤ {ms(want_h)}: "
             f"{'met' if got_h <= want_h else 'NOT met'}), total {ms(got_t)} "
             f"(target ≤ {ms(want_t)}: {'met' if got_t <= want_t else 'NOT met'}); delete sent → "
-            f"failure observed by the controller p50 {ms(percentile(s.detected, 50))}"
+            f"failure observed by the controller p50 {ms(percentile(s.detected, 50))}; delete "
+            f"sent → hot backup relabelled primary (the Service's gap closed) p50 "
+            f"{ms(percentile(s.promoted, 50))}, p95 {ms(percentile(s.promoted, 95))}"
         )
     lines += [
         "",

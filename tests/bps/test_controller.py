@@ -166,6 +166,12 @@ async def test_deleted_primary_promotes_hot_activates_cold_and_creates_cold(rig:
     assert set(durations) == {"promoted", "activated", "replacementCreated", "restored"}
     assert 0 <= durations["promoted"] <= durations["restored"]
     assert 0 < failover["handlingSeconds"] < 5
+    registry = rig.controller.metrics.registry
+    assert registry.get_sample_value("rapproxy_bps_failovers_total", {"reason": "terminating"}) == 1
+    assert registry.get_sample_value("rapproxy_bps_activations_total", {"outcome": "activated"})
+    assert registry.get_sample_value("rapproxy_bps_handling_duration_seconds_count")
+    restored = {"stage": "restored"}
+    assert registry.get_sample_value("rapproxy_bps_failover_stage_seconds_count", restored) == 1
 
 
 async def test_scale_down_removes_the_least_valuable_pods_first(rig: Rig) -> None:
@@ -234,7 +240,7 @@ async def test_converges_through_500s_dropped_watches_and_410_mid_reconcile(rig:
         api.drop_watches()
         api.compact()  # the informers' next watch gets 410 and must re-list
         api.fail_next(3, 500)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # pacing: spread the faults over the convergence, not a sync
     await converge(rig, "web", 2, 2, 2)
 
     victim = rig.bed.roles("web")["primary"][0]

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench bench-loopback bench-churn clean deps
+.PHONY: install test test-fast lint demo bench bench-loopback bench-churn clean deps docs manifests-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ bench-loopback: $(STAMP)
 
 bench-churn: $(STAMP)
 	$(BIN)/python benchmarks/loopback/churn.py
+
+# The configuration reference is generated from rapproxy/config.py; CI fails when it drifts.
+docs: $(STAMP)
+	$(BIN)/python -m rapproxy.config_reference > docs/configuration.md
+
+manifests-check: $(STAMP)
+	$(BIN)/python -m rapproxy.config_reference | diff -u docs/configuration.md -
+	$(BIN)/hadolint --config .hadolint.yaml Containerfile
+	$(BIN)/pytest -q tests/manifests tests/test_config_reference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

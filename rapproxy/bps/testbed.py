@@ -319,7 +319,9 @@ class BpsTestbed:
     def cache_current(self, controller: BpsController) -> bool:
         """The controller's pod cache holds exactly the server's pods, at the same versions."""
         server = {
-            f"{p['metadata']['namespace']}/{p['metadata']['name']}": p["metadata"]["resourceVersion"]
+            f"{p['metadata']['namespace']}/{p['metadata']['name']}": p["metadata"][
+                "resourceVersion"
+            ]
             for p in self.api.store.list(PODS)
             if LABEL_BPS in (p["metadata"].get("labels") or {})
         }

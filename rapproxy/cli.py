@@ -1,7 +1,8 @@
 """The `rapproxy` command: one binary for the node proxy and its helpers.
 
-Sub-commands: `run` (the daemon), `cleanup` (remove every rule rapproxy installed), `version`,
-`bps-wait` (the cold-backup init container). Errors a user can fix are printed as one line on
+Sub-commands: `run` (the daemon: proxy plus, when it holds the Lease, the BackupPodSet
+controller), `bps-controller` (the controller alone), `cleanup` (remove every rule rapproxy
+installed), `version`, `bps-wait` (the cold-backup init container). Errors a user can fix are printed as one line on
 stderr with exit status 2; nothing here prints a traceback for bad input.
 """
 
@@ -80,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--validate", action="store_true", help="validate the configuration and exit")
 
+    bps = sub.add_parser(
+        "bps-controller", help="run only the BackupPodSet controller (leader-elected)"
+    )
+    bps.add_argument("--config", type=Path, help="RapproxyConfiguration YAML file")
+    bps.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
+    bps.add_argument("--context", help="kubeconfig context")
+    bps.add_argument("--identity", help="leader-election identity (default: <hostname>_<random>)")
+    bps.add_argument("--metrics-bind-address", metavar="HOST:PORT", help="/metrics and /healthz")
+    bps.add_argument("--log-format", choices=("text", "json"))
+    bps.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    bps.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
+
     sub.add_parser("cleanup", help="remove every iptables rule and chain rapproxy installed")
     sub.add_parser("version", help="print the version")
 
@@ -123,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "cleanup":
             return _cleanup()
+        if args.command == "bps-controller":
+            return _bps_controller(args)
         if args.command == "bps-wait":
             return _bps_wait(args.args)
     except ConfigError as error:
@@ -150,6 +165,33 @@ def _run(args: argparse.Namespace) -> int:
     try:
         run_async(daemon.run(config, options))
     except (daemon.StartupError, ApiError) as error:
+        print(f"rapproxy: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _bps_controller(args: argparse.Namespace) -> int:
+    from rapproxy.bps.controller import run_standalone
+
+    text = args.config.read_text() if args.config else None
+    overrides = list(args.set)
+    for flag, path in (
+        ("kubeconfig", "clientConnection.kubeconfig"),
+        ("context", "clientConnection.context"),
+        ("log_format", "logging.format"),
+        ("log_level", "logging.level"),
+        ("metrics_bind_address", "metricsBindAddress"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{path}={value}")
+    config = load(text, os.environ, overrides)
+    logs.configure(config.logging.format, config.logging.level)
+    try:
+        run_async(run_standalone(config, args.identity))
+    except ApiError as error:
         print(f"rapproxy: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

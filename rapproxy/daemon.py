@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rapproxy.bps.controller import default_identity, run_controller
 from rapproxy.cluster.client import ENDPOINT_SLICES, NODES, SERVICES, ClientSettings, KubeClient
 from rapproxy.cluster.informer import Callbacks, Informer
 from rapproxy.cluster.static import Objects, StaticSource
@@ -174,6 +175,15 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
             for source_run in sources:
                 tasks.create_task(source_run())
             tasks.create_task(_sync_when_ready(runner, ready), name="sync-runner")
+            if client is not None and config.bps.enabled:
+                # Leader-elected: every node campaigns, one reconciles; cancelling the group on
+                # shutdown releases the Lease (before client.close() below) for a fast handover.
+                tasks.create_task(
+                    run_controller(
+                        client, config.bps, default_identity(node_name), proxier.metrics.registry
+                    ),
+                    name="bps-controller",
+                )
             await stop.wait()
             log.info("shutting down")
             raise _Shutdown

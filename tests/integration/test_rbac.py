@@ -205,7 +205,9 @@ def _sets_role(raw: bytes) -> bool:
         document = json.loads(raw)
     except ValueError:
         return False
-    labels = ((document or {}).get("metadata") or {}).get("labels") or {}
+    if not isinstance(document, dict):
+        return False  # a JSON patch (a list): the controller relabels with merge patches
+    labels = (document.get("metadata") or {}).get("labels") or {}
     return isinstance(labels, dict) and LABEL_ROLE in labels
 
 

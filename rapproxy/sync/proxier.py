@@ -13,6 +13,10 @@ The sync is a full, idempotent render of the desired state, so a periodic resync
 that drifted (a rule deleted by hand, a crashed predecessor's leftovers). Rules are rewritten only
 when the set of redirects changed, or on the periodic resync (which also repairs the jumps from
 the built-in chains); endpoint-only changes touch memory only, which is what makes them fast.
+Within a sync, the in-memory state (routes, backends, redirect targets, the table itself) is
+updated only for the service ports the tracker reports as changed, so an endpoint change in a
+10k-Service cluster costs what one service costs, not what the cluster costs (measured in
+`benchmarks/scale/`). The periodic full resync still re-renders and rewrites every rule.
 
 The Proxier is also the relay's `BackendSelector`: the relay asks it, per new connection, which
 service an intercepted destination is and which backend to dial — answered from the in-memory
@@ -23,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,11 +42,11 @@ from rapproxy.dataplane.udp import UdpRelaySettings, UdpServicePort
 from rapproxy.http.health import HealthState
 from rapproxy.http.metrics import ProxyMetrics
 from rapproxy.model.service import L4Protocol, ServicePort, ServicePortName
-from rapproxy.model.table import Destination, ServiceTable
+from rapproxy.model.table import Destination, ServiceEntry, ServiceTable
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.conntrack import delete_udp_entries
 from rapproxy.rules.render import RedirectTarget, RuleConfig
-from rapproxy.sync.tracker import ChangeTracker
+from rapproxy.sync.tracker import ChangeTracker, TableChange
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +135,16 @@ class Proxier:
         self._udp_ports = UdpPortAllocator(
             parse_port_range(proxy.udp_port_range, "proxy.udpPortRange")
         )
+        # Derived from the table, kept up to date per changed service port (`_derive`):
+        self._derived_table = ServiceTable()
         self._routes: dict[str, Destination] = {}
         self._route_keys: dict[tuple[ServicePortName, bool], str] = {}
         self._backends: dict[tuple[str, int], Backend] = {}
-        self._applied_targets: tuple[RedirectTarget, ...] | None = None
+        self._backend_refs: Counter[tuple[str, int]] = Counter()
+        self._udp_wanted: dict[ServicePortName, ServicePort] = {}
+        self._port_counts: Counter[L4Protocol] = Counter()
+        self._targets: dict[ServicePortName, RedirectTarget] = {}  # desired redirects
+        self._applied_targets: dict[ServicePortName, RedirectTarget] | None = None  # in the kernel
         self._last_full_sync = -float("inf")
         self.last_sync_error: str | None = None
         self.extra_state: dict[str, Callable[[float], Any]] = {}
@@ -170,20 +181,22 @@ class Proxier:
     async def _sync(self) -> None:
         started = self._clock()
         queued_at = self.tracker.first_pending_at
-        table, changed = self.tracker.snapshot()
+        change = self.tracker.take_change()
+        table = change.table
         self.balancer.update(table)
-        self._index_routes(table)
-        stale_udp = await self._reconcile_udp(table)
-        targets = self._redirect_targets(table)
         full = started - self._last_full_sync >= self.config.iptables.sync_period
-        if self.iptables and (full or targets != self._applied_targets):
+        self._derive(change, forget_all_stale_stats=full)
+        stale_udp = await self._reconcile_udp()
+        self._refresh_udp_targets()
+        if self.iptables and (full or self._targets != self._applied_targets):
+            targets = list(self._targets.values())
             for runner in self.iptables:
                 await runner.sync(targets, self.rule_config, repair_jumps=full)
-            self._applied_targets = targets
+            self._applied_targets = dict(self._targets)
             if full:
                 self._last_full_sync = started
         elif not self.iptables:
-            self._applied_targets = targets
+            self._applied_targets = dict(self._targets)
         for address, port in stale_udp:
             await self._forget_udp_flows(address, port)
         self.balancer.expire_affinity(started)
@@ -193,21 +206,19 @@ class Proxier:
         self.metrics.sync_duration.observe(self._clock() - started)
         self.metrics.last_sync.set(now_wall)
         self.metrics.changes_pending.set(self.tracker.pending)
-        if queued_at is not None and changed:
+        if queued_at is not None and change.services:
             self.metrics.programming_latency.observe(max(0.0, now_wall - queued_at))
         for kind in ("Service", "EndpointSlice"):
             self.metrics.rejected_objects.labels(kind).set(
                 sum(1 for error in self.tracker.errors.values() if error.kind == kind)
             )
         for protocol in (L4Protocol.TCP, L4Protocol.UDP):
-            self.metrics.service_ports.labels(protocol.value).set(
-                sum(1 for name in table if name.protocol is protocol)
-            )
-        if changed:
+            self.metrics.service_ports.labels(protocol.value).set(self._port_counts[protocol])
+        if change.services:
             log.info(
                 "synced %d service ports (%d services changed) in %.1f ms",
                 len(table),
-                len(changed),
+                len(change.services),
                 (self._clock() - started) * 1000,
             )
 
@@ -216,42 +227,83 @@ class Proxier:
         if self.health.oldest_pending is None:
             self.health.oldest_pending = self.tracker.first_pending_at
 
-    def _index_routes(self, table: ServiceTable) -> None:
-        routes: dict[str, Destination] = {}
-        keys: dict[tuple[ServicePortName, bool], str] = {}
-        backends: dict[tuple[str, int], Backend] = {}
-        for name in table:
+    def _derive(self, change: TableChange, *, forget_all_stale_stats: bool) -> None:
+        """Bring routes, backends and redirect targets from `_derived_table` to `change.table`.
+
+        Only the changed service ports are visited. Should the two tables not be one step
+        apart (a sync that failed half-way), the difference is found by comparing them whole.
+        """
+        old, new = self._derived_table, change.table
+        names: Iterable[ServicePortName] = change.ports
+        if change.previous is not old:
+            names = {
+                n for n in old.entries.keys() | new.entries.keys() if old.get(n) is not new.get(n)
+            }
+        for name in names:
+            self._derive_one(name, old.get(name), new.get(name))
+        self._derived_table = new
+        if forget_all_stale_stats:
+            for key in set(self.stats.snapshot().services) - set(self._routes):
+                self.stats.forget(key)
+
+    def _derive_one(
+        self, name: ServicePortName, old: ServiceEntry | None, new: ServiceEntry | None
+    ) -> None:
+        if old is new:
+            return
+        if old is not None:
+            for endpoint in old.endpoints:
+                address = (endpoint.ip, endpoint.port)
+                self._backend_refs[address] -= 1
+                if self._backend_refs[address] <= 0:
+                    del self._backend_refs[address]
+                    self._backends.pop(address, None)
+        if new is not None:
+            for endpoint in new.endpoints:
+                address = (endpoint.ip, endpoint.port)
+                self._backend_refs[address] += 1
+                if address not in self._backends:
+                    self._backends[address] = Backend(endpoint.ip, endpoint.port)
+        if new is None:
+            self._port_counts[name.protocol] -= 1
+            self._udp_wanted.pop(name, None)
+            self._targets.pop(name, None)
+            for external in (False, True):
+                key = self._route_keys.pop((name, external), None)
+                if key is not None:
+                    self._routes.pop(key, None)
+                    self.stats.forget(key)
+            return
+        if old is None:
+            self._port_counts[name.protocol] += 1
             for external in (False, True):
                 key = str(name) + (EXTERNAL_SUFFIX if external else "")
                 if name.protocol is L4Protocol.UDP:
                     key += "/UDP"
-                routes[key] = Destination(name, external)
-                keys[(name, external)] = key
-            entry = table.entries[name]
-            for endpoint in entry.endpoints:
-                backends[(endpoint.ip, endpoint.port)] = Backend(endpoint.ip, endpoint.port)
-        self._routes = routes
-        self._route_keys = keys
-        self._backends = backends
-        for key in set(self.stats.snapshot().services) - set(routes):
-            self.stats.forget(key)
+                self._routes[key] = Destination(name, external)
+                self._route_keys[(name, external)] = key
+        if name.protocol is L4Protocol.TCP:
+            target = RedirectTarget(new.port, self.config.proxy.tcp_port)
+            if self._targets.get(name) != target:
+                self._targets[name] = target
+        elif name.protocol is L4Protocol.UDP:
+            self._udp_wanted[name] = new.port
 
-    def _redirect_targets(self, table: ServiceTable) -> tuple[RedirectTarget, ...]:
-        targets = []
-        for name in sorted(table):
-            port = table.entries[name].port
-            if name.protocol is L4Protocol.TCP:
-                targets.append(RedirectTarget(port, self.config.proxy.tcp_port))
-            elif name in self.udp:
-                targets.append(RedirectTarget(port, self.udp[name].address[1]))
-        return tuple(targets)
+    def _refresh_udp_targets(self) -> None:
+        """UDP redirects point at each service port's own socket, known once it is open."""
+        for name, port in self._udp_wanted.items():
+            relay = self.udp.get(name)
+            if relay is None:
+                self._targets.pop(name, None)
+                continue
+            target = RedirectTarget(port, relay.address[1])
+            if self._targets.get(name) != target:
+                self._targets[name] = target
 
-    async def _reconcile_udp(self, table: ServiceTable) -> list[tuple[str | None, int]]:
+    async def _reconcile_udp(self) -> list[tuple[str | None, int]]:
         """Open a socket per UDP service port, close the ones gone; return stale conntrack keys."""
         stale: list[tuple[str | None, int]] = []
-        wanted = {
-            name: table.entries[name].port for name in table if name.protocol is L4Protocol.UDP
-        }
+        wanted = self._udp_wanted
         for name in [n for n in self.udp if n not in wanted]:
             await self.udp.pop(name).aclose()
             self._udp_ports.release(name)
@@ -282,10 +334,8 @@ class Proxier:
         return stale
 
     def _previous_port(self, name: ServicePortName) -> ServicePort | None:
-        for target in self._applied_targets or ():
-            if target.service_port.name == name:
-                return target.service_port
-        return None
+        target = (self._applied_targets or {}).get(name)
+        return target.service_port if target is not None else None
 
     async def _forget_udp_flows(self, address: str | None, port: int) -> None:
         try:

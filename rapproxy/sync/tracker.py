@@ -30,6 +30,17 @@ ServiceKey = str  # "namespace/name"
 
 
 @dataclass(frozen=True, slots=True)
+class TableChange:
+    """One step from `previous` to `table`: the services touched and every port name whose
+    entry may differ (added, removed or replaced); ports not named are the same objects."""
+
+    table: ServiceTable
+    previous: ServiceTable
+    services: frozenset[ServiceKey]
+    ports: frozenset[ServicePortName]
+
+
+@dataclass(frozen=True, slots=True)
 class ObjectError:
     """A rejected object, kept for `/debug/state` until the object is fixed or deleted."""
 
@@ -172,28 +183,39 @@ class ChangeTracker:
 
     def snapshot(self) -> tuple[ServiceTable, frozenset[ServiceKey]]:
         """A new table if anything changed (and which services changed), else the current one."""
+        change = self.take_change()
+        return change.table, change.services
+
+    def take_change(self) -> TableChange:
+        """The new table and exactly what differs from the previous one.
+
+        Work is proportional to the change: the new table is derived from the previous one
+        (`ServiceTable.replaced`), never rebuilt from every service.
+        """
         if not self._dirty:
-            return self._table, frozenset()
+            return TableChange(self._table, self._table, frozenset(), frozenset())
         changed = frozenset(self._dirty)
+        removed: list[ServicePortName] = []
+        added: dict[ServicePortName, ServiceEntry] = {}
         for key in changed:
+            removed.extend(self._entries.pop(key, {}))
             parsed = self._services.get(key)
             if parsed is None:
-                self._entries.pop(key, None)
                 continue
             slices = list(self._slices.get(key, {}).values())
-            self._entries[key] = {
+            entries = {
                 port.name: ServiceEntry(
                     port, endpoints_for_port(slices, port.name.port, port.name.protocol)
                 )
                 for port in parsed.ports
             }
-        merged: dict[ServicePortName, ServiceEntry] = {}
-        for entries in self._entries.values():
-            merged.update(entries)
-        self._table = ServiceTable(merged)
+            self._entries[key] = entries
+            added.update(entries)
+        previous = self._table
+        self._table = previous.replaced(removed, added)
         self._dirty.clear()
         self._first_pending_at = None
-        return self._table, changed
+        return TableChange(self._table, previous, changed, frozenset(removed) | added.keys())
 
     @property
     def table(self) -> ServiceTable:

@@ -193,10 +193,10 @@ class Proxier:
             for runner in self.iptables:
                 await runner.sync(targets, self.rule_config, repair_jumps=full)
             self._applied_targets = dict(self._targets)
-            if full:
-                self._last_full_sync = started
         elif not self.iptables:
             self._applied_targets = dict(self._targets)
+        if full:
+            self._last_full_sync = started
         for address, port in stale_udp:
             await self._forget_udp_flows(address, port)
         self.balancer.expire_affinity(started)

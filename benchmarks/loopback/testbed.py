@@ -39,6 +39,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from rapproxy.testing.load import WRK_SUMMARY_LUA
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 
@@ -372,7 +374,7 @@ class Testbed:
                 vip=RAPPROXY_VIP, port=SERVICE_PORT, ip=BACKEND_IP, backend_port=BACKEND_PORT
             )
         )
-        (self.dir / "summary.lua").write_text(_WRK_SUMMARY_LUA)
+        (self.dir / "summary.lua").write_text(WRK_SUMMARY_LUA)
 
     def _start_nginx(self) -> None:
         self._start("nginx", ["nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)])
@@ -544,21 +546,6 @@ class Testbed:
         raise TestbedError(
             f"wrk printed no summary (exit {done.returncode}): {done.stdout}\n{done.stderr}"
         )
-
-
-# Only done() is defined, so wrk keeps its fast path (no Lua call per request).
-_WRK_SUMMARY_LUA = """\
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%.0f,"bytes":%.0f,"duration_us":%.0f,"connect_errors":%.0f,' ..
-    '"read_errors":%.0f,"write_errors":%.0f,"status_errors":%.0f,"timeouts":%.0f,' ..
-    '"p50_us":%.0f,"p90_us":%.0f,"p99_us":%.0f,"max_us":%.0f,"mean_us":%.1f}\\n',
-    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write, e.status,
-    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.max, latency.mean))
-end
-"""
 
 
 def _stop(process: subprocess.Popen[Any], name: str) -> None:

@@ -1,0 +1,106 @@
+"""The emulated edge cluster: comes up with its delays, serves across nodes, leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rapproxy.testing.edge.cluster import EdgeCluster, NodeSpec
+from rapproxy.testing.edge.delays import DelayMatrix, InvalidWanConfig
+from rapproxy.testing.edge.measure import http_load, icmp_rtts, wait_port
+from rapproxy.testing.netns import live_namespaces
+
+from .conftest import eventually
+
+pytestmark = pytest.mark.root
+
+DELAYS = DelayMatrix.symmetric(
+    {("node-1", "node-2"): 4.0, ("node-1", "node-3"): 8.0, ("node-2", "node-3"): 3.0}
+)
+
+
+def edge_cgroups_of_this_process() -> list[Path]:
+    roots = [Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/unified")]
+    return [p for root in roots for p in root.glob(f"rapproxy-edge-{os.getpid()}-*")]
+
+
+def children_of_this_process() -> list[psutil.Process]:
+    # The multiprocessing resource tracker lives as long as this worker; it is not ours to kill.
+    return [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "resource_tracker" not in " ".join(child.cmdline())
+    ]
+
+
+async def test_three_nodes_come_up_with_the_asked_delays_and_leave_nothing() -> None:
+    before = set(live_namespaces())
+    cluster = EdgeCluster(3, delays=DELAYS, clients=1)
+    async with cluster:
+        assert [n.ip for n in cluster.nodes] == ["10.10.1.2", "10.10.2.2", "10.10.3.2"]
+        assert [n.pod_cidr for n in cluster.nodes] == [f"10.244.{i}.0/24" for i in (1, 2, 3)]
+        node_1 = cluster.node("node-1")
+        for target, one_way in (("node-2", 4.0), ("node-3", 8.0)):
+            rtts = await node_1.call(icmp_rtts, cluster.node(target).ip, 9, 0.005)
+            assert statistics.median(rtts) * 1000 == pytest.approx(2 * one_way, rel=0.15)
+        client_rtts = await cluster.clients[0].call(icmp_rtts, node_1.ip, 5, 0.005)
+        assert statistics.median(client_rtts) * 1000 < 1.0
+        assert (await cluster.wan_stats())["dropped"] == 0
+    assert cluster.leftovers() == []
+    assert set(live_namespaces()) == before
+    assert edge_cgroups_of_this_process() == []
+    assert children_of_this_process() == []
+
+
+async def test_http_across_nodes_gains_the_round_trip_delay() -> None:
+    async with EdgeCluster(2) as cluster:
+        client, server = cluster.node("node-1"), cluster.node("node-2")
+        backend = [sys.executable, "-m", "rapproxy.testing.backend", "--name", "b"]
+        await server.spawn([*backend, "--http", f"{server.ip}:8080"])
+        await client.call(wait_port, server.ip, 8080, 15.0)
+        base = await client.call(http_load, server.ip, 8080, 16, 1.0)
+        await cluster.set_delays(DelayMatrix.symmetric({("node-1", "node-2"): 5.0}))
+        delayed = await client.call(http_load, server.ip, 8080, 16, 1.5)
+    assert base.errors == delayed.errors == 0
+    assert (delayed.p50 - base.p50) * 1000 == pytest.approx(10.0, rel=0.10)
+    assert delayed.rate > 16 / (delayed.p50 * 1.2)  # closed loop: connections / latency
+
+
+async def test_a_failing_body_still_tears_everything_down() -> None:
+    cluster = EdgeCluster([NodeSpec("edge-a"), NodeSpec("edge-b")])
+    with pytest.raises(RuntimeError, match="midway"):
+        async with cluster:
+            await cluster.node("edge-a").spawn(["sleep", "60"])
+            raise RuntimeError("test failed midway")
+    assert cluster.leftovers() == []
+    assert edge_cgroups_of_this_process() == []
+    assert children_of_this_process() == []
+
+
+async def test_a_failing_build_tears_down_what_it_had_built() -> None:
+    cluster = EdgeCluster(2, delays=DelayMatrix({("node-1", "node-9"): 1.0}))
+    with pytest.raises(InvalidWanConfig, match="node-9"):
+        async with cluster:
+            pass
+    assert cluster.nodes  # it got as far as building the nodes
+    assert cluster.leftovers() == []
+    assert edge_cgroups_of_this_process() == []
+    assert children_of_this_process() == []
+
+
+async def test_node_processes_join_the_nodes_cgroup_and_service_ips_route_locally() -> None:
+    async with EdgeCluster(2) as cluster:
+        if cluster.cgroups_unavailable:
+            pytest.skip(f"NO CGROUPS: {cluster.cgroups_unavailable}")
+        node = cluster.node("node-2")
+        sleeper = await node.spawn(["sleep", "60"])
+        cgroup = node.cgroup
+        assert cgroup is not None
+        await eventually(lambda: sleeper.pid in cgroup.pids())
+        route = await node.namespace.exec(["ip", "route", "get", "10.96.0.10"])
+        assert route.stdout.startswith("local 10.96.0.10 dev lo")

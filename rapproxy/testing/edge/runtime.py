@@ -90,7 +90,7 @@ class ProcessPodHandle:
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     address_added: bool = False
-    restarts: int = 0
+    failure: str = ""  # why the pod could not run (the kubelet's status has no room for it)
 
 
 class _Status:
@@ -160,6 +160,7 @@ class ProcessRuntime:
                 probe_period=self.probe_period,
             )
         except InvalidPodSpec as error:
+            handle.failure = str(error)
             await report(PodReport("Failed", ready=False, exit_code=128, message=str(error)))
             return handle
         handle.task = asyncio.get_running_loop().create_task(
@@ -219,6 +220,7 @@ class ProcessRuntime:
                 "pod %s/%s on %s failed to run", handle.namespace, handle.name, self.node.name
             )
             status.phase, status.message, status.exit_code = "Failed", str(error), 128
+            handle.failure = str(error)
             await status.publish()
 
     async def _run_init(
@@ -233,6 +235,7 @@ class ProcessRuntime:
             if not should_retry_init(plan.restart_policy):
                 status.phase, status.exit_code = "Failed", code
                 status.message = f"init container {container.name} exited with {code}"
+                handle.failure = status.message
                 await status.publish()
                 return False
             status.restarts += 1

@@ -1,0 +1,645 @@
+"""Scale benchmark (issue 3): 10,000 Services x 5 endpoints through the emulated API server.
+
+What it measures, end to end, with the real daemon (`rapproxy run --kubeconfig`) in a fresh
+network namespace with real iptables (whatever backend the host uses; nft here):
+
+* **first sync, cold start**: objects already in the API; from spawning the daemon until every
+  service port is applied — `rapproxy_service_ports{protocol="TCP"}` reports them all AND a real
+  connection to the first and to the last Service's ClusterIP reaches one of its endpoints (which
+  needs the nat REDIRECT rule and the relay's table; without the rule the connection is refused);
+* **first sync, daemon already running**: the daemon up on an empty API; from the moment the
+  last object is written until the same condition holds (the informers receive everything as
+  watch events instead of a list);
+* **change-to-applied**: one EndpointSlice edited (one of its five endpoints replaced by a new
+  address) via the registry; from that write until a real connection to the Service's ClusterIP
+  is served by the new endpoint. p50/p99 over N changes spaced apart. The daemon's own
+  `rapproxy_network_programming_duration_seconds` is reported beside it;
+* **iptables rewrites during the changes**: `nft monitor` runs in the namespace for the whole
+  change phase and every RAPPROXY rule write is timestamped, so the run shows whether an
+  endpoint-only change rewrote rules (it must not) and which changes overlapped a periodic resync;
+* **memory**: the daemon's VmRSS sampled every 100 ms, and VmHWM (its peak) at the end.
+
+Every endpoint is live: `10.244.0.0/14` is a local route in the namespace and one backend
+process listens on 0.0.0.0:8080, answering each connection with the address it was reached at
+(i.e. the endpoint the relay chose). The probe runs in a worker process inside the namespace.
+
+Usage (root): `.venv/bin/python benchmarks/scale/run.py [--services N] [--changes N]
+[--spacing S] [--set key=value ...] [--profile] [--output DIR]`.
+Results: `benchmarks/scale/results/scale-<UTC date-time>.{md,json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import io
+import ipaddress
+import json
+import os
+import platform
+import pstats
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rapproxy.testing import probes
+from rapproxy.testing.apiserver import EmulatedApiServer
+from rapproxy.testing.apiserver.resources import ENDPOINT_SLICES, SERVICES
+from rapproxy.testing.netns import Namespace
+
+RAPPROXY = str(Path(sys.executable).with_name("rapproxy"))
+HERE = Path(__file__).resolve()
+SERVICE_NET = ipaddress.ip_network("10.96.0.0/16")
+ENDPOINT_NET = ipaddress.ip_network("10.244.0.0/14")  # 10.244-10.247: first endpoints + changes
+FIRST_ENDPOINT = int(ipaddress.ip_address("10.244.0.1"))
+CHANGED_ENDPOINT = int(ipaddress.ip_address("10.246.0.1"))
+BACKEND_PORT = 8080
+METRICS = "http://127.0.0.1:10249/metrics"
+SETTLE = 60.0
+
+
+# -- objects -----------------------------------------------------------------------------------
+
+
+def cluster_ip(index: int) -> str:
+    return str(SERVICE_NET[256 + index])  # 10.96.1.0 onwards, clear of .0.x
+
+
+def endpoint_ip(index: int, slot: int, per_service: int) -> str:
+    return str(ipaddress.ip_address(FIRST_ENDPOINT + index * per_service + slot))
+
+
+def service_name(index: int) -> str:
+    return f"svc-{index:05d}"
+
+
+def service(index: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(index), "namespace": "default"},
+        "spec": {
+            "clusterIP": cluster_ip(index),
+            "ports": [{"name": "http", "port": 80, "targetPort": BACKEND_PORT}],
+        },
+    }
+
+
+def endpoints(ips: list[str]) -> list[dict[str, Any]]:
+    return [{"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node"} for ip in ips]
+
+
+def endpoint_slice(index: int, per_service: int) -> dict[str, Any]:
+    name = service_name(index)
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-abcde",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+        "endpoints": endpoints([endpoint_ip(index, s, per_service) for s in range(per_service)]),
+    }
+
+
+def create_all(api: EmulatedApiServer, count: int, per_service: int) -> float:
+    """Write every Service and its slice through the registry (validated, defaulted)."""
+    started = time.monotonic()
+    for index in range(count):
+        api.registry.create(ENDPOINT_SLICES, "default", endpoint_slice(index, per_service))
+        api.registry.create(SERVICES, "default", service(index))
+    return time.monotonic() - started
+
+
+# -- processes inside the namespace ------------------------------------------------------------
+
+
+async def serve_addresses(port: int) -> None:
+    """The backend: answer each connection with the local address it reached, then close."""
+
+    async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(f"{writer.get_extra_info('sockname')[0]}\n".encode())
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "0.0.0.0", port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+def ask(ip: str, port: int, timeout: float = 2.0) -> str:
+    """Which endpoint serves a new connection to ip:port ("" when the connection fails)."""
+    try:
+        with socket.create_connection((ip, port), timeout=timeout) as sock:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+            return data.decode().strip()
+    except OSError:
+        return ""
+
+
+def served(targets: list[str], port: int) -> bool:
+    """Probe (runs in the namespace): every target ClusterIP reaches an endpoint."""
+    return all(ask(ip, port, 1.0).startswith("10.24") for ip in targets)
+
+
+def watch_for(ip: str, port: int, wanted: str, within: float) -> tuple[float, float, int, str]:
+    """Probe (runs in the namespace): connect until `wanted` serves a connection.
+
+    Returns (monotonic time of the first attempt, monotonic time `wanted` answered, attempts,
+    the last answer). CLOCK_MONOTONIC is one clock for every process on the machine, so the
+    caller can subtract its own timestamps. On timeout the second value is 0.
+    """
+    first = time.monotonic()
+    attempts = 0
+    answer = ""
+    while time.monotonic() - first < within:
+        attempts += 1
+        answer = ask(ip, port)
+        if answer == wanted:
+            return first, time.monotonic(), attempts, answer
+    return first, 0.0, attempts, answer
+
+
+def metric(text: str, name: str, labels: str = "") -> float | None:
+    pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.M)
+    found = pattern.search(text)
+    return float(found.group(1)) if found else None
+
+
+def histogram(text: str, name: str) -> dict[str, float]:
+    buckets = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(rf'^{re.escape(name)}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M)
+    }
+    return {
+        "count": metric(text, f"{name}_count") or 0.0,
+        "sum": metric(text, f"{name}_sum") or 0.0,
+        **{f"le_{k}": v for k, v in buckets.items()},
+    }
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM in KiB (empty when the process is gone)."""
+    values: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return values
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    services: int
+    per_service: int
+    daemon_flags: list[str]
+    create_seconds: float = 0.0
+    cold_first_sync: float = 0.0
+    cold_listed_rss_mib: float = 0.0
+    warm_first_sync: float = 0.0
+    warm_create_seconds: float = 0.0
+    changes: list[dict[str, float]] = field(default_factory=list)
+    invalid_changes: int = 0
+    rule_writes: list[dict[str, Any]] = field(default_factory=list)
+    rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (t, MiB)
+    peak_rss_mib: float = 0.0
+    steady_rss_mib: float = 0.0
+    iptables_rules: int = 0
+    metrics_after: dict[str, Any] = field(default_factory=dict)
+    profile: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, node: Namespace, api: EmulatedApiServer, kubeconfig: Path, args: Any):
+        self.node = node
+        self.api = api
+        self.kubeconfig = kubeconfig
+        self.args = args
+        self.daemon: asyncio.subprocess.Process | None = None
+        self.daemon_started = 0.0
+        self.rss: list[tuple[float, float]] = []
+        self._sampler: asyncio.Task[None] | None = None
+        self.profile_path: Path | None = None  # set: the next daemon runs under cProfile
+
+    def flags(self) -> list[str]:
+        flags = ["--node-name", "node", "--lb-policy", "round-robin"]
+        for setting in self.args.set:
+            flags += ["--set", setting]
+        return flags
+
+    async def start_daemon(self, log_path: Path) -> None:
+        argv = [RAPPROXY, "run", "--kubeconfig", str(self.kubeconfig), *self.flags()]
+        if self.profile_path is not None:
+            # cProfile, not a sampler: py-spy slowed the cold start five-fold here
+            argv = [sys.executable, "-m", "cProfile", "-o", str(self.profile_path), *argv]
+        log = log_path.open("ab")
+        self.daemon_started = time.monotonic()
+        self.daemon = await self.node.spawn(argv, stdout=log, stderr=log)
+        log.close()
+        self._sampler = asyncio.create_task(self._sample_rss())
+
+    def daemon_pid(self) -> int:
+        assert self.daemon is not None
+        return self.daemon.pid  # `ip netns exec` execs the command: same pid
+
+    async def _sample_rss(self) -> None:
+        while True:
+            status = proc_status(self.daemon_pid())
+            if "VmRSS" in status:
+                self.rss.append((time.monotonic() - self.daemon_started, status["VmRSS"] / 1024))
+            await asyncio.sleep(0.1)
+
+    async def stop_daemon(self) -> dict[str, int]:
+        status = proc_status(self.daemon_pid())
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        if self.daemon is not None and self.daemon.returncode is None:
+            self.daemon.send_signal(signal.SIGTERM)  # a clean exit: cProfile writes its file
+            try:
+                await asyncio.wait_for(self.daemon.wait(), 60)
+            except TimeoutError:
+                self.daemon.kill()
+                await self.daemon.wait()
+        self.daemon = None
+        return status
+
+    async def metrics_text(self) -> str:
+        status, body = await self.node.call(probes.http_get, METRICS, 2.0)
+        return body if status == 200 else ""
+
+    async def applied(self, count: int) -> bool:
+        """Every service port counted by the daemon, and first and last Service served."""
+        try:
+            text = await self.metrics_text()
+        except OSError:
+            return False
+        # +1: the registry seeds default/kubernetes, as a real cluster has it
+        if metric(text, "rapproxy_service_ports", '{protocol="TCP"}') != count + 1:
+            return False
+        return await self.node.call(served, [cluster_ip(0), cluster_ip(count - 1)], 80)
+
+    async def until(self, check: Callable[[], Awaitable[bool]], within: float = SETTLE) -> float:
+        """Monotonic time at which `check()` first held."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if await check():
+                return time.monotonic()
+            await asyncio.sleep(0.01)
+        raise TimeoutError(f"not applied within {within}s")
+
+
+async def rule_monitor(node: Namespace, events: list[tuple[float, str]]) -> None:
+    """Timestamp every nft event on RAPPROXY chains (a rewrite shows as a burst of them)."""
+    process = await node.spawn(
+        ["nft", "monitor", "rules"],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    try:
+        while line := await process.stdout.readline():
+            if b"RAPPROXY" in line:
+                events.append((time.monotonic(), line.decode(errors="replace").strip()))
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def bursts(events: list[tuple[float, str]], gap: float = 1.0) -> list[dict[str, Any]]:
+    """Group rule events into rewrites: (start, end, how many rule lines)."""
+    groups: list[dict[str, Any]] = []
+    for at, _line in events:
+        if groups and at - groups[-1]["end"] <= gap:
+            groups[-1]["end"] = at
+            groups[-1]["events"] += 1
+        else:
+            groups.append({"start": at, "end": at, "events": 1})
+    return groups
+
+
+async def measure(args: Any, workdir: Path) -> Result:
+    result = Result(args.services, args.endpoints, [])
+    node = await Namespace.create("scale")
+    try:
+        await node.add_local_route(str(SERVICE_NET))
+        await node.add_local_route(str(ENDPOINT_NET))
+        await node.spawn(
+            [sys.executable, str(HERE), "--serve-addresses", str(BACKEND_PORT)],
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        api = EmulatedApiServer(socket_factory=node.socket, bookmark_interval=5.0)
+        await api.start()
+        try:
+            kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
+            bench = Bench(node, api, kubeconfig, args)
+            result.daemon_flags = bench.flags()
+            log_path = workdir / "daemon.log"
+
+            # 1. Daemon running on an empty API; then every object is written.
+            await bench.start_daemon(log_path)
+            await node.call(probes.wait_http, "http://127.0.0.1:10256/livez", 30.0)
+            result.warm_create_seconds = create_all(api, args.services, args.endpoints)
+            written = time.monotonic()
+            result.warm_first_sync = await bench.until(lambda: bench.applied(args.services))
+            result.warm_first_sync -= written
+            progress(f"warm first sync {result.warm_first_sync:.2f}s")
+            await bench.stop_daemon()
+            await node.exec([RAPPROXY, "cleanup"])
+
+            # 2. Cold start: the objects exist; a fresh daemon lists them.
+            bench.rss.clear()
+            if args.profile:
+                bench.profile_path = workdir / "cold.prof"
+            await bench.start_daemon(log_path)
+            done = await bench.until(lambda: bench.applied(args.services))
+            result.cold_first_sync = done - bench.daemon_started
+            result.cold_listed_rss_mib = proc_status(bench.daemon_pid()).get("VmRSS", 0) / 1024
+            progress(f"cold first sync {result.cold_first_sync:.2f}s")
+            saved = await node.exec(["iptables-save", "-t", "nat"])
+            result.iptables_rules = saved.stdout.count("-A RAPPROXY-SERVICES")
+
+            # 3. Endpoint changes, each measured from the registry write to a real connection
+            #    being served by the new endpoint.
+            events: list[tuple[float, str]] = []
+            monitor = asyncio.create_task(rule_monitor(node, events))
+            await asyncio.sleep(0.5)  # let nft monitor subscribe before the first change
+            rng = random.Random(3)
+            phase_start = time.monotonic()
+            windows: list[tuple[float, float]] = []
+            for number in range(args.changes):
+                index = rng.randrange(args.services)
+                slot = rng.randrange(args.endpoints)
+                new_ip = str(ipaddress.ip_address(CHANGED_ENDPOINT + number))
+                await asyncio.sleep(args.spacing)
+                probe = asyncio.create_task(
+                    node.call(watch_for, cluster_ip(index), 80, new_ip, 10.0)
+                )
+                await asyncio.sleep(0.03)  # the probe is connecting (checked below)
+
+                def replace(obj: dict[str, Any], slot: int = slot, ip: str = new_ip) -> None:
+                    obj["endpoints"][slot]["addresses"] = [ip]
+
+                written = time.monotonic()
+                api.registry.mutate(
+                    ENDPOINT_SLICES, "default", f"{service_name(index)}-abcde", replace
+                )
+                first, seen, attempts, last = await probe
+                if not seen or first > written:
+                    result.invalid_changes += 1
+                    result.notes.append(
+                        f"change {number}: probe started late or timed out (last answer {last!r})"
+                    )
+                    continue
+                windows.append((written, seen))
+                result.changes.append(
+                    {
+                        "service": index,
+                        "at": written - phase_start,
+                        "seconds": seen - written,
+                        "attempts": attempts,
+                    }
+                )
+            await asyncio.sleep(0.5)
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+            for burst in bursts(events):
+                overlapping = [
+                    i
+                    for i, (a, b) in enumerate(windows)
+                    if burst["start"] <= b and burst["end"] >= a
+                ]
+                result.rule_writes.append(
+                    {
+                        "at": burst["start"] - phase_start,
+                        "seconds": burst["end"] - burst["start"],
+                        "rule_events": burst["events"],
+                        "during_changes": overlapping,
+                    }
+                )
+            text = await bench.metrics_text()
+            result.metrics_after = {
+                "service_ports_tcp": metric(text, "rapproxy_service_ports", '{protocol="TCP"}'),
+                "sync_duration": histogram(text, "rapproxy_sync_proxy_rules_duration_seconds"),
+                "programming_latency": histogram(
+                    text, "rapproxy_network_programming_duration_seconds"
+                ),
+                "sync_failures": metric(text, "rapproxy_sync_proxy_rules_failures_total"),
+            }
+            result.steady_rss_mib = proc_status(bench.daemon_pid()).get("VmRSS", 0) / 1024
+            status = await bench.stop_daemon()
+            result.peak_rss_mib = status.get("VmHWM", 0) / 1024
+            result.rss_samples = [(round(t, 2), round(m, 1)) for t, m in bench.rss[::10]]
+            if args.profile:
+                result.profile = profile_summary(workdir / "cold.prof")
+        finally:
+            await api.stop()
+    finally:
+        node.destroy()
+    return result
+
+
+def profile_summary(path: Path) -> str:
+    """The top of the cold-start daemon's profile, by own time and by cumulative time."""
+    if not path.exists():
+        return "(no profile written)"
+    out = io.StringIO()
+    stats = pstats.Stats(str(path), stream=out)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    return out.getvalue()
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: p99 of 100 values is the 99th smallest."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
+    return ordered[rank - 1]
+
+
+def verdict(value: float, target: float) -> str:
+    return "meets" if value <= target else "MISSES"
+
+
+def render(result: Result, meta: dict[str, Any]) -> str:
+    latencies = [c["seconds"] for c in result.changes]
+    p50 = percentile(latencies, 50) if latencies else float("nan")
+    p99 = percentile(latencies, 99) if latencies else float("nan")
+    worst = max(latencies) if latencies else float("nan")
+    lines = [
+        f"# Scale benchmark, {meta['when']}" + (f" — {meta['label']}" if meta["label"] else ""),
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"{result.services} Services x {result.per_service} endpoints (one TCP port each), "
+        "emulated API server in the benchmark process listening inside the namespace; "
+        f"daemon flags `{' '.join(result.daemon_flags)}`; iptables "
+        f"{meta['iptables']}. Machine: {meta['machine']}; load average before "
+        f"{meta['load_before']}, after {meta['load_after']}.",
+        "",
+        "| figure | measured | target | |",
+        "|---|---|---|---|",
+        f"| first sync, cold start (daemon spawned → all applied) | {result.cold_first_sync:.2f} s"
+        f" | ≤ 5 s | {verdict(result.cold_first_sync, 5)} |",
+        f"| first sync, daemon running (last object written → all applied) | "
+        f"{result.warm_first_sync:.2f} s | ≤ 5 s | {verdict(result.warm_first_sync, 5)} |",
+        f"| change → applied, p50 ({len(latencies)} changes) | {p50 * 1000:.1f} ms | | |",
+        f"| change → applied, p99 | {p99 * 1000:.1f} ms | ≤ 100 ms | {verdict(p99, 0.1)} |",
+        f"| change → applied, worst | {worst * 1000:.1f} ms | | |",
+        f"| peak RSS (VmHWM) | {result.peak_rss_mib:.0f} MiB | ≤ 300 MB | "
+        f"{verdict(result.peak_rss_mib * 1.048576, 300)} |",
+        f"| RSS after the changes | {result.steady_rss_mib:.0f} MiB | | |",
+        "",
+        f"Writing the {2 * result.services} objects into the registry took "
+        f"{result.warm_create_seconds:.1f} s (not part of any figure). "
+        f"RAPPROXY-SERVICES held {result.iptables_rules} rules after the cold start.",
+        "",
+        "## iptables writes during the change phase",
+        "",
+        f"{len(result.rule_writes)} rewrite(s) of the RAPPROXY chains seen by `nft monitor` "
+        f"during {len(latencies)} endpoint-only changes "
+        "(periodic full resyncs every `iptables.syncPeriod` are expected; "
+        "a rewrite per change is not):",
+        "",
+    ]
+    for write in result.rule_writes:
+        lines.append(
+            f"- at +{write['at']:.1f} s, {write['rule_events']} rule events over "
+            f"{write['seconds'] * 1000:.0f} ms; overlapping change windows: "
+            f"{write['during_changes'] or 'none'}"
+        )
+    slow = sorted(result.changes, key=lambda c: -c["seconds"])[:5]
+    lines += [
+        "",
+        "Slowest changes: "
+        + ", ".join(f"#{result.changes.index(c)} {c['seconds'] * 1000:.0f} ms" for c in slow),
+        "",
+        "## The daemon's own view (after the run)",
+        "",
+        "```",
+        json.dumps(result.metrics_after, indent=1),
+        "```",
+    ]
+    if result.invalid_changes:
+        lines += ["", f"{result.invalid_changes} change(s) not measured:"]
+        lines += [f"- {note}" for note in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def iptables_version() -> str:
+    return subprocess.run(
+        ["iptables", "--version"], check=False, capture_output=True, text=True
+    ).stdout.strip()
+
+
+async def main_async(args: Any) -> int:
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ")
+    meta = {
+        "when": when,
+        "command": " ".join(
+            shlex.quote(a)
+            for a in [
+                *(
+                    [f"PYTHONPATH={os.environ['PYTHONPATH']}"]
+                    if os.environ.get("PYTHONPATH")
+                    else []
+                ),
+                ".venv/bin/python",
+                *sys.argv,
+            ]
+        ),
+        "label": args.label,
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "iptables": iptables_version(),
+        "load_before": load_average(),
+    }
+    with tempfile.TemporaryDirectory(prefix="rap-scale-") as tmp:
+        try:
+            result = await measure(args, Path(tmp))
+        except BaseException:
+            print((Path(tmp) / "daemon.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
+        log_tail = (Path(tmp) / "daemon.log").read_text(errors="replace").splitlines()[-15:]
+    meta["load_after"] = load_average()
+    report = render(result, meta)
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = f"scale-{when}" + (f"-{args.label}" if args.label else "")
+    (args.output / f"{stem}.md").write_text(report)
+    (args.output / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "result": asdict(result), "daemon_log_tail": log_tail}, indent=1)
+    )
+    if result.profile:
+        (args.output / f"{stem}-profile.txt").write_text(result.profile)
+    print(report)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--services", type=int, default=10_000)
+    parser.add_argument("--endpoints", type=int, default=5)
+    parser.add_argument("--changes", type=int, default=100)
+    parser.add_argument("--spacing", type=float, default=0.2, help="seconds between changes")
+    parser.add_argument("--set", action="append", default=[], help="daemon setting key=value")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the cold-start daemon (inflates its figures)",
+    )
+    parser.add_argument("--output", type=Path, default=HERE.parent / "results")
+    parser.add_argument("--label", default="", help="names the result files (e.g. a variant)")
+    parser.add_argument("--serve-addresses", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_addresses:
+        asyncio.run(serve_addresses(args.serve_addresses))
+        return 0
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, iptables)", file=sys.stderr)
+        return 2
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -167,9 +167,8 @@ class DelayLookup:
     hundred addresses at most, so the cache stays small; a new config builds a new lookup.
     """
 
-    def __init__(self, config: WanConfig, bias_seconds: float = 0.0) -> None:
+    def __init__(self, config: WanConfig) -> None:
         self.config = config
-        self.bias_seconds = bias_seconds
         self._sites = [(site.name, site.prefixes) for site in config.sites]
         self._cache: dict[bytes, float] = {}
 
@@ -181,10 +180,9 @@ class DelayLookup:
         return None
 
     def seconds(self, addresses: bytes) -> float:
-        """Hold time for a packet whose header bytes 12..20 are `addresses` (src + dst).
+        """One-way delay for a packet whose header bytes 12..20 are `addresses` (src + dst).
 
-        The forwarder's own lateness (`bias_seconds`, calibrated at start) is subtracted, never
-        below zero; an undelayed pair is passed straight through.
+        0 for a pair without delay and for addresses outside every site.
         """
         cached = self._cache.get(addresses)
         if cached is not None:
@@ -194,7 +192,5 @@ class DelayLookup:
         delay = 0.0
         if source is not None and destination is not None:
             delay = self.config.delays.delay_ms(source, destination) / 1000.0
-            if delay > 0:
-                delay = max(0.0, delay - self.bias_seconds)
         self._cache[bytes(addresses)] = delay
         return delay

@@ -12,14 +12,15 @@ namespace. It attaches to a TUN device the router already created (persistent, s
 process dies the WAN drops packets instead of silently passing them undelayed).
 
 Timing: held packets wait in a heap with one CLOCK_MONOTONIC timerfd armed for the earliest
-(see `TimerFd` for why not `loop.call_later`: epoll's millisecond rounding). At start the process
-measures how late a wake-up comes (the median over a burst of short holds, ~0.15 ms here) and
-releases every delayed packet that much earlier (`bias`); the calibration benchmark
-(benchmarks/edge/wan_calibration.py) checks what is left.
+(see `TimerFd` for why not `loop.call_later`: epoll's millisecond rounding). Wake-ups still come
+late (~0.15 ms idle here, more under load), so every delayed packet is released that much early
+(`bias`): measured at start, then tracked while packets flow. The calibration benchmark
+(benchmarks/edge/wan_calibration.py) measures what is left.
 
 Control: a UNIX socket speaking JSON lines. `{"op": "config", "config": {...}}` replaces the sites
 and delays at once (a `WanConfig` document) and answers once the new delays apply to the next
-packet read; `{"op": "stats"}` answers packet counts and the measured timer lateness.
+packet read; `{"op": "stats"}` answers packet counts, the bias and the hold error (how late packets
+left compared with the delay asked for).
 On start it prints one line, `ready <bias_us>`, to stdout.
 """
 
@@ -48,6 +49,8 @@ IFF_NO_PI = 0x1000
 _MAX_PACKET = 65536
 _BATCH = 64
 _CALIBRATION_TIMERS = 60
+_BIAS_GAIN = 0.01  # per released packet: settles within a few hundred packets
+_LATE_CAP_SECONDS = 0.002  # one stall (GC, a descheduled vCPU) must not swing the bias
 _EARLY_SECONDS = 20e-6  # release what is due within this much: cheaper than another wake-up
 _CLOCK_MONOTONIC = 1
 _TFD_NONBLOCK = os.O_NONBLOCK
@@ -62,9 +65,9 @@ class Counters:
     delayed: int = 0
     dropped: int = 0
     not_ipv4: int = 0
-    lateness_sum: float = 0.0
-    lateness_max: float = 0.0
-    lateness_count: int = 0
+    error_sum: float = 0.0
+    error_max: float = 0.0
+    error_count: int = 0
 
 
 def open_tun(name: str) -> int:
@@ -122,17 +125,31 @@ class TimerFd:
 class DelayLine:
     """Reads packets from the TUN fd and writes each one back after its pair's delay.
 
-    Held packets wait in a heap ordered by due time (packets of one pair keep their order: same
-    delay, increasing arrival); one timerfd is armed for the head of the heap.
+    Held packets wait in a heap ordered by release time; one timerfd is armed for the head. A
+    packet is released `bias` early, `bias` being how late wake-ups come: measured at start,
+    then (unless fixed by `--bias-ms`) tracked as a moving average of the lateness of every
+    release, since a busy loop wakes later than an idle one. Releases of one address pair never
+    go backwards in time when the bias moves, so a flow's packets keep their order.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, lookup: DelayLookup) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        lookup: DelayLookup,
+        bias: float = 0.0,
+        adaptive: bool = True,
+    ) -> None:
         self.loop = loop
         self.fd = fd
         self.lookup = lookup
+        self.bias = bias
+        self.adaptive = adaptive
         self.counters = Counters()
         self.timer = TimerFd()
-        self._held: list[tuple[float, int, bytes | None]] = []
+        # (release at, sequence, packet or None for a calibration probe, asked-for due time)
+        self._held: list[tuple[float, int, bytes | None, float]] = []
+        self._last_release: dict[bytes, float] = {}
         self._sequence = 0
         self._armed_at = math.inf
         self._probe: asyncio.Future[float] | None = None
@@ -146,16 +163,21 @@ class DelayLine:
         self.loop.remove_reader(self.timer.fd)
         self.timer.close()
 
-    def _hold(self, due: float, packet: bytes | None) -> None:
+    def replace_lookup(self, lookup: DelayLookup) -> None:
+        self.lookup = lookup
+        self._last_release.clear()
+
+    def _hold(self, release: float, packet: bytes | None, due: float) -> None:
         self._sequence += 1
-        heapq.heappush(self._held, (due, self._sequence, packet))
-        if due < self._armed_at:
-            self._armed_at = due
-            self.timer.arm(due)
+        heapq.heappush(self._held, (release, self._sequence, packet, due))
+        if release < self._armed_at:
+            self._armed_at = release
+            self.timer.arm(release)
 
     def _readable(self) -> None:
         now = self.loop.time()
         counters = self.counters
+        last_release = self._last_release
         for _ in range(_BATCH):
             try:
                 packet = os.read(self.fd, _MAX_PACKET)
@@ -169,12 +191,17 @@ class DelayLine:
                 counters.not_ipv4 += 1
                 self._write(packet)
                 continue
-            delay = self.lookup.seconds(packet[12:20])
+            pair = packet[12:20]
+            delay = self.lookup.seconds(pair)
             if delay <= 0:
                 self._write(packet)
-            else:
-                counters.delayed += 1
-                self._hold(now + delay, packet)
+                continue
+            counters.delayed += 1
+            release = now + max(0.0, delay - self.bias)
+            previous = last_release.get(pair, 0.0)
+            release = max(release, previous)
+            last_release[pair] = release
+            self._hold(release, packet, now + delay)
 
     def _due(self) -> None:
         self.timer.clear()
@@ -182,26 +209,30 @@ class DelayLine:
         held = self._held
         counters = self.counters
         while held and held[0][0] <= now + _EARLY_SECONDS:
-            due, _, packet = heapq.heappop(held)
-            late = now - due
+            release, _, packet, due = heapq.heappop(held)
+            late = now - release
             if packet is None:  # a calibration probe
                 if self._probe is not None and not self._probe.done():
                     self._probe.set_result(late)
                 continue
-            counters.lateness_sum += late
-            counters.lateness_count += 1
-            counters.lateness_max = max(counters.lateness_max, late)
+            if self.adaptive:
+                self.bias += _BIAS_GAIN * (min(late, _LATE_CAP_SECONDS) - self.bias)
+            error = now - due
+            counters.error_sum += error
+            counters.error_count += 1
+            counters.error_max = max(counters.error_max, error)
             self._write(packet)
         self._armed_at = held[0][0] if held else math.inf
         if held:
             self.timer.arm(self._armed_at)
 
     async def measure_lateness(self) -> float:
-        """Median seconds a held packet leaves after its due time on this machine."""
+        """Median seconds a release comes after its time on this machine (idle loop)."""
         samples = []
         for i in range(_CALIBRATION_TIMERS):
             self._probe = self.loop.create_future()
-            self._hold(self.loop.time() + 0.0005 + (i % 7) * 0.0007, None)
+            when = self.loop.time() + 0.0005 + (i % 7) * 0.0007
+            self._hold(when, None, when)
             samples.append(await self._probe)
         self._probe = None
         return statistics.median(samples)
@@ -214,6 +245,7 @@ class DelayLine:
             self.counters.dropped += 1
 
     def stats(self) -> dict[str, float | int]:
+        """Counters; `hold_error_*`: release time minus asked-for time of delayed packets."""
         c = self.counters
         return {
             "received": c.received,
@@ -222,11 +254,13 @@ class DelayLine:
             "dropped": c.dropped,
             "not_ipv4": c.not_ipv4,
             "held": len(self._held),
-            "bias_us": round(self.lookup.bias_seconds * 1e6, 1),
-            "residual_lateness_mean_us": round(c.lateness_sum / c.lateness_count * 1e6, 1)
-            if c.lateness_count
+            "bias_us": round(self.bias * 1e6, 1),
+            "hold_error_mean_us": round(c.error_sum / c.error_count * 1e6, 1)
+            if c.error_count
             else 0.0,
-            "residual_lateness_max_us": round(c.lateness_max * 1e6, 1),
+            "hold_error_max_us": round(c.error_max * 1e6, 1),
+            "hold_error_total_us": round(c.error_sum * 1e6, 1),
+            "hold_error_count": c.error_count,
         }
 
 
@@ -250,7 +284,7 @@ class ControlServer:
             op = request.get("op")
             if op == "config":
                 config = WanConfig.from_json(request.get("config"))
-                self.line.lookup = DelayLookup(config, self.line.lookup.bias_seconds)
+                self.line.replace_lookup(DelayLookup(config))
                 return {"ok": True}
             if op == "stats":
                 return {"ok": True, "stats": self.line.stats()}
@@ -262,17 +296,16 @@ class ControlServer:
 async def serve(tun: str, control: str, bias_override_ms: float | None) -> None:
     loop = asyncio.get_running_loop()
     fd = open_tun(tun)
-    line = DelayLine(loop, fd, DelayLookup(WanConfig()))
+    line = DelayLine(loop, fd, DelayLookup(WanConfig()), adaptive=bias_override_ms is None)
     line.start()
-    bias = (
+    line.bias = (
         bias_override_ms / 1000.0 if bias_override_ms is not None else await line.measure_lateness()
     )
-    line.lookup = DelayLookup(WanConfig(), bias)
     server = await asyncio.start_unix_server(ControlServer(line).handle, path=control)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    print(f"ready {bias * 1e6:.0f}", flush=True)
+    print(f"ready {line.bias * 1e6:.0f}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -132,6 +132,13 @@ class Wan:
             raise WanError(f"forwarder failed to start: {line!r} (see its stderr)")
         self.bias_us = float(line.split()[1])
 
+    @property
+    def forwarder_pid(self) -> int:
+        """The forwarder's pid (`ip netns exec` execs it, so the pid is the process's own)."""
+        if self._forwarder is None:
+            raise WanError("the forwarder is not running")
+        return self._forwarder.pid
+
     async def attach(
         self,
         site: str,
@@ -198,7 +205,7 @@ class Wan:
             self.bandwidth_mbit[site] = mbit
 
     async def stats(self) -> dict[str, Any]:
-        """The forwarder's counters: packets, drops, timer bias and residual lateness (µs)."""
+        """The forwarder's counters: packets, drops, its bias and hold error (µs; `DelayLine.stats`)."""
         answer = await self._control({"op": "stats"})
         stats: dict[str, Any] = answer["stats"]
         return stats

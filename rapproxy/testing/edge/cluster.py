@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -252,6 +254,9 @@ class EdgeCluster:
         self.cgroups_unavailable: str | None = None
         self.wan: Wan | None = None
         self._runtimes: dict[str, ProcessRuntime] = {}
+        self._load_files: dict[str, tuple[NodeProbe, Path]] = {}
+        self._load_feeder: asyncio.Task[None] | None = None
+        self.load_interval = 0.5
         self._namespaces: list[Namespace] = []
         self.control_ip = CONTROL_IP
 
@@ -331,6 +336,11 @@ class EdgeCluster:
                 log.exception("edge cluster teardown step failed")
                 errors.append(error)
 
+        if self._load_feeder is not None:
+            self._load_feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_feeder
+            self._load_feeder = None
         for runtime in list(self._runtimes.values()):
             await step(runtime.aclose)
         self._runtimes.clear()
@@ -409,6 +419,35 @@ class EdgeCluster:
             )
         return self._runtimes[node_name]
 
+    def load_source(self, node_name: str) -> str:
+        """A `rap.loadSource` for a rapproxy on `node_name`: `file:PATH` of a JSON figure.
+
+        The cluster rewrites the file every `load_interval` seconds from the node's `NodeProbe`
+        (CPU relative to the node's own cap). A daemon could read the node's cgroup itself
+        (`cgroup:PATH`), but on a hybrid host the quota lives in the v1 tree, which
+        `CgroupV2Probe` does not see, so it would divide by the host's CPUs instead.
+        """
+        if node_name not in self._load_files:
+            path = self.workdir / "load" / f"{node_name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            probe = self.node(node_name).probe()
+            self._load_files[node_name] = (probe, path)
+            _write_load(probe, path)
+        if self._load_feeder is None:
+            self._load_feeder = asyncio.get_running_loop().create_task(
+                self._feed_loads(), name="edge-load-files"
+            )
+        return f"file:{self._load_files[node_name][1]}"
+
+    async def _feed_loads(self) -> None:
+        while True:
+            await asyncio.sleep(self.load_interval)  # the figure's refresh period
+            for probe, path in list(self._load_files.values()):
+                try:
+                    _write_load(probe, path)
+                except OSError as error:
+                    log.warning("load file %s: %s", path, error)
+
     # -- checks ----------------------------------------------------------------------------------
 
     def leftovers(self) -> list[str]:
@@ -423,3 +462,13 @@ class EdgeCluster:
     def _all_namespaces(self) -> list[Namespace]:
         sites = [site.namespace for site in [*self.nodes, *self.clients]]
         return sites + ([self.wan.router] if self.wan is not None else [])
+
+
+def _write_load(probe: NodeProbe, path: Path) -> None:
+    # Write-then-rename: the daemon's FileProbe must never read half a document.
+    figures = probe.read()
+    partial = path.with_suffix(".tmp")
+    partial.write_text(
+        json.dumps({"cpu": round(figures.cpu, 4), "memory": round(figures.memory, 4)})
+    )
+    os.replace(partial, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rapproxy.testing.edge.cgroups import CgroupUnavailable, detect_layout
 from rapproxy.testing.edge.cluster import EdgeCluster, NodeSpec
 from rapproxy.testing.edge.delays import DelayMatrix, InvalidWanConfig
 from rapproxy.testing.edge.measure import http_load, icmp_rtts, wait_port
@@ -104,3 +106,28 @@ async def test_node_processes_join_the_nodes_cgroup_and_service_ips_route_locall
         await eventually(lambda: sleeper.pid in cgroup.pids())
         route = await node.namespace.exec(["ip", "route", "get", "10.96.0.10"])
         assert route.stdout.startswith("local 10.96.0.10 dev lo")
+
+
+async def test_a_busy_capped_node_reports_its_load_through_its_load_file() -> None:
+    try:
+        detect_layout()
+    except CgroupUnavailable as error:
+        pytest.skip(f"NO CGROUPS FOR NODE CPU CAPS: {error}")
+    async with EdgeCluster([NodeSpec("busy", cpus=0.25), NodeSpec("idle")]) as cluster:
+        cluster.load_interval = 0.1
+        busy = cluster.load_source("busy")
+        idle = cluster.load_source("idle")
+        assert busy.startswith("file:")
+        await cluster.node("busy").spawn([sys.executable, "-c", "while True: pass"])
+
+        def cpu(source: str) -> float:
+            return float(json.loads(Path(source.removeprefix("file:")).read_text())["cpu"])
+
+        await eventually(lambda: cpu(busy) > 0.6)
+        assert cpu(idle) < 0.2
+
+
+async def test_the_uplink_service_route_sends_cluster_ips_to_the_wan_gateway() -> None:
+    async with EdgeCluster(1, service_route="uplink") as cluster:
+        route = await cluster.node("node-1").namespace.exec(["ip", "route", "get", "10.96.0.10"])
+        assert "via 10.10.1.1 dev wan0" in route.stdout

@@ -211,6 +211,10 @@ class EdgeCluster:
     `nodes` is a count (node-1..N, uncapped) or a list of names / `NodeSpec`s. With
     `require_cgroups=False` (the default) a host without usable cgroups still gets a cluster,
     without CPU caps, and `cgroups_unavailable` says why; asking for a cap there raises.
+    `probe_period` replaces every readiness probe's periodSeconds (whole seconds, 10 by default,
+    in Kubernetes) so experiments see readiness changes quickly; None honours the pod specs.
+    `bias_ms` fixes the WAN forwarder's early-release bias instead of letting it track its own
+    wake-up lateness.
     """
 
     def __init__(

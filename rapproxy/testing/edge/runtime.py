@@ -7,7 +7,10 @@ For each pod the kubelet binds to the node, `start_pod`:
 1. adds the pod's IP (allocated by the kubelet from the node's pod CIDR) as a /32 on the node
    namespace's loopback — pods share their node's network namespace (as host-network pods would)
    and get their own address, which is cheap (no namespace per pod) and routed across the WAN
-   because the router sends the node's whole pod CIDR to it; a process binds `$(POD_IP)`;
+   because the router sends the node's whole pod CIDR to it. A pod's server should bind
+   `$(POD_IP)`: two pods on one node binding 0.0.0.0 to the same port would collide, and so
+   would a pod and the node's rapproxy. Outgoing connections leave from the node's address
+   unless the process binds its pod IP first;
 2. runs the init containers one after another, each to completion (a failed one is retried
    with back-off, or fails the pod under `restartPolicy: Never`), reporting progress — so a cold
    backup's `rapproxy bps-wait` init container really holds the pod Pending until activated;

@@ -11,11 +11,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rapproxy.testing.apiserver import EmulatedApiServer
 from rapproxy.testing.edge.cgroups import CgroupUnavailable, detect_layout
 from rapproxy.testing.edge.cluster import EdgeCluster, NodeSpec
 from rapproxy.testing.edge.delays import DelayMatrix, InvalidWanConfig
 from rapproxy.testing.edge.measure import http_load, icmp_rtts, wait_port
 from rapproxy.testing.netns import live_namespaces
+from rapproxy.testing.probes import http_get
 
 from .conftest import eventually
 
@@ -131,3 +133,20 @@ async def test_the_uplink_service_route_sends_cluster_ips_to_the_wan_gateway() -
     async with EdgeCluster(1, service_route="uplink") as cluster:
         route = await cluster.node("node-1").namespace.exec(["ip", "route", "get", "10.96.0.10"])
         assert "via 10.10.1.1 dev wan0" in route.stdout
+
+
+async def test_an_api_server_on_the_routers_control_address_answers_every_site_undelayed() -> None:
+    delays = DelayMatrix.uniform(["node-1", "node-2", "client-1"], 20.0)
+    async with EdgeCluster(2, delays=delays, clients=1) as cluster:
+        api = EmulatedApiServer(host=cluster.control_ip, socket_factory=cluster.router_socket)
+        await api.start()
+        try:
+            for site in ("node-2", "client-1"):
+                status, _ = await cluster.site(site).call(
+                    http_get, f"http://{cluster.control_ip}:{api.port}/version"
+                )
+                assert status == 200
+            rtts = await cluster.node("node-2").call(icmp_rtts, cluster.control_ip, 5, 0.005)
+            assert statistics.median(rtts) < 0.002
+        finally:
+            await api.stop()

@@ -231,3 +231,18 @@ def download_seconds(url: str, expected_bytes: int, timeout: float = 30.0) -> fl
     if len(body) < expected_bytes:
         raise OSError(f"{url}: {len(body)} bytes, expected {expected_bytes}")
     return elapsed
+
+
+def http_post_status(url: str, bearer_token: str = "", timeout: float = 5.0) -> int:
+    """Status of one empty POST (e.g. a cold backup's activation); error statuses too."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {bearer_token}"} if bearer_token else {}
+    request = urllib.request.Request(url, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:  # carries a socket: must not cross processes
+        error.close()
+        return int(error.code)

@@ -10,7 +10,9 @@ processes:
   literal `$(VAR)`, an unknown `$(VAR)` is left as is — as the kubelet does;
 * the environment is the runtime's base environment (PATH and the like, standing in for the
   image's) plus `env` entries: literal `value`s and the downward API's `fieldRef`s (status.podIP,
-  status.hostIP, metadata.name/namespace/uid, spec.nodeName, spec.serviceAccountName), and
+  status.hostIP, metadata.name/namespace/uid, metadata.labels['k'], metadata.annotations['k']
+  — how a cold backup's `bps-wait` gets its activation token —, spec.nodeName,
+  spec.serviceAccountName), and
   `POD_IP` always, so an experiment pod can bind its own address;
 * `python`/`python3` as the executable mean this interpreter (`sys.executable`, so pods use the
   project's environment), and a bare name is looked up first beside it (the venv's `rapproxy`);
@@ -32,6 +34,7 @@ from typing import Any
 
 JsonObject = dict[str, Any]
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+_KEYED_FIELD = re.compile(r"""^metadata\.(labels|annotations)\[(['"])(.+)\2\]$""")
 
 
 class InvalidPodSpec(ValueError):
@@ -111,9 +114,13 @@ def _field(pod: JsonObject, path: str, pod_ip: str, host_ip: str, where: str) ->
         "spec.nodeName": spec.get("nodeName", ""),
         "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
     }
-    if path not in values:
-        raise InvalidPodSpec(f"{where}.valueFrom.fieldRef.fieldPath: {path!r} is not emulated")
-    return str(values[path])
+    if path in values:
+        return str(values[path])
+    keyed = _KEYED_FIELD.match(path)
+    if keyed is not None:
+        # An absent key gives an empty value, as the kubelet does.
+        return str((metadata.get(keyed.group(1)) or {}).get(keyed.group(3), ""))
+    raise InvalidPodSpec(f"{where}.valueFrom.fieldRef.fieldPath: {path!r} is not emulated")
 
 
 def container_env(

@@ -77,8 +77,21 @@ def test_the_downward_api_gives_pod_and_host_addresses() -> None:
     assert web.env["URL"] == "http://10.244.2.5:80"
 
 
+def test_annotations_reach_the_environment_like_a_cold_backups_activation_token() -> None:
+    p = pod([{"name": "c", "command": ["true"]}])
+    p["metadata"]["annotations"] = {"rapproxy.io/activation-token": "s3cret"}
+    path = "metadata.annotations['rapproxy.io/activation-token']"
+    env = [
+        {"name": "TOKEN", "valueFrom": {"fieldRef": {"fieldPath": path}}},
+        {"name": "MISSING", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['x']"}}},
+    ]
+    p["spec"]["containers"][0]["env"] = env
+    main = plan(p).main[0]
+    assert (main.env["TOKEN"], main.env["MISSING"]) == ("s3cret", "")
+
+
 def test_an_unemulated_field_reference_names_the_field() -> None:
-    env = [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['a']"}}}]
+    env = [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}}]
     with pytest.raises(InvalidPodSpec, match=r"spec\.containers\[0\]\.env\[0\]\.valueFrom"):
         plan(pod([{"name": "c", "command": ["true"], "env": env}]))
 

@@ -11,11 +11,17 @@ from typing import Any
 import psutil
 import pytest
 
+from rapproxy.model.bps import (
+    ANNOTATION_ACTIVATION_TOKEN,
+    DEFAULT_ACTIVATION_PORT,
+    ENV_ACTIVATION_TOKEN,
+    ENV_POD_IP,
+)
 from rapproxy.testing.apiserver import EmulatedApiServer
 from rapproxy.testing.apiserver.registry import DeleteOptions
 from rapproxy.testing.apiserver.resources import PODS
 from rapproxy.testing.edge.cluster import EdgeCluster
-from rapproxy.testing.edge.measure import wait_port
+from rapproxy.testing.edge.measure import http_post_status, wait_port
 from rapproxy.testing.probes import http_get
 
 from .conftest import eventually
@@ -167,3 +173,44 @@ def runtime_pid(runtime: Any, container: str) -> int:
     pids = [h.processes[container].pid for h in runtime.pods if container in h.processes]
     assert len(pids) == 1
     return int(pids[0])
+
+
+async def test_a_cold_backup_waits_in_bps_wait_until_activated_across_the_wan(
+    emulation: Emulation,
+) -> None:
+    api, cluster = emulation.api, emulation.cluster
+    cold = backend_pod("cold-0", "node-2")
+    cold["metadata"]["annotations"] = {ANNOTATION_ACTIVATION_TOKEN: "t0ken"}
+    token_path = f"metadata.annotations['{ANNOTATION_ACTIVATION_TOKEN}']"
+    cold["spec"]["initContainers"] = [
+        {
+            "name": "bps-wait",
+            "image": "ignored",
+            # No --port: `rapproxy bps-wait --port N` is refused by the CLI's argument parsing
+            # (REMAINDER after a subcommand does not take leading options); reported.
+            "command": ["rapproxy", "bps-wait"],
+            "env": [
+                {"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {
+                    "name": ENV_ACTIVATION_TOKEN,
+                    "valueFrom": {"fieldRef": {"fieldPath": token_path}},
+                },
+            ],
+        }
+    ]
+    api.registry.create(PODS, "default", cold)
+    runtime = cluster.runtime_for("node-2")
+    await eventually(lambda: any(h.pod_ip for h in runtime.pods))
+    [handle] = runtime.pods
+    port = DEFAULT_ACTIVATION_PORT
+    await cluster.node("node-1").call(wait_port, handle.pod_ip, port, 15.0)
+    assert status_of(api, "cold-0")["phase"] == "Pending"
+    assert not is_ready(api, "cold-0")
+
+    url = f"http://{handle.pod_ip}:{port}/activate"
+    assert await cluster.node("node-1").call(http_post_status, url, "wrong") == 401
+    assert status_of(api, "cold-0")["phase"] == "Pending"
+    assert await cluster.node("node-1").call(http_post_status, url, "t0ken") == 200
+    await eventually(lambda: is_ready(api, "cold-0"))
+    code, body = await cluster.node("node-1").call(http_get, f"http://{handle.pod_ip}:8080/")
+    assert (code, body.splitlines()[0]) == (200, "cold-0")

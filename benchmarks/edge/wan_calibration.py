@@ -223,6 +223,25 @@ def render(pings: list[PingRow], loads: list[WrkRow], info: dict[str, str], comm
             f"| {w.p99_ms:.2f} | {w.errors} | {w.forwarder_cpu:.0%} | {hold_error} "
             f"| {w.bias_us:.0f} | {w.dropped} |"
         )
+    lines += ["", "## Summary", ""]
+    for label, rows in (
+        ("idle ping", [(p.one_way_ms, p.median_ms - base_ping) for p in pings]),
+        ("ping under load", [(w.one_way_ms, w.loaded_ping_ms - base_ping) for w in loads]),
+        (
+            "HTTP p50 (WAN + server/client queueing)",
+            [(w.one_way_ms, w.p50_ms - base_p50) for w in loads],
+        ),
+    ):
+        checked = [(d, added) for d, added in rows if d > 0]
+        out = [
+            f"{d:g} ms ({added / (2 * d) - 1:+.1%})"
+            for d, added in checked
+            if abs(added / (2 * d) - 1) > 0.10
+        ]
+        lines.append(
+            f"- {label}: {len(checked) - len(out)}/{len(checked)} delays within ±10 %"
+            + (f"; outside: {', '.join(out)}" if out else "")
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from rapproxy.testing.edge.cgroups import (
     NodeProbe,
     detect_layout,
     launch_argv,
+    sweep_stale_cgroups,
 )
 from rapproxy.testing.netns import namespace
 
@@ -73,3 +74,15 @@ async def test_removal_kills_the_nodes_processes_and_deletes_the_groups(
         cgroups.remove()
         assert await asyncio.wait_for(sleeper.wait(), 5.0) == -9
     assert not any(path.exists() for path in cgroups.paths())
+
+
+async def test_groups_of_a_dead_run_are_swept_and_live_ones_kept(cgroups: EdgeCgroups) -> None:
+    exited = await asyncio.create_subprocess_exec("true")
+    await exited.wait()
+    stale = EdgeCgroups(cgroups.layout, f"rapproxy-edge-{exited.pid}-0")
+    for path in stale.paths():
+        path.mkdir()
+    stale.node("node-1")
+    assert stale.group in sweep_stale_cgroups()
+    assert not any(path.exists() for path in stale.paths())
+    assert all(path.exists() for path in cgroups.paths())

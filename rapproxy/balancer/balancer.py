@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,8 +92,22 @@ class Balancer:
 
     # -- snapshot updates ---------------------------------------------------------------------
 
-    def update(self, table: ServiceTable) -> None:
-        """Swap in a new snapshot, keeping state of services whose entry did not change."""
+    def update(self, table: ServiceTable, changed: Iterable[ServicePortName] | None = None) -> None:
+        """Swap in a new snapshot, keeping state of services whose entry did not change.
+
+        With `changed` (the ports that differ from the previous snapshot) only those are
+        visited, so an endpoint change costs O(that service), not O(cluster); outlier state of
+        vanished endpoints is then pruned on the next full update (the periodic resync).
+        """
+        if changed is not None:
+            for name in changed:
+                entry = table.entries.get(name)
+                previous = self._services.get(name)
+                if entry is None:
+                    self._services.pop(name, None)
+                elif previous is None or previous.entry != entry:
+                    self._services[name] = self._new_state(entry, previous)
+            return
         services: dict[ServicePortName, _ServiceState] = {}
         alive: set[EndpointKey] = set()
         for name in table:

@@ -107,14 +107,21 @@ class IptablesRunner:
         Without, nothing runs when the rendered chains equal what this runner wrote last;
         otherwise only the chains are rewritten. Returns whether iptables-restore ran.
         """
-        rules = render_rules(targets, config, self.family)
+        # Rendering 10k services takes a few hundred milliseconds of pure Python; done on the
+        # event loop it would stall every relayed connection, so it runs in a worker thread
+        # (render_rules is pure and the targets are immutable).
+        saved = await self.save() if repair_jumps else None
+
+        def render() -> tuple[str, str]:
+            rules = render_rules(targets, config, self.family)
+            if saved is None:
+                return rules, rules
+            return rules, render_rules(targets, config, self.family, saved_nat=saved)
+
+        rules, text = await asyncio.to_thread(render)
         if not repair_jumps and rules == self._last_rules:
             return False
         self._last_rules = None
-        if repair_jumps:
-            text = render_rules(targets, config, self.family, saved_nat=await self.save())
-        else:
-            text = rules
         await self.restore(text)
         self._last_rules = rules
         return True

@@ -183,8 +183,9 @@ class Proxier:
         queued_at = self.tracker.first_pending_at
         change = self.tracker.take_change()
         table = change.table
-        self.balancer.update(table)
         full = started - self._last_full_sync >= self.config.iptables.sync_period
+        incremental = not full and change.previous is self._derived_table
+        self.balancer.update(table, change.ports if incremental else None)
         self._derive(change, forget_all_stale_stats=full)
         stale_udp = await self._reconcile_udp()
         self._refresh_udp_targets()

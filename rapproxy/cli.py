@@ -2,7 +2,8 @@
 
 Sub-commands: `run` (the daemon: proxy plus, when it holds the Lease, the BackupPodSet
 controller), `bps-controller` (the controller alone), `cleanup` (remove every rule rapproxy
-installed), `version`, `bps-wait` (the cold-backup init container). Errors a user can fix are printed as one line on
+installed), `version`, `bps-wait` (the cold-backup init container), `demo` (the emulated edge
+cluster, see `rapproxy.demo`). Errors a user can fix are printed as one line on
 stderr with exit status 2; nothing here prints a traceback for bad input.
 """
 
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bps-wait", help="cold-backup init container: wait for an authenticated activation"
     )
     wait.add_argument("args", nargs=argparse.REMAINDER, help="arguments of bps-wait (see --help)")
+    demo = sub.add_parser(
+        "demo", help="emulated 3-node edge cluster: compare policies, fail over (root)"
+    )
+    demo.add_argument("args", nargs=argparse.REMAINDER, help="arguments of demo (see --help)")
     return parser
 
 
@@ -131,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # options included (argparse.REMAINDER would refuse a leading `--port`).
     if arguments[:1] == ["bps-wait"]:
         return _bps_wait(arguments[1:])
+    if arguments[:1] == ["demo"]:
+        from rapproxy.demo import main as demo_main
+
+        return demo_main(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     try:

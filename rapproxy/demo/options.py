@@ -1,0 +1,106 @@
+"""What a demo run is asked to do: the flags of `rapproxy demo`, read into one frozen value.
+
+Pure (argparse only), so the flag handling is testable without root. The delays are the first
+author's three-node matrix — node1-node2 4 ms, node1-node3 8 ms, node2-node3 3 ms, one way —
+multiplied by `--delay-scale`: at scale 1 the WAN costs less than a Python proxy hop on a
+two-core host, so the default stretches it to the tens of milliseconds an edge WAN has.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+BASE_DELAYS_MS = {("node-1", "node-2"): 4.0, ("node-1", "node-3"): 8.0, ("node-2", "node-3"): 3.0}
+POLICIES = ("rap", "round-robin", "random", "local-only")
+
+
+class DemoOptionError(ValueError):
+    """A flag's value cannot be used; the message names the flag."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    delay_scale: float = 2.5
+    duration: float = 10.0  # seconds of load per policy and phase
+    connections: int = 16
+    work_ms: float = 0.5  # CPU per request in each backend pod
+    output: Path | None = None
+    policies: tuple[str, ...] = POLICIES
+    overload: bool = True  # also run the comparison with node-1 overloaded
+    failover: bool = True
+    quick: bool = False
+
+    def delays_ms(self) -> dict[tuple[str, str], float]:
+        return {pair: ms * self.delay_scale for pair, ms in BASE_DELAYS_MS.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rapproxy demo",
+        description=(
+            "Build an emulated 3-node edge cluster (namespaces, WAN delays, CPU caps), compare "
+            "RAP with round-robin, random and local-only, fail a primary over, print and chart "
+            "the results, and remove everything. Needs root."
+        ),
+    )
+    parser.add_argument(
+        "--delay-scale",
+        type=float,
+        default=2.5,
+        help="multiply the 4/8/3 ms one-way delay matrix (default 2.5: 10/20/7.5 ms)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds of load per policy (default 10)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=16, help="concurrent wrk connections (default 16)"
+    )
+    parser.add_argument(
+        "--work-ms", type=float, default=0.5, help="CPU ms per request in each backend"
+    )
+    parser.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help=f"comma-separated subset of {','.join(POLICIES)}",
+    )
+    parser.add_argument("--no-overload", action="store_true", help="skip the overloaded phase")
+    parser.add_argument("--no-failover", action="store_true", help="skip the failover")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="directory for the PNG chart, JSON and Markdown"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short load (3 s per policy): done in under 2 minutes"
+    )
+    return parser
+
+
+def parse_options(argv: Sequence[str]) -> DemoOptions:
+    """Flags → `DemoOptions`; raises `DemoOptionError` naming the flag (argparse exits on -h)."""
+    args = build_parser().parse_args(list(argv))
+    duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
+    if not 1 <= duration <= 600:
+        raise DemoOptionError(f"--duration: {duration:g} s is outside 1..600")
+    if not 0 <= args.delay_scale <= 50:
+        raise DemoOptionError(f"--delay-scale: {args.delay_scale:g} is outside 0..50")
+    if not 1 <= args.connections <= 512:
+        raise DemoOptionError(f"--connections: {args.connections} is outside 1..512")
+    if not 0 <= args.work_ms <= 100:
+        raise DemoOptionError(f"--work-ms: {args.work_ms:g} is outside 0..100")
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise DemoOptionError(f"--policies: {unknown or 'none'} not among {', '.join(POLICIES)}")
+    return DemoOptions(
+        delay_scale=args.delay_scale,
+        duration=duration,
+        connections=args.connections,
+        work_ms=args.work_ms,
+        output=args.output,
+        policies=policies,
+        overload=not args.no_overload,
+        failover=not args.no_failover,
+        quick=args.quick,
+    )

@@ -1,0 +1,185 @@
+"""The demo's results and how they are shown: a text table, Markdown, JSON and a PNG chart.
+
+Pure: values in, text or a file out (matplotlib draws off-screen with the Agg backend). The
+scenario measures, this module only presents, so the presentation is testable without a
+cluster and the numbers printed are exactly the numbers saved.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rapproxy.testing.load import CLOSED_LOOP_NOTE
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRun:
+    """One policy under load in one phase (e.g. "node-1 healthy")."""
+
+    phase: str
+    policy: str
+    requests: int
+    duration_s: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    local_share: float | None  # of the connections node-1's rapproxy placed; None: unknown
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverResult:
+    """A primary's process killed, seen from a client probing the ClusterIP and from the BPS."""
+
+    killed_pod: str
+    node: str
+    promoted_pod: str | None
+    first_error_s: float | None  # kill → first failed probe request
+    first_promoted_s: float | None  # kill → first request answered by the promoted pod
+    probe_requests: int
+    probe_errors: int
+    last_failover: dict[str, Any] = field(default_factory=dict)  # the BPS status section
+    timeline: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResults:
+    setting: dict[str, Any]  # delays, scale, duration, connections, how overload was made
+    runs: tuple[PolicyRun, ...]
+    failover: FailoverResult | None
+    notes: tuple[str, ...] = ()
+
+    def phases(self) -> list[str]:
+        return list(dict.fromkeys(run.phase for run in self.runs))
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.0f} %"
+
+
+def comparison_table(runs: Sequence[PolicyRun]) -> str:
+    """One row per policy and phase; ratios against round-robin within the phase."""
+    headers = ["PHASE", "POLICY", "REQ/S", "P50 MS", "P99 MS", "ERRORS", "LOCAL", "VS RR"]
+    rows = []
+    for run in runs:
+        baseline = next(
+            (r for r in runs if r.phase == run.phase and r.policy == "round-robin"), None
+        )
+        ratio = f"{run.rate / baseline.rate:.2f}x" if baseline and baseline.rate > 0 else "-"
+        rows.append(
+            [
+                run.phase,
+                run.policy,
+                f"{run.rate:.0f}",
+                f"{run.p50_ms:.1f}",
+                f"{run.p99_ms:.1f}",
+                str(run.errors),
+                _share(run.local_share),
+                ratio,
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *rows]
+    ]
+    return "\n".join(lines) + f"\n({CLOSED_LOOP_NOTE})\n"
+
+
+def failover_text(failover: FailoverResult) -> str:
+    def seconds(value: float | None) -> str:
+        return "not seen" if value is None else f"{value * 1000:.0f} ms"
+
+    lines = [
+        f"killed: the process of primary {failover.killed_pod} on {failover.node} (SIGKILL)",
+        f"promoted: {failover.promoted_pod or 'none seen'}",
+        f"client (probing the ClusterIP from node-1, {failover.probe_requests} requests, "
+        f"{failover.probe_errors} failed):",
+        f"  kill -> first failed request:              {seconds(failover.first_error_s)}",
+        f"  kill -> first request served by promoted:  {seconds(failover.first_promoted_s)}",
+        "  (the paper reports 1.933 s for the same step)",
+    ]
+    if failover.timeline:
+        lines += ["BackupPodSet status (lastFailover):", failover.timeline.rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def summary_text(results: DemoResults) -> str:
+    parts = ["RAP vs round-robin, random and local-only (load from node-1's host network)"]
+    parts.append(comparison_table(results.runs))
+    if results.failover is not None:
+        parts.append("Failover")
+        parts.append(failover_text(results.failover))
+    parts += [f"note: {note}" for note in results.notes]
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def to_json(results: DemoResults) -> str:
+    document = {
+        "setting": results.setting,
+        "runs": [{**asdict(run), "rate": round(run.rate, 2)} for run in results.runs],
+        "failover": asdict(results.failover) if results.failover is not None else None,
+        "notes": list(results.notes),
+        "closedLoopNote": CLOSED_LOOP_NOTE,
+    }
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def to_markdown(results: DemoResults) -> str:
+    lines = ["# rapproxy demo results", "", "Setting:", ""]
+    lines += [f"- {key}: {value}" for key, value in results.setting.items()]
+    lines += ["", "| phase | policy | req/s | p50 ms | p99 ms | errors | local |"]
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    for run in results.runs:
+        lines.append(
+            f"| {run.phase} | {run.policy} | {run.rate:.0f} | {run.p50_ms:.1f} | "
+            f"{run.p99_ms:.1f} | {run.errors} | {_share(run.local_share)} |"
+        )
+    lines += ["", f"_{CLOSED_LOOP_NOTE}._", ""]
+    if results.failover is not None:
+        lines += ["## Failover", "", "```", failover_text(results.failover).rstrip("\n"), "```"]
+    lines += [""] + [f"- {note}" for note in results.notes]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_chart(results: DemoResults, path: Path) -> Path:
+    """Throughput and p99 per policy, one group of bars per phase, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = results.phases()
+    policies = list(dict.fromkeys(run.policy for run in results.runs))
+    figure, (rate_axes, p99_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(1, len(policies))
+    for index, policy in enumerate(policies):
+        runs = {r.phase: r for r in results.runs if r.policy == policy}
+        positions = [p + (index - (len(policies) - 1) / 2) * width for p in range(len(phases))]
+        rates = [runs[ph].rate if ph in runs else 0.0 for ph in phases]
+        p99s = [runs[ph].p99_ms if ph in runs else 0.0 for ph in phases]
+        rate_axes.bar(positions, rates, width, label=policy)
+        p99_axes.bar(positions, p99s, width, label=policy)
+    for axes, title, unit in (
+        (rate_axes, "throughput", "requests/s"),
+        (p99_axes, "p99 latency (closed loop)", "ms"),
+    ):
+        axes.set_xticks(range(len(phases)), phases)
+        axes.set_title(title)
+        axes.set_ylabel(unit)
+        axes.grid(axis="y", alpha=0.3)
+    rate_axes.legend()
+    delays = results.setting.get("delays_ms", "")
+    figure.suptitle(f"rapproxy demo: load from node-1, one-way delays {delays}", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,218 @@
+"""The demo's story, step by step: build, compare the policies, fail a primary over, clean up.
+
+1. Build the cluster (`DemoCluster`): nodes, WAN delays, API server, a rapproxy per node, and
+   Service `web` backed by BackupPodSet `web` (a primary on each node).
+2. "node-1 healthy": for each policy, annotate the Service and drive wrk from node-1's host
+   network to the ClusterIP with `Connection: close` — rapproxy balances connections, so a new
+   connection per request makes every request a balancing decision. Record req/s, p50, p99 and
+   the share of connections node-1's rapproxy kept on node-1 (its selection counters).
+3. "node-1 overloaded": the same, with node-1 short of CPU (see `DemoCluster.overload_node1`):
+   RAP should leave it, local-only cannot.
+4. Failover: kill the process of node-1's primary while a client probes the ClusterIP; report
+   when requests failed, when the promoted pod answered, and the BackupPodSet's own timeline.
+5. Everything is removed on the way out, also after an error or Ctrl-C, and checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bpsctl.render import failover_timeline
+from rapproxy.demo.cluster import (
+    NODES,
+    SERVICE_URL,
+    DemoCluster,
+    DemoSetupError,
+    until,
+)
+from rapproxy.demo.options import DemoOptions
+from rapproxy.demo.probes import failover_probe
+from rapproxy.demo.progress import Progress
+from rapproxy.demo.report import DemoResults, FailoverResult, PolicyRun
+from rapproxy.model.bps import Role
+from rapproxy.testing.load import parse_wrk, write_lua, wrk_argv
+
+HEALTHY = "node-1 healthy"
+OVERLOADED = "node-1 overloaded"
+
+
+async def run_scenario(options: DemoOptions, progress: Progress) -> DemoResults:
+    workdir = Path(tempfile.mkdtemp(prefix="rapproxy-demo-"))
+    runs: list[PolicyRun] = []
+    failover: FailoverResult | None = None
+    notes: list[str] = []
+    setting: dict[str, Any] = {
+        "nodes": list(NODES),
+        "delays_ms": {f"{a}-{b}": ms for (a, b), ms in options.delays_ms().items()},
+        "delay_scale": options.delay_scale,
+        "duration_s_per_policy": options.duration,
+        "connections": options.connections,
+        "backend_work_ms": options.work_ms,
+        "client": "wrk from node-1's host network to ClusterIP 10.96.0.10:80, Connection: close",
+    }
+    demo = DemoCluster(options, workdir)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            with progress.step(
+                "building the edge cluster: 3 node namespaces on a WAN router, one-way delays "
+                + ", ".join(f"{k} {v:g} ms" for k, v in setting["delays_ms"].items())
+            ):
+                await stack.enter_async_context(demo)
+            with progress.step("starting the emulated API server, scheduler, kubelets, BPS CRD"):
+                await demo.start_control_plane()
+            with progress.step("starting rapproxy on every node (own iptables, RAP telemetry)"):
+                await demo.start_daemons()
+            if demo.injected_load:
+                notes.append("no usable cgroups: node load figures are injected, CPU not capped")
+            with progress.step(
+                "deploying Service web + BackupPodSet web (3 primaries, 1 hot, 1 cold backup)"
+            ):
+                demo.deploy_web()
+                primaries = await demo.wait_web_serving()
+            progress.say(f"  primaries: {', '.join(primaries)}; {placement(demo)}")
+            lua = write_lua(workdir)
+            runs += await compare(demo, options, progress, HEALTHY, lua)
+            if options.overload:
+                with progress.step("overloading node-1"):
+                    how = await demo.overload_node1()
+                progress.say(f"  {how}")
+                setting["overload"] = how
+                runs += await compare(demo, options, progress, OVERLOADED, lua)
+                with progress.step("relieving node-1"):
+                    await demo.relieve_node1()
+            if options.failover:
+                failover = await fail_over(demo, progress)
+            progress.say("cleaning up: API server, daemons, pods, namespaces, cgroups, WAN")
+    except BaseException:
+        progress.say(f"  the daemons' logs are kept in {workdir}/logs")
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+    if demo.leftover_report:
+        notes.append(f"LEFT BEHIND after cleanup: {demo.leftover_report}")
+        progress.say(f"  WARNING: left behind: {demo.leftover_report}")
+    else:
+        progress.say("  cleaned up: no namespaces, cgroups or processes left")
+    return DemoResults(setting, tuple(runs), failover, tuple(notes))
+
+
+def placement(demo: DemoCluster) -> str:
+    roles = demo.pods_by_role()
+    parts = []
+    for role in Role:
+        pods = roles.get(role.value, [])
+        where = ", ".join(f"{p['metadata']['name']}@{p['spec'].get('nodeName')}" for p in pods)
+        parts.append(f"{role.value}: {where or '-'}")
+    return "; ".join(parts)
+
+
+async def compare(
+    demo: DemoCluster, options: DemoOptions, progress: Progress, phase: str, lua: Path
+) -> list[PolicyRun]:
+    runs = []
+    for policy in options.policies:
+        with progress.step(f"{phase}: {policy:<11} wrk {options.duration:g} s"):
+            run = await measure(demo, options, phase, policy, lua)
+        local = "n/a" if run.local_share is None else f"{run.local_share * 100:.0f} % local"
+        progress.say(
+            f"  {run.rate:7.0f} req/s  p50 {run.p50_ms:6.1f} ms  p99 {run.p99_ms:6.1f} ms  "
+            f"{run.errors} errors  {local}"
+        )
+        runs.append(run)
+    return runs
+
+
+async def measure(
+    demo: DemoCluster, options: DemoOptions, phase: str, policy: str, lua: Path
+) -> PolicyRun:
+    await demo.set_policy(policy)
+    node1 = demo.require_edge().node("node-1")
+    before = (await demo.balancer_state())["selections"]
+    argv = wrk_argv(
+        SERVICE_URL, lua, duration=options.duration, connections=options.connections, close=True
+    )
+    process = await node1.namespace.spawn(
+        argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), options.duration + 30)
+    except TimeoutError:
+        process.kill()
+        raise DemoSetupError(
+            f"wrk ({policy}) did not finish within {options.duration + 30:g} s"
+        ) from None
+    after = (await demo.balancer_state())["selections"]
+    result = parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
+    chosen = {k: int(after.get(k, 0)) - int(before.get(k, 0)) for k in after}
+    total = sum(chosen.values())
+    return PolicyRun(
+        phase=phase,
+        policy=policy,
+        requests=result.requests,
+        duration_s=result.duration_s,
+        errors=result.errors,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        local_share=chosen.get("local", 0) / total if total > 0 else None,
+    )
+
+
+async def fail_over(demo: DemoCluster, progress: Progress) -> FailoverResult:
+    node1 = demo.require_edge().node("node-1")
+    with progress.step("failover: switching web to round-robin so the probe reaches every pod"):
+        await demo.set_policy("round-robin")
+    roles = demo.pods_by_role()
+    primaries = roles[Role.PRIMARY.value]
+    victim = next((p for p in primaries if p["spec"].get("nodeName") == "node-1"), primaries[0])
+    name, node = victim["metadata"]["name"], victim["spec"]["nodeName"]
+    known = [p["metadata"]["name"] for p in primaries]
+    pid = demo.pod_process(victim)
+    previous = (demo.bps_status().get("lastFailover") or {}).get("detectedAt")
+    with progress.step(f"failover: SIGKILL to primary {name}'s process (pid {pid}) on {node}"):
+        probe = asyncio.ensure_future(node1.call(failover_probe, SERVICE_URL, known, 30.0))
+        await asyncio.sleep(0.5)  # half a second of healthy probes before the kill, for contrast
+        killed_at = time.time()
+        os.kill(pid, signal.SIGKILL)
+        samples = await probe
+
+        def restored() -> bool:
+            last = demo.bps_status().get("lastFailover") or {}
+            return (
+                last.get("failedPod") == name
+                and last.get("detectedAt") != previous
+                and bool(last.get("restoredAt"))
+            )
+
+        with contextlib.suppress(DemoSetupError):
+            await until(restored, 30.0, "the BackupPodSet to restore its full set")
+    after = [(at, served) for at, served in samples if at >= killed_at]
+    first_error = next((at - killed_at for at, served in after if not served), None)
+    promoted_at, promoted = next(
+        ((at - killed_at, served) for at, served in after if served and served not in known),
+        (None, None),
+    )
+    last = demo.bps_status().get("lastFailover") or {}
+    timeline = failover_timeline(last) if last.get("failedPod") == name else ""
+    result = FailoverResult(
+        killed_pod=name,
+        node=node,
+        promoted_pod=last.get("promotedPod") or promoted,
+        first_error_s=first_error,
+        first_promoted_s=promoted_at,
+        probe_requests=len(after),
+        probe_errors=sum(1 for _, served in after if not served),
+        last_failover=dict(last),
+        timeline=timeline,
+    )
+    if promoted and last.get("promotedPod") and promoted != last.get("promotedPod"):
+        progress.say(
+            f"  note: first new pod seen was {promoted}, BPS promoted {last['promotedPod']}"
+        )
+    return result

@@ -284,6 +284,7 @@ class EdgeCluster:
 
     async def _build(self) -> None:
         self.workdir = self._given_workdir or Path(tempfile.mkdtemp(prefix="rapproxy-edge-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self.cgroups = EdgeCgroups.create(detect_layout())
         except CgroupUnavailable as error:

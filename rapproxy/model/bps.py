@@ -60,6 +60,9 @@ class Role(enum.StrEnum):
     COLD_BACKUP = "cold-backup"
 
 
+RESTART_POLICIES = ("Always", "Never")
+
+
 class PodPhase(enum.StrEnum):
     PENDING = "Pending"
     RUNNING = "Running"
@@ -247,10 +250,15 @@ def _template_json(template: object, key: str) -> str:
                 f"{WAITER_CONTAINER!r} is reserved for the cold-backup waiter",
             )
     restart_policy = pod_spec.get("restartPolicy", "Always")
-    if restart_policy != "Always":
-        # A role is a promise that the pod keeps running; like a ReplicaSet, only Always fits.
+    if restart_policy not in RESTART_POLICIES:
+        # Always: a crashed container restarts in place (with back-off), as in a ReplicaSet, and
+        # the set fails over only if the pod stays not Ready past the grace. Never: a crash
+        # fails the pod, and the set fails over to a hot backup at once instead of waiting for a
+        # restart. OnFailure mixes the two (exit 0 ends a "primary") and fits no role.
         raise InvalidBackupPodSet(
-            key, "spec.template.spec.restartPolicy", f"{restart_policy!r}: only 'Always' is allowed"
+            key,
+            "spec.template.spec.restartPolicy",
+            f"{restart_policy!r}: only 'Always' or 'Never' is allowed",
         )
     return json.dumps(template, sort_keys=True, separators=(",", ":"))
 

@@ -66,6 +66,11 @@ def test_parses_counts_identity_and_template() -> None:
     assert bps.key == "shop/web"
 
 
+def test_restart_policy_never_is_accepted_so_a_crash_fails_over_instead_of_restarting() -> None:
+    bps = parse_backup_pod_set(bps_with("spec.template.spec.restartPolicy", "Never"))
+    assert bps.spec.template["spec"]["restartPolicy"] == "Never"
+
+
 def test_template_copies_are_independent_and_spec_is_hashable() -> None:
     bps = parse_backup_pod_set(BPS)
     bps.spec.template["spec"]["containers"].clear()
@@ -116,8 +121,8 @@ def test_activation_and_placement_are_parsed() -> None:
         ),
         (
             "spec.template.spec.restartPolicy",
-            "Never",
-            "spec.template.spec.restartPolicy: 'Never': only 'Always' is allowed",
+            "OnFailure",
+            "spec.template.spec.restartPolicy: 'OnFailure': only 'Always' or 'Never' is allowed",
         ),
         (
             "spec.template.spec.initContainers",

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the node proxy daemon")
     run.add_argument("--config", type=Path, help="RapproxyConfiguration YAML file")
-    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
+    run.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, then in-cluster config)"
+    )
     run.add_argument("--context", help="kubeconfig context")
     run.add_argument("--node-name", help="this node's name (default: $NODE_NAME, then hostname)")
     run.add_argument(
@@ -86,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bps-controller", help="run only the BackupPodSet controller (leader-elected)"
     )
     bps.add_argument("--config", type=Path, help="RapproxyConfiguration YAML file")
-    bps.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
+    bps.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, then in-cluster config)"
+    )
     bps.add_argument("--context", help="kubeconfig context")
     bps.add_argument("--identity", help="leader-election identity (default: <hostname>_<random>)")
     bps.add_argument("--metrics-bind-address", metavar="HOST:PORT", help="/metrics and /healthz")

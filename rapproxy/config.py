@@ -44,7 +44,11 @@ def _doc(text: str, **kwargs: Any) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class ClientConnection:
-    kubeconfig: str = _doc("Path to a kubeconfig; empty means in-cluster config.", default="")
+    kubeconfig: str = _doc(
+        "Path to a kubeconfig; empty means the files of $KUBECONFIG, as kubectl reads them, "
+        "then in-cluster config.",
+        default="",
+    )
     context: str = _doc("kubeconfig context to use; empty means the current context.", default="")
     request_timeout: float = _doc("Seconds before an API request is abandoned.", default=30.0)
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -127,6 +129,56 @@ class ClientSettings:
     request_timeout: float = 30.0
 
 
+def kubeconfig_files(explicit: str, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The kubeconfig files to load, in kubectl's order; empty means in-cluster config.
+
+    A path given explicitly (`--kubeconfig`, `RAPPROXY_CLIENT_CONNECTION_KUBECONFIG` or
+    `clientConnection.kubeconfig`) wins and is used as given. Otherwise `$KUBECONFIG`, a list
+    separated by `os.pathsep`: like kubectl (client-go) and kubernetes-asyncio, every listed file
+    that exists is used and merged (see `_load_kubeconfig`); missing ones are skipped, `~` is
+    expanded as kubernetes-asyncio does. When none exists, in-cluster config follows, as kubectl
+    falls back to it. Unlike kubectl there is no `~/.kube/config` fallback: this is a daemon,
+    and a stray file in root's home must not silently redirect a node proxy away from the
+    cluster it runs in.
+    """
+    if explicit:
+        return (explicit,)
+    files: list[str] = []
+    for entry in environ.get("KUBECONFIG", "").split(os.pathsep):
+        path = os.path.expanduser(entry) if entry else ""
+        if path and os.path.exists(path) and path not in files:
+            files.append(path)
+    return tuple(files)
+
+
+def _first_current_context(files: tuple[str, ...]) -> str | None:
+    """kubectl's current context of merged files: the first file that sets one wins.
+
+    kubernetes-asyncio merges clusters, users and contexts first-wins as kubectl does, but lets
+    the *last* file's `current-context` win; pinning the context this way keeps the merge
+    kubectl's.
+    """
+    for path in files:
+        with open(path, encoding="utf-8") as stream:
+            document = yaml.safe_load(stream)
+        if isinstance(document, dict) and document.get("current-context"):
+            return str(document["current-context"])
+    return None
+
+
+async def _load_kubeconfig(
+    files: tuple[str, ...], context: str, configuration: k8s_client.Configuration
+) -> None:
+    if len(files) > 1 and not context:
+        context = _first_current_context(files) or ""
+    # kubernetes-asyncio splits `config_file` on the same separator and merges the files.
+    await k8s_config.load_kube_config(
+        config_file=os.pathsep.join(files),
+        context=context or None,
+        client_configuration=configuration,
+    )
+
+
 class KubeClient:
     """Raw-JSON API access with call accounting. Create with `await KubeClient.connect(...)`."""
 
@@ -136,14 +188,20 @@ class KubeClient:
         self.calls: Counter[tuple[str, str, str]] = Counter()
 
     @classmethod
-    async def connect(cls, settings: ClientSettings) -> KubeClient:
+    async def connect(
+        cls, settings: ClientSettings, environ: Mapping[str, str] | None = None
+    ) -> KubeClient:
+        """Connect as kubectl would: `settings.kubeconfig`, then `$KUBECONFIG` (read from
+        `environ`, by default the process environment), then in-cluster config."""
         configuration = k8s_client.Configuration()
-        if settings.kubeconfig:
-            await k8s_config.load_kube_config(
-                config_file=settings.kubeconfig,
-                context=settings.context or None,
-                client_configuration=configuration,
-            )
+        files = kubeconfig_files(settings.kubeconfig, os.environ if environ is None else environ)
+        if files:
+            try:
+                await _load_kubeconfig(files, settings.context, configuration)
+            except (k8s_config.ConfigException, yaml.YAMLError, OSError) as error:
+                raise ApiError(
+                    0, "BadKubeconfig", f"cannot load kubeconfig {os.pathsep.join(files)}: {error}"
+                ) from None
         else:
             try:
                 k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]

@@ -64,7 +64,13 @@ from rapproxy.bps.plan import (
     plan,
 )
 from rapproxy.bps.pod_template import DEFAULT_WAITER_COMMAND, build_pod
-from rapproxy.bps.status import FailoverRecord, build_status, invalid_status, settled_and_ready
+from rapproxy.bps.status import (
+    FailoverRecord,
+    build_status,
+    invalid_status,
+    merge_patch,
+    settled_and_ready,
+)
 from rapproxy.cluster.client import (
     BACKUP_POD_SETS,
     NODES,
@@ -715,14 +721,15 @@ class BpsController:
         await self._patch_status(obj, current, wanted)
 
     async def _patch_status(self, obj: Obj, current: Obj, wanted: Obj) -> None:
-        if all(current.get(k) == v for k, v in wanted.items()):
+        patch = merge_patch(current, wanted)
+        if not patch:
             return
         meta = obj.get("metadata") or {}
         try:
             await self.client.patch(
                 BACKUP_POD_SETS,
                 str(meta.get("name")),
-                {"status": wanted},
+                {"status": patch},
                 str(meta.get("namespace") or "default"),
                 subresource="status",
             )

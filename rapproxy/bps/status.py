@@ -97,6 +97,25 @@ class FailoverRecord:
         return out
 
 
+def merge_patch(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `current` into `wanted`; {} when equal.
+
+    A merge patch only adds and replaces: a key the new status no longer has (a new failover's
+    `restoredAt`, not reached yet) must be sent as null, or the old failover's value survives
+    beside the new one's.
+    """
+    patch: dict[str, Any] = {key: None for key in current if key not in wanted}
+    for key, value in wanted.items():
+        old = current.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            nested = merge_patch(old, value)
+            if nested:
+                patch[key] = nested
+        elif key not in current or old != value:
+            patch[key] = value
+    return patch
+
+
 def condition(
     previous: Sequence[Mapping[str, Any]],
     kind: str,

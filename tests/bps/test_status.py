@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 
 from rapproxy.bps.plan import plan
-from rapproxy.bps.status import FailoverRecord, build_status, invalid_status, rfc3339
+from rapproxy.bps.status import (
+    FailoverRecord,
+    build_status,
+    invalid_status,
+    merge_patch,
+    rfc3339,
+)
 from rapproxy.model.bps import BackupPodSet, BackupPodSetSpec, ObservedPod, Role
 
 TEMPLATE = json.dumps({"spec": {"containers": [{"name": "a", "image": "i"}]}})
@@ -83,3 +89,20 @@ def test_failover_record_renders_stage_offsets_from_detection() -> None:
     assert out["promotedAt"] == "2027-01-15T08:00:00.012Z"
     assert "activatedAt" not in out
     assert rfc3339(NOW) == "2027-01-15T08:00:00Z"
+
+
+def test_status_patch_nulls_what_the_new_status_no_longer_has() -> None:
+    old_failover = {"failedPod": "web-a", "detectedAt": "t1", "restoredAt": "t2"}
+    new_failover = {"failedPod": "web-b", "detectedAt": "t3"}
+    current = {"replicas": 3, "lastFailover": old_failover, "stale": 1}
+    wanted = {"replicas": 3, "lastFailover": new_failover}
+    patch = merge_patch(current, wanted)
+    assert patch == {
+        "stale": None,
+        "lastFailover": {"failedPod": "web-b", "detectedAt": "t3", "restoredAt": None},
+    }
+
+
+def test_status_patch_is_empty_when_nothing_changed() -> None:
+    status = {"replicas": 3, "pods": {"primary": ["a"]}, "lastFailover": {"failedPod": "a"}}
+    assert merge_patch(status, json.loads(json.dumps(status))) == {}

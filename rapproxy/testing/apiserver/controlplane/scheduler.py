@@ -1,9 +1,12 @@
 """A minimal scheduler: binds pending pods to Ready nodes through the binding subresource.
 
 Picks, among Ready, schedulable nodes whose labels satisfy the pod's `nodeSelector` and whose
-NoSchedule taints the pod tolerates, the one with the fewest pods (ties by name — so a steady
-stream of pods is spread round-robin). Pods that name a node already, or another scheduler, are
-left alone. A pod that fits nowhere waits until a node event makes room.
+NoSchedule taints the pod tolerates, the one whose preferred node affinity terms weigh most (as
+kube-scheduler's NodeAffinity score plugin adds the weights of the matching terms; the
+BackupPodSet controller expresses its placement this way), then the one with the fewest pods
+(ties by name — so a steady stream of pods is spread round-robin). Pods that name a node
+already, or another scheduler, are left alone. A pod that fits nowhere waits until a node event
+makes room.
 """
 
 from __future__ import annotations
@@ -51,6 +54,46 @@ def fits(pod: JsonObject, node: JsonObject) -> bool:
         if taint.get("effect") == "NoSchedule" and not tolerates(pod, taint):
             return False
     return True
+
+
+def _matches(requirement: JsonObject, values: dict[str, str]) -> bool:
+    present = requirement.get("key") in values
+    value = values.get(str(requirement.get("key")))
+    wanted = requirement.get("values") or []
+    operator = requirement.get("operator")
+    if operator == "In":
+        return present and value in wanted
+    if operator == "NotIn":
+        return not present or value not in wanted
+    if operator == "Exists":
+        return present
+    if operator == "DoesNotExist":
+        return not present
+    return False  # Gt/Lt and unknown operators: no match, never an error
+
+
+def preference_weight(pod: JsonObject, node: JsonObject) -> int:
+    """Sum of the weights of the pod's preferred node affinity terms that `node` matches.
+
+    A term matches when all its `matchExpressions` (node labels) and `matchFields` (only
+    `metadata.name` exists, as in Kubernetes) match.
+    """
+    affinity = ((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}
+    labels = node["metadata"].get("labels") or {}
+    fields = {"metadata.name": node["metadata"]["name"]}
+    total = 0
+    for term in affinity.get("preferredDuringSchedulingIgnoredDuringExecution") or []:
+        preference = term.get("preference") or {}
+        expressions = preference.get("matchExpressions") or []
+        field_terms = preference.get("matchFields") or []
+        if not expressions and not field_terms:
+            continue  # an empty preference matches nothing (Kubernetes' rule)
+        if all(_matches(e, labels) for e in expressions) and all(
+            _matches(f, fields) for f in field_terms
+        ):
+            weight = term.get("weight")
+            total += weight if isinstance(weight, int) else 0
+    return total
 
 
 def needs_scheduling(pod: JsonObject) -> bool:
@@ -122,7 +165,12 @@ class Scheduler:
             if not candidates:
                 continue
             best = min(
-                candidates, key=lambda n: (load[n["metadata"]["name"]], n["metadata"]["name"])
+                candidates,
+                key=lambda n: (
+                    -preference_weight(pod, n),
+                    load[n["metadata"]["name"]],
+                    n["metadata"]["name"],
+                ),
             )
             name = best["metadata"]["name"]
             meta = pod["metadata"]

@@ -50,3 +50,27 @@ async def test_node_selector_and_preset_node_name_are_honoured() -> None:
         assert node_of("preset") == "node-a"
         await eventually(lambda: api.store.get(PODS, "default", "picky")["status"].get("podIP"))  # type: ignore[index]
         assert node_of("nowhere") is None
+
+
+def _prefer(node: str, weight: int = 100) -> dict[str, object]:
+    term = {"key": "metadata.name", "operator": "In", "values": [node]}
+    preferred = [{"weight": weight, "preference": {"matchFields": [term]}}]
+    return {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": preferred}}
+
+
+async def test_preferred_node_affinity_outweighs_spreading() -> None:
+    async with EmulatedApiServer(nodes=["node-a", "node-b", "node-c"]) as api:
+        for i in range(3):
+            api.registry.create(PODS, "default", _pod(f"to-c-{i}", affinity=_prefer("node-c")))
+        api.registry.create(
+            PODS, "default", _pod("mismatch", affinity=_prefer("node-missing", weight=50))
+        )
+
+        def placements() -> dict[str, str] | None:
+            pods = api.store.list(PODS)
+            nodes = {p["metadata"]["name"]: (p.get("spec") or {}).get("nodeName") for p in pods}
+            return nodes if len(nodes) == 4 and all(nodes.values()) else None  # type: ignore[return-value]
+
+        placed = await eventually(placements)
+        assert [placed[f"to-c-{i}"] for i in range(3)] == ["node-c"] * 3
+        assert placed["mismatch"] in ("node-a", "node-b")  # no match: least loaded, not node-c

@@ -27,6 +27,7 @@ class DemoOptions:
     duration: float = 10.0  # seconds of load per policy and phase
     connections: int = 16
     work_ms: float = 0.5  # CPU per request in each backend pod
+    node_cpus: float = 2.0  # each node's CPU capacity for pods while healthy (its cgroup cap)
     output: Path | None = None
     policies: tuple[str, ...] = POLICIES
     overload: bool = True  # also run the comparison with node-1 overloaded
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-ms", type=float, default=0.5, help="CPU ms per request in each backend"
     )
     parser.add_argument(
+        "--node-cpus",
+        type=float,
+        default=2.0,
+        help="each node's CPU capacity for pods, its cgroup cap (default 2)",
+    )
+    parser.add_argument(
         "--policies",
         default=",".join(POLICIES),
         help=f"comma-separated subset of {','.join(POLICIES)}",
@@ -89,6 +96,8 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
         raise DemoOptionError(f"--connections: {args.connections} is outside 1..512")
     if not 0 <= args.work_ms <= 100:
         raise DemoOptionError(f"--work-ms: {args.work_ms:g} is outside 0..100")
+    if not 0.05 <= args.node_cpus <= 64:
+        raise DemoOptionError(f"--node-cpus: {args.node_cpus:g} is outside 0.05..64")
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
@@ -98,6 +107,7 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
         duration=duration,
         connections=args.connections,
         work_ms=args.work_ms,
+        node_cpus=args.node_cpus,
         output=args.output,
         policies=policies,
         overload=not args.no_overload,

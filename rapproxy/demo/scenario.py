@@ -37,7 +37,7 @@ from rapproxy.demo.options import DemoOptions
 from rapproxy.demo.probes import failover_probe
 from rapproxy.demo.progress import Progress
 from rapproxy.demo.report import DemoResults, FailoverResult, PolicyRun
-from rapproxy.model.bps import Role
+from rapproxy.model.bps import Role, parse_time
 from rapproxy.testing.load import parse_wrk, write_lua, wrk_argv
 
 HEALTHY = "node-1 healthy"
@@ -199,13 +199,16 @@ async def fail_over(demo: DemoCluster, progress: Progress) -> FailoverResult:
         (None, None),
     )
     last = demo.bps_status().get("lastFailover") or {}
-    timeline = failover_timeline(last) if last.get("failedPod") == name else ""
+    ours = last.get("failedPod") == name and last.get("detectedAt") != previous
+    timeline = failover_timeline(last) if ours else ""
+    restored_at = parse_time(last.get("restoredAt")) if ours else None
     result = FailoverResult(
         killed_pod=name,
         node=node,
         promoted_pod=last.get("promotedPod") or promoted,
         first_error_s=first_error,
         first_promoted_s=promoted_at,
+        restored_s=None if restored_at is None else restored_at - killed_at,
         probe_requests=len(after),
         probe_errors=sum(1 for _, served in after if not served),
         last_failover=dict(last),

@@ -233,9 +233,13 @@ class BpsTestbed:
         nodes: tuple[str, ...] = ("node-a", "node-b", "node-c"),
         *,
         startup_delay: float = 0.0,
+        install_crd: bool = True,
     ) -> None:
+        # install_crd=False starts without the BackupPodSet CRD, for a test that installs it the
+        # way an operator does (`kubectl apply -f manifests/crd-backuppodset.yaml`).
         self.nodes = nodes
         self.startup_delay = startup_delay
+        self.install_crd = install_crd
         self.api = EmulatedApiServer(control_plane=False)
         self.runtime = WaitingRuntime(self.api.registry, startup_delay)
         self.api.control_plane = ControlPlane(
@@ -247,7 +251,8 @@ class BpsTestbed:
 
     async def __aenter__(self) -> BpsTestbed:
         await self.api.start()
-        self.api.registry.create(CRDS, "", crd_manifest())
+        if self.install_crd:
+            self.api.registry.create(CRDS, "", crd_manifest())
         self.api.write_kubeconfig(self.kubeconfig)
         return self
 

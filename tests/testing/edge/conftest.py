@@ -11,11 +11,13 @@ import inspect
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from rapproxy.testing.edge.cgroups import sweep_stale_cgroups
+from rapproxy.testing.edge.cgroups import cgroups_of_process, sweep_stale_cgroups
 from rapproxy.testing.netns import sweep_stale_namespaces
 
 
@@ -39,3 +41,16 @@ async def eventually(check: Callable[[], Any], within: float = 10.0, interval: f
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {within}s (last: {last!r})")
         await asyncio.sleep(interval)
+
+
+def edge_cgroups_of_this_process() -> list[Path]:
+    return cgroups_of_process(os.getpid())
+
+
+def children_of_this_process() -> list[psutil.Process]:
+    # The multiprocessing resource tracker lives as long as this worker; it is not ours to kill.
+    return [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "resource_tracker" not in " ".join(child.cmdline())
+    ]

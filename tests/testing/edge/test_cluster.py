@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from rapproxy.testing.apiserver import EmulatedApiServer
@@ -19,27 +17,13 @@ from rapproxy.testing.edge.measure import http_load, icmp_rtts, wait_port
 from rapproxy.testing.netns import live_namespaces
 from rapproxy.testing.probes import http_get
 
-from .conftest import eventually
+from .conftest import children_of_this_process, edge_cgroups_of_this_process, eventually
 
 pytestmark = pytest.mark.root
 
 DELAYS = DelayMatrix.symmetric(
     {("node-1", "node-2"): 4.0, ("node-1", "node-3"): 8.0, ("node-2", "node-3"): 3.0}
 )
-
-
-def edge_cgroups_of_this_process() -> list[Path]:
-    roots = [Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/unified")]
-    return [p for root in roots for p in root.glob(f"rapproxy-edge-{os.getpid()}-*")]
-
-
-def children_of_this_process() -> list[psutil.Process]:
-    # The multiprocessing resource tracker lives as long as this worker; it is not ours to kill.
-    return [
-        child
-        for child in psutil.Process().children(recursive=True)
-        if "resource_tracker" not in " ".join(child.cmdline())
-    ]
 
 
 async def test_three_nodes_come_up_with_the_asked_delays_and_leave_nothing() -> None:

@@ -1,0 +1,136 @@
+"""`rapproxy demo` end to end, as root: the cluster comes up, every policy carries traffic, a
+primary fails over, and nothing is left — also when the run fails midway.
+
+The runs are short (1 s of load per policy): these tests check that the demo works and what it
+reports is consistent, not how fast anything is (that is `benchmarks/edge/`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rapproxy.demo import main as demo_main
+from rapproxy.demo.cluster import DemoCluster
+from rapproxy.demo.options import POLICIES, DemoOptions
+from rapproxy.demo.progress import Progress
+from rapproxy.demo.scenario import HEALTHY, OVERLOADED, run_scenario
+from rapproxy.testing.edge.cgroups import cgroups_of_process
+from rapproxy.testing.netns import live_namespaces
+
+ROOT_ONLY = pytest.mark.root
+
+
+def edge_cgroups_of_this_process() -> list[Path]:
+    return cgroups_of_process(os.getpid())
+
+
+def children_of_this_process() -> list[psutil.Process]:
+    # The multiprocessing resource tracker lives as long as this worker; it is not ours to kill.
+    return [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "resource_tracker" not in " ".join(child.cmdline())
+    ]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@ROOT_ONLY
+@pytest.mark.slow
+async def test_every_policy_carries_traffic_a_primary_fails_over_and_nothing_is_left() -> None:
+    before = set(live_namespaces())
+    output = io.StringIO()
+    options = DemoOptions(duration=1.0, connections=4)
+    results = await run_scenario(options, Progress(output))
+    story = output.getvalue()
+
+    assert [(r.phase, r.policy) for r in results.runs] == [
+        *((HEALTHY, p) for p in POLICIES),
+        *((OVERLOADED, p) for p in POLICIES),
+    ], story
+    for run in results.runs:
+        assert run.requests > 0 and run.errors == 0, (run, story)
+    healthy = {r.policy: r for r in results.runs if r.phase == HEALTHY}
+    # node-1 healthy: rap and local-only keep node-1's connections on node-1; round-robin and
+    # random spread them over the three primaries, one per node.
+    assert healthy["local-only"].local_share == 1.0
+    assert healthy["rap"].local_share is not None and healthy["rap"].local_share >= 0.9
+    for spread in ("round-robin", "random"):
+        share = healthy[spread].local_share
+        assert share is not None and 0.1 < share < 0.6, (spread, share)
+    overloaded_rap = next(r for r in results.runs if r.phase == OVERLOADED and r.policy == "rap")
+    assert overloaded_rap.local_share is not None and overloaded_rap.local_share < 0.5
+
+    failover = results.failover
+    assert failover is not None, story
+    assert failover.promoted_pod and failover.promoted_pod != failover.killed_pod
+    assert failover.first_promoted_s is not None and failover.first_promoted_s < 10
+    assert failover.restored_s is not None and 0 < failover.restored_s < 30
+    assert "FailoverComplete" not in story or failover.timeline
+
+    assert not [n for n in results.notes if "LEFT BEHIND" in n], results.notes
+    assert set(live_namespaces()) == before
+    assert edge_cgroups_of_this_process() == []
+    assert children_of_this_process() == []
+
+
+@ROOT_ONLY
+async def test_a_run_failing_midway_still_removes_daemons_pods_namespaces_and_cgroups(
+    tmp_path: Path,
+) -> None:
+    before = set(live_namespaces())
+    demo = DemoCluster(DemoOptions(), tmp_path)
+    with pytest.raises(RuntimeError, match="midway"):
+        async with demo:
+            await demo.start_control_plane()
+            await demo.start_daemons()
+            demo.deploy_web()
+            await demo.wait_web_serving()
+            assert processes_mentioning(str(tmp_path / "kubeconfig"))  # three daemons run
+            raise RuntimeError("the demo failed midway")
+    assert demo.leftover_report == []
+    assert processes_mentioning(str(tmp_path / "kubeconfig")) == []
+    assert set(live_namespaces()) == before
+    assert edge_cgroups_of_this_process() == []
+    assert children_of_this_process() == []
+
+
+def test_without_root_the_demo_says_it_needs_root_and_touches_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A real unprivileged process cannot run this interpreter here (it lives under /root), so
+    # the effective uid is what is faked; nothing after the check may run.
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert demo_main(["--quick"]) == 1
+    error = capsys.readouterr().err
+    assert "needs root" in error and "sudo make demo" in error
+
+
+def test_a_bad_flag_is_one_line_naming_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "rapproxy", "demo", "--duration", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "rapproxy demo: --duration: 0 s is outside 1..600"

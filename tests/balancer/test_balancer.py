@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,9 +15,11 @@ from rapproxy.balancer.balancer import Balancer, key_of
 from rapproxy.balancer.categorize import Locality, categorize
 from rapproxy.balancer.outlier import OutlierSettings
 from rapproxy.balancer.policy import Placement
+from rapproxy.balancer.rap import rap_policy_factory
 from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.service import LbPolicy, ServicePort, ServicePortName
 from rapproxy.model.table import ServiceEntry, ServiceTable
+from rapproxy.model.telemetry import NodeStats, RapSettings, TelemetryTracker
 
 HERE = Locality("node-a", "zone-a")
 WEB = ServicePortName("default", "web", "http")
@@ -339,43 +342,102 @@ def test_describe_is_json_serialisable_and_explains_the_state() -> None:
 
 # -- the invariant ---------------------------------------------------------------------------------
 
+NODES = ("node-a", "node-b", "node-c")
+# Figures go stale after 3 s and every step below advances the clock by 0.5 s, so a run sees fresh,
+# stale, failed and missing telemetry for each node, and RAP's cached plan expiring by time alone.
+RAP_SETTINGS = RapSettings(top_k=2, telemetry_interval=1.0, stale_after_periods=3.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A telemetry sample for `node` arriving now, `age` seconds old (stale on arrival if > 3)."""
+
+    node: str
+    cpu: float
+    memory: float
+    age: float
+    rtt: float
+
+
+@dataclass(frozen=True, slots=True)
+class PollFailed:
+    """A failed poll of `node` (unreachable or garbage): its figures are unusable from now on."""
+
+    node: str
+
+
+# Few distinct addresses, so `tried`, dial failures and connection counts hit real endpoints.
 endpoint_rows = st.lists(
     st.tuples(
-        st.integers(1, 40),
-        st.sampled_from(["node-a", "node-b", "node-c"]),
+        st.integers(1, 10),
+        st.sampled_from(NODES),
         st.booleans(),
         st.booleans(),
     ),
+    min_size=1,
     max_size=8,
     unique_by=lambda row: row[0],
 )
-actions = st.lists(
-    st.tuples(
-        st.sampled_from(["choose", "fail", "open", "close"]),
+# Mostly idle, sometimes inside or above the 0.7/0.8 hysteresis band; mostly fresh on arrival.
+utilization = st.sampled_from([0.0, 0.3, 0.3, 0.75, 0.85, 1.0])
+
+
+def telemetry_for(node: str) -> st.SearchStrategy[Report | PollFailed]:
+    report = st.builds(
+        Report,
+        st.just(node),
+        utilization,
+        utilization,
+        st.sampled_from([0.0, 0.0, 1.0, 5.0]),
+        st.sampled_from([0.0, 0.0005, 0.02]),
+    )
+    # `one_of` would weigh every leaf alike; three reports for each failed poll.
+    return st.sampled_from([True, True, True, False]).flatmap(
+        lambda ok: report if ok else st.just(PollFailed(node))
+    )
+
+
+telemetry = st.sampled_from(NODES).flatmap(telemetry_for)
+# What is known when traffic starts: per node, nothing, figures (fresh or stale), or a failed poll.
+initial_telemetry = st.tuples(*(st.one_of(st.none(), telemetry_for(node)) for node in NODES))
+
+
+def step_of(kind: str) -> st.SearchStrategy[tuple[str, str, bool, int] | Report | PollFailed]:
+    if kind == "telemetry":
+        return telemetry
+    return st.tuples(
+        st.just(kind),
         st.sampled_from(["192.168.0.1", "192.168.0.2"]),
         st.booleans(),
-        st.integers(0, 40),
+        st.integers(0, 10),
+    )
+
+
+actions = st.lists(
+    st.sampled_from(["choose"] * 4 + ["fail", "open", "close"] + ["telemetry"] * 2).flatmap(
+        step_of
     ),
-    max_size=30,
+    min_size=8,
+    max_size=40,
 )
 
+service_options = st.tuples(st.booleans(), st.booleans(), st.sampled_from([None, 30]))
 
-service_options = st.tuples(
-    st.booleans(),
-    st.booleans(),
-    st.sampled_from([None, 30]),
-    st.sampled_from([LbPolicy.ROUND_ROBIN, LbPolicy.RANDOM, LbPolicy.LEAST_CONN]),
+
+# One parameter per policy so each gets the full example budget (RAP's paths need the most).
+@pytest.mark.parametrize(
+    "policy", [LbPolicy.ROUND_ROBIN, LbPolicy.RANDOM, LbPolicy.LEAST_CONN, LbPolicy.RAP]
 )
-
-
 @settings(max_examples=100, deadline=None)
-@given(endpoint_rows, service_options, actions)
+@given(endpoint_rows, service_options, initial_telemetry, actions)
 def test_choose_only_ever_returns_an_endpoint_usable_for_that_traffic(
+    policy: LbPolicy,
     rows: list[tuple[int, str, bool, bool]],
-    options: tuple[bool, bool, int | None, LbPolicy],
-    steps: list[tuple[str, str, bool, int]],
+    options: tuple[bool, bool, int | None],
+    initial: tuple[Report | PollFailed | None, ...],
+    steps: list[tuple[str, str, bool, int] | Report | PollFailed],
 ) -> None:
-    internal_local, external_local, affinity, policy = options
+    internal_local, external_local, affinity = options
     endpoints = tuple(ep(i, node, ready=ready, term=term) for i, node, ready, term in rows)
     svc = port(
         internal_traffic_local=internal_local,
@@ -383,11 +445,33 @@ def test_choose_only_ever_returns_an_endpoint_usable_for_that_traffic(
         affinity_timeout_seconds=affinity,
         lb_policy=policy,
     )
-    b = balancer((svc, endpoints), outliers=OutlierSettings(2, 5.0, 20.0))
+    # Wired as the daemon wires it: one real tracker, RAP reading its snapshots through the factory.
+    tracker = TelemetryTracker(HERE.node_name, RAP_SETTINGS)
+    factory = rap_policy_factory(tracker.snapshot, RAP_SETTINGS, random.Random(7))
+    b = balancer((svc, endpoints), outliers=OutlierSettings(2, 5.0, 20.0), policy_factory=factory)
+    assert b.describe(0.0)["services"][str(WEB)]["policy"] == policy.value
     categorized = categorize(endpoints, HERE)
+
+    def feed(event: Report | PollFailed, now: float) -> None:
+        if isinstance(event, PollFailed):
+            tracker.record_failure(event.node, "connection refused")
+            return
+        stats = NodeStats(event.node, event.cpu, event.memory, now - event.age)
+        if event.node == HERE.node_name:
+            tracker.record_local(stats)
+        else:
+            tracker.record_peer(event.node, stats, event.rtt)
+
     now = 0.0
-    for action, client, external, pick in steps:
-        now += 1.0
+    for event in initial:
+        if event is not None:
+            feed(event, now)
+    for step in steps:
+        now += 0.5
+        if isinstance(step, Report | PollFailed):
+            feed(step, now)
+            continue
+        action, client, external, pick = step
         if action == "choose":
             tried = frozenset({(f"10.0.0.{pick}", 8080)})
             choice = b.choose(WEB, client, now, external=external, tried=tried)
@@ -397,10 +481,13 @@ def test_choose_only_ever_returns_an_endpoint_usable_for_that_traffic(
                 assert not allowed
             else:
                 assert choice.endpoint in allowed
-                expected = (
-                    Placement.LOCAL if choice.endpoint.node_name == "node-a" else Placement.REMOTE
-                )
-                assert choice.placement is expected
+                if choice.placement is Placement.FALLBACK:
+                    assert policy is LbPolicy.RAP  # only RAP falls back, to any candidate
+                else:
+                    on_this_node = choice.endpoint.node_name == HERE.node_name
+                    assert choice.placement is (
+                        Placement.LOCAL if on_this_node else Placement.REMOTE
+                    )
         elif action == "fail":
             b.dial_failed(WEB, (f"10.0.0.{pick}", 8080), client, now)
         elif action == "open":

@@ -123,6 +123,16 @@ class RapSettings:
         "Utilization below which an overloaded node counts as healthy again (hysteresis).",
         default=0.7,
     )
+    spill_backoff: float = _doc(
+        "While the local node is overloaded, each local sample multiplies the share of new "
+        "connections it keeps by this (0: send everything away at once, the paper's switch).",
+        default=0.7,
+    )
+    spill_recovery: float = _doc(
+        "Once the local node is below exitThreshold, each local sample adds this to its share "
+        "(1: take everything back at once).",
+        default=0.1,
+    )
     weights: RapWeights = _doc("Score weights.", default_factory=RapWeights)
     top_candidates: int = _doc(
         "How many best-scored nodes share spilled traffic, at random weighted by score.",
@@ -486,6 +496,10 @@ def validate(config: RapproxyConfiguration) -> None:
             raise ConfigError(f"{name}: {value} must be in (0, 1]")
     if rap.exit_threshold > rap.overload_threshold:
         raise ConfigError("rap.exitThreshold: must not exceed rap.overloadThreshold")
+    if not 0 <= rap.spill_backoff < 1:
+        raise ConfigError(f"rap.spillBackoff: {rap.spill_backoff} must be in [0, 1)")
+    if not 0 < rap.spill_recovery <= 1:
+        raise ConfigError(f"rap.spillRecovery: {rap.spill_recovery} must be in (0, 1]")
     for name, value in (
         ("rap.weights.cpu", rap.weights.cpu),
         ("rap.weights.memory", rap.weights.memory),

@@ -3,7 +3,11 @@
 Design §3.4, for one service port:
 
 1. **Local first.** Usable local endpoints and a local node that is not overloaded → least active
-   connections among the local endpoints, round-robin on ties.
+   connections among the local endpoints, round-robin on ties. A node that is or just was
+   overloaded keeps only its *local share* of new connections (the telemetry's AIMD answer to
+   "how much can I still take", `model.telemetry.next_local_share`) and spills the rest — a
+   departure from the paper's all-or-nothing switch, which makes a busy node's traffic swing
+   between all-local and all-remote (docs/architecture.md).
 2. **Best remote.** Otherwise every other node with usable endpoints and fresh, non-overloaded
    figures is scored
    `w_cpu·availCPU(n)/max availCPU + w_mem·availMem(n)/max availMem + w_rtt·minRTT/RTT(n)`
@@ -56,6 +60,7 @@ class RapDecision(enum.StrEnum):
     """What the policy does for the next connection of a service, as shown in `/debug/state`."""
 
     LOCAL = "local"
+    SPILL = "spill"  # local with probability local_share, else remote
     REMOTE = "remote"
     FALLBACK = "fallback"
     ROUND_ROBIN = "round-robin (no telemetry)"
@@ -86,6 +91,7 @@ class _Plan:
     cumulative: tuple[float, ...]
     local_overloaded: bool
     scores: tuple[_NodeScore, ...]
+    local_share: float
 
 
 class RapPolicy:
@@ -116,7 +122,10 @@ class RapPolicy:
         if decision is RapDecision.LOCAL:
             endpoint = self._least_connections(plan.local_node, plan.local, active)
             return Choice(endpoint, Placement.LOCAL, "rap: local node not overloaded")
-        if decision is RapDecision.REMOTE:
+        if decision is RapDecision.SPILL and self._rng.random() < plan.local_share:
+            endpoint = self._least_connections(plan.local_node, plan.local, active)
+            return Choice(endpoint, Placement.LOCAL, "rap: within the busy local node's share")
+        if decision is RapDecision.REMOTE or decision is RapDecision.SPILL:
             node = self._draw(plan)
             endpoint = self._least_connections(node, plan.groups[node], active)
             return Choice(endpoint, Placement.REMOTE, f"rap: spilled to {node}")
@@ -215,6 +224,7 @@ class RapPolicy:
             "decision": plan.decision.value,
             "local_node": node,
             "local_overloaded": plan.local_overloaded,
+            "local_share": plan.local_share,
             "telemetry_version": view.version,
             "nodes": nodes,
         }
@@ -247,6 +257,7 @@ def _make_plan(
     # Stale figures of our own node count as unknown, and unknown is not overloaded: staying local
     # is kube-proxy-with-locality behaviour, never worse than spreading blindly.
     local_overloaded = local_fresh and local_peer is not None and local_peer.overloaded
+    local_share = view.local_share if local_fresh else 1.0
 
     def plan(
         decision: RapDecision,
@@ -266,11 +277,14 @@ def _make_plan(
             cumulative=cumulative,
             local_overloaded=local_overloaded,
             scores=scores,
+            local_share=local_share if local else 0.0,
         )
 
     if not fresh and not local_fresh:
         return plan(RapDecision.ROUND_ROBIN)
-    stays_local = bool(local) and not local_overloaded
+    # The share, not the overload verdict, decides: a node leaving overload (below the exit
+    # threshold) takes its traffic back step by step; the verdict is kept for operators.
+    stays_local = bool(local) and local_share >= 1.0
     if stays_local and not score_always:
         return plan(RapDecision.LOCAL)
 
@@ -316,7 +330,8 @@ def _make_plan(
     )
     if stays_local:
         return plan(RapDecision.LOCAL, scores=scores)
-    return plan(RapDecision.REMOTE, tuple(top), tuple(cumulative), scores)
+    decision = RapDecision.SPILL if local and local_share > 0 else RapDecision.REMOTE
+    return plan(decision, tuple(top), tuple(cumulative), scores)
 
 
 def _scores(nodes: Sequence[str], view: TelemetryView, settings: RapSettings) -> dict[str, float]:

@@ -324,7 +324,14 @@ class DemoCluster:
         deadline = time.monotonic() + within
         while True:
             decision = (await self.balancer_state()).get("decision") or {}
-            if decision.get("local_overloaded") is overloaded:
+            share = decision.get("local_share")
+            if not isinstance(share, int | float):
+                share = -1.0
+            # Overloaded: the verdict, and most new connections already sent away (the local
+            # share shrinks sample by sample); healthy: the whole share taken back.
+            if overloaded and decision.get("local_overloaded") is True and 0 <= share <= 0.25:
+                return
+            if not overloaded and decision.get("local_overloaded") is False and share == 1.0:
                 return
             if time.monotonic() > deadline:
                 state = "overloaded" if overloaded else "healthy"

@@ -56,6 +56,11 @@ class RapSettings:
     `w_cpu·availCPU/max + w_mem·availMem/max + w_rtt·minRTT/RTT`. `top_k` nodes share spilled
     traffic at random in proportion to their score; `unknown_weight` is the weight of a node
     without fresh data, as a fraction of the weakest fresh candidate's score.
+
+    `spill_backoff` and `spill_recovery` steer the local share (see `next_local_share`): each
+    local sample at or above `overload_threshold` multiplies it by `spill_backoff`, each below
+    `exit_threshold` adds `spill_recovery`. `spill_backoff=0, spill_recovery=1` is the paper's
+    all-or-nothing switch.
     """
 
     overload_threshold: float = 0.8
@@ -69,6 +74,8 @@ class RapSettings:
     rtt_alpha: float = 0.3
     poll_timeout: float = 0.5
     unknown_weight: float = 0.25
+    spill_backoff: float = 0.7
+    spill_recovery: float = 0.1
 
     def __post_init__(self) -> None:
         _fraction("overload_threshold", self.overload_threshold, allow_zero=False)
@@ -99,6 +106,11 @@ class RapSettings:
             )
         _fraction("rtt_alpha", self.rtt_alpha, allow_zero=False)
         _fraction("unknown_weight", self.unknown_weight, allow_zero=True)
+        if not _finite(self.spill_backoff) or not 0 <= self.spill_backoff < 1:
+            raise InvalidSettings(
+                "spill_backoff", f"{self.spill_backoff!r} must be a number in [0, 1)"
+            )
+        _fraction("spill_recovery", self.spill_recovery, allow_zero=False)
 
     @property
     def stale_after(self) -> float:
@@ -255,12 +267,17 @@ class PeerView:
 
 @dataclass(frozen=True, slots=True)
 class TelemetryView:
-    """An immutable snapshot of all telemetry; `version` changes whenever anything changes."""
+    """An immutable snapshot of all telemetry; `version` changes whenever anything changes.
+
+    `local_share` is the fraction of new connections this node keeps for its own endpoints
+    (1.0 while it copes; see `next_local_share`).
+    """
 
     version: int
     local_node: str
     stale_after: float
     nodes: Mapping[str, PeerView] = field(default_factory=lambda: MappingProxyType({}))
+    local_share: float = 1.0
 
     def is_fresh(self, node: str, now: float) -> bool:
         """Figures exist, are younger than `stale_after`, and the last poll did not fail."""
@@ -291,7 +308,12 @@ class TelemetryView:
                 "fresh": self.is_fresh(name, now),
                 "last_error": peer.last_error,
             }
-        return {"version": self.version, "local_node": self.local_node, "nodes": out}
+        return {
+            "version": self.version,
+            "local_node": self.local_node,
+            "local_share": self.local_share,
+            "nodes": out,
+        }
 
 
 EMPTY_VIEW = TelemetryView(version=0, local_node="", stale_after=3.0)
@@ -301,6 +323,31 @@ def is_overloaded(stats: NodeStats, was_overloaded: bool, settings: RapSettings)
     """Hysteresis: enter at `overload_threshold`, leave only when both are below `exit_threshold`."""
     threshold = settings.exit_threshold if was_overloaded else settings.overload_threshold
     return stats.cpu >= threshold or stats.memory >= threshold
+
+
+MIN_LOCAL_SHARE = 0.05  # below this the node keeps nothing: a trickle would only add latency
+
+
+def next_local_share(share: float, stats: NodeStats, settings: RapSettings) -> float:
+    """The local share after one local sample: multiplicative decrease, additive increase.
+
+    An overloaded node does not know its excess demand — its utilization saturates at 1 — so
+    it cannot compute how much to send away. Sending everything away at once (the paper's
+    switch) empties the node, which then looks idle, takes everything back, and overloads again:
+    with figures a telemetry period old, traffic swings between all-local and all-remote and
+    the node's capacity is wasted half of the time. Instead the share shrinks by
+    `spill_backoff` on each sample at or above the overload threshold, holds between the exit
+    and overload thresholds, and grows by `spill_recovery` on each sample below the exit
+    threshold (AIMD, as TCP's congestion window): the node settles where it is busy but not
+    overloaded and only the excess spills.
+    """
+    load = max(stats.cpu, stats.memory)
+    if load >= settings.overload_threshold:
+        share *= settings.spill_backoff
+        return share if share >= MIN_LOCAL_SHARE else 0.0
+    if load < settings.exit_threshold:
+        return min(1.0, share + settings.spill_recovery)
+    return share
 
 
 class TelemetryTracker:
@@ -317,6 +364,7 @@ class TelemetryTracker:
         self._nodes: dict[str, PeerView] = {}
         self._version = 0
         self._snapshot: TelemetryView | None = None
+        self.local_share = 1.0
 
     def _put(self, view: PeerView) -> None:
         self._nodes[view.node_name] = view
@@ -328,6 +376,7 @@ class TelemetryTracker:
         overloaded = is_overloaded(
             stats, previous is not None and previous.overloaded, self.settings
         )
+        self.local_share = next_local_share(self.local_share, stats, self.settings)
         self._put(PeerView(self.local_node, stats, None, overloaded))
 
     def record_peer(self, node: str, stats: NodeStats, rtt_sample: float) -> None:
@@ -378,5 +427,6 @@ class TelemetryTracker:
                 local_node=self.local_node,
                 stale_after=self.settings.stale_after,
                 nodes=MappingProxyType(dict(self._nodes)),
+                local_share=self.local_share,
             )
         return self._snapshot

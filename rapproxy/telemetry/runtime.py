@@ -42,6 +42,8 @@ def rap_settings(config: RapproxyConfiguration) -> RapSettings:
         telemetry_interval=rap.telemetry_interval,
         stale_after_periods=float(rap.stale_after_periods),
         rtt_alpha=rap.rtt_ewma_alpha,
+        spill_backoff=rap.spill_backoff,
+        spill_recovery=rap.spill_recovery,
         poll_timeout=min(0.5, rap.telemetry_interval),
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -32,11 +33,17 @@ def endpoints(nodes: Sequence[str], per_node: int = 2) -> tuple[Endpoint, ...]:
     return tuple(out)
 
 
+# The paper's all-or-nothing switch: one overloaded sample sends every new connection away, one
+# below the exit threshold takes them all back. Most tests here are about *where* spilled traffic
+# goes, so they use it; the default gradual local share has tests of its own below.
+SWITCH = RapSettings(spill_backoff=0.0, spill_recovery=1.0)
+
+
 class Load:
     """A tracker fed with figures dated `NOW` (fresh) unless told otherwise."""
 
     def __init__(self, settings: RapSettings | None = None) -> None:
-        self.tracker = TelemetryTracker(LOCAL, settings)
+        self.tracker = TelemetryTracker(LOCAL, settings or SWITCH)
 
     def set(
         self,
@@ -127,6 +134,40 @@ def test_spills_to_remote_when_local_overloaded_and_returns_only_below_exit() ->
     assert placement() is Placement.LOCAL
 
 
+def test_busy_node_keeps_a_shrinking_share_and_spills_only_the_rest() -> None:
+    candidates = endpoints([LOCAL, "n1"])
+    load = Load(RapSettings()).set("n1", 0.2)  # default: backoff 0.7, recovery 0.1
+    p = policy(load, seed=7)
+
+    def local_fraction() -> float:
+        return nodes_of(picks(p, candidates, 2000))[LOCAL] / 2000
+
+    load.set(LOCAL, 0.5)
+    assert local_fraction() == 1.0
+    load.set(LOCAL, 0.9)
+    assert local_fraction() == pytest.approx(0.7, abs=0.04)
+    load.set(LOCAL, 0.95)
+    assert local_fraction() == pytest.approx(0.49, abs=0.04)
+    load.set(LOCAL, 0.75)  # between the thresholds: the share holds
+    assert local_fraction() == pytest.approx(0.49, abs=0.04)
+    load.set(LOCAL, 0.5)  # below exit: back step by step, not at once
+    assert local_fraction() == pytest.approx(0.59, abs=0.04)
+    for _ in range(5):  # 0.49 + 6 x 0.1 >= 1
+        load.set(LOCAL, 0.5)
+    assert local_fraction() == 1.0
+
+
+def test_a_node_that_stays_overloaded_ends_up_keeping_nothing() -> None:
+    candidates = endpoints([LOCAL, "n1"])
+    load = Load(RapSettings()).set("n1", 0.2)
+    p = policy(load)
+    for _ in range(9):  # 0.7**9 = 0.04: below the smallest share worth keeping
+        load.set(LOCAL, 1.0)
+    assert load.view().local_share == 0.0
+    assert nodes_of(picks(p, candidates, 200)) == Counter({"n1": 200})
+    assert p.explain(candidates, NOW)["decision"] == "remote"
+
+
 def test_memory_alone_overloads_the_local_node() -> None:
     candidates = endpoints([LOCAL, "n1"])
     load = Load().set(LOCAL, 0.1, memory=0.85).set("n1", 0.1)
@@ -143,7 +184,7 @@ def test_hysteresis_is_per_node_and_shared_by_all_services() -> None:
 
 
 def test_custom_thresholds_are_honoured() -> None:
-    settings = RapSettings(overload_threshold=0.5, exit_threshold=0.4)
+    settings = replace(SWITCH, overload_threshold=0.5, exit_threshold=0.4)
     candidates = endpoints([LOCAL, "n1"])
     load = Load(settings).set("n1", 0.1).set(LOCAL, 0.55)
     assert picks(policy(load), candidates, 1)[0].placement is Placement.REMOTE

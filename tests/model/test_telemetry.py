@@ -15,6 +15,7 @@ from rapproxy.model.telemetry import (
     PodStats,
     RapSettings,
     TelemetryTracker,
+    next_local_share,
     node_stats_to_json,
     parse_peer_report,
 )
@@ -107,6 +108,35 @@ def test_overload_hysteresis_enters_at_threshold_and_leaves_below_exit() -> None
         tracker.record_local(NodeStats("n0", cpu, 0.1, 0.0))
         verdicts.append(tracker.snapshot().nodes["n0"].overloaded)
     assert verdicts == [False, False, True, True, True, False, False]
+
+
+def test_local_share_shrinks_while_overloaded_holds_between_and_recovers_below_exit() -> None:
+    tracker = TelemetryTracker("n0", RapSettings(spill_backoff=0.5, spill_recovery=0.25))
+    shares = []
+    for cpu in (0.5, 0.9, 0.85, 0.75, 0.6, 0.6, 0.6):
+        tracker.record_local(NodeStats("n0", cpu, 0.1, 0.0))
+        shares.append(tracker.snapshot().local_share)
+    assert shares == [1.0, 0.5, 0.25, 0.25, 0.5, 0.75, 1.0]
+
+
+@given(
+    loads=st.lists(st.floats(0.0, 1.0), max_size=40),
+    backoff=st.floats(0.0, 0.99),
+    recovery=st.floats(0.01, 1.0),
+)
+def test_local_share_stays_a_fraction_and_only_overload_lowers_it(
+    loads: list[float], backoff: float, recovery: float
+) -> None:
+    settings = RapSettings(spill_backoff=backoff, spill_recovery=recovery)
+    share = 1.0
+    for load in loads:
+        after = next_local_share(share, NodeStats("n0", load, 0.0, 0.0), settings)
+        assert 0.0 <= after <= 1.0
+        if after < share:
+            assert load >= settings.overload_threshold
+        if after > share:
+            assert load < settings.exit_threshold
+        share = after
 
 
 def test_snapshot_is_reused_until_something_changes() -> None:

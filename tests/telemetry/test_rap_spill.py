@@ -165,5 +165,5 @@ async def test_dead_peer_goes_stale_and_traffic_keeps_flowing(cluster: Cluster) 
         await asyncio.sleep(0.05)
     # n2 is unknown now: still eligible, but it ranks below fresh n1 and gets a small share.
     counts = cluster.decide(1000)
-    assert counts["remote"] == 1000
+    assert counts["n1"] + counts["n2"] == counts["remote"] > 0  # n0 keeps its shrinking share
     assert counts["n1"] > counts["n2"] * 3

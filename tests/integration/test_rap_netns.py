@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 RAPPROXY = str(Path(sys.executable).with_name("rapproxy"))
 NODES = 3
+SERVICE_URL = "http://10.96.0.10/"
+METRICS = ("127.0.0.1", 10249)  # metricsBindAddress default: /debug/state, inside each node
 
 
 def objects_yaml() -> str:
@@ -68,6 +72,7 @@ status:
 @dataclass
 class Cluster:
     nodes: list[Namespace]
+    proxies: list[asyncio.subprocess.Process]  # `ip netns exec` execs: these are the rapproxys
     load_files: list[Path]
     token: str
 
@@ -75,7 +80,7 @@ class Cluster:
         self.load_files[node - 1].write_text(json.dumps({"cpu": cpu, "memory": 0.2}))
 
     async def spread(self, requests: int = 40) -> Counter[str]:
-        names = await self.nodes[0].call(probes.backend_names, "http://10.96.0.10/", requests)
+        names = await self.nodes[0].call(probes.backend_names, SERVICE_URL, requests)
         return Counter(names)
 
     async def spread_becomes(
@@ -117,6 +122,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         load_files = [tmp_path / f"load-{n}.json" for n in range(1, NODES + 1)]
         for path in load_files:
             path.write_text(json.dumps({"cpu": 0.1, "memory": 0.2}))
+        proxies = []
         for n, node in enumerate(nodes, start=1):
             await node.spawn(
                 [
@@ -129,7 +135,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                     f"10.244.{n}.2:8080",
                 ]
             )
-            await node.spawn(
+            proxy = await node.spawn(
                 [
                     RAPPROXY,
                     "run",
@@ -149,9 +155,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )
+            proxies.append(proxy)
         for n, node in enumerate(nodes, start=1):
             await node.call(probes.wait_http, f"http://10.10.{n}.2:10256/healthz", 20.0)
-        yield Cluster(nodes, load_files, token)
+        yield Cluster(nodes, proxies, load_files, token)
     finally:
         for namespace in reversed(created):
             await namespace.aclose()
@@ -181,3 +188,167 @@ async def test_telemetry_needs_the_token(cluster: Cluster) -> None:
     status, body = await cluster.nodes[1].call(probes.http_get, url)
     assert status == 401, body
     assert "token" in body
+
+
+# -- a peer that dies or answers garbage ----------------------------------------------------------
+
+# rap.telemetryInterval=0.25 and 3 stale periods: figures count as unknown 0.75 s after the last
+# good poll even when polls hang, and a poll that fails (refused, reset, garbage) makes the peer
+# stale when its round ends, at most one interval + poll timeout (0.5 s) after the change. The rest
+# is slack for a loaded two-core machine (measured here: about 0.2 s for both failures).
+STALE_WITHIN = 2.5
+
+
+def requests_until(url: str, stop: str, limit: float = 60.0) -> list[tuple[float, str]]:
+    """GETs one after another (fresh connection each) until the file `stop` exists.
+
+    Runs in a node's worker. Returns (monotonic time, serving backend or the error) per request;
+    CLOCK_MONOTONIC is system-wide, so the test can place each request before or after an event.
+    """
+    outcomes = []
+    deadline = time.monotonic() + limit
+    while not os.path.exists(stop) and time.monotonic() < deadline:
+        try:
+            status, body = probes.http_get(url, timeout=2.0)
+            outcome = body.split("\n", 1)[0] if status == 200 else f"HTTP {status}: {body[:80]}"
+        except OSError as error:
+            outcome = f"{type(error).__name__}: {error}"
+        outcomes.append((time.monotonic(), outcome))
+        time.sleep(0.01)  # pacing (about 60 requests/s), not synchronisation
+    return outcomes
+
+
+async def debug_state(node: Namespace) -> dict[str, Any]:
+    """`GET /debug/state` of the node's rapproxy, over a socket made inside that node.
+
+    Not through `node.call`: node-1's single worker is busy generating traffic meanwhile.
+    """
+    sock = node.socket()
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, METRICS), 3.0)
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        writer.write(b"GET /debug/state HTTP/1.0\r\n\r\n")
+        response = await asyncio.wait_for(reader.read(), 3.0)  # HTTP/1.0: read to the close
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200", head
+    state: dict[str, Any] = json.loads(body)
+    return state
+
+
+async def views_of(cluster: Cluster, peer: str, observers: list[int]) -> dict[str, Any]:
+    """What each observer node's RAP telemetry says about `peer` (fresh, last_error, age...)."""
+    views = {}
+    for n in observers:
+        state = await debug_state(cluster.nodes[n - 1])
+        views[f"node-{n}"] = state["rap"]["telemetry"]["nodes"].get(peer, {})
+    return views
+
+
+async def views_become(
+    cluster: Cluster,
+    peer: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    within: float,
+    observers: tuple[int, ...] = (1, 2),
+) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        views = await views_of(cluster, peer, list(observers))
+        if all(predicate(view) for view in views.values()):
+            return views
+        assert time.monotonic() < deadline, f"not within {within}s: {peer} seen as {views}"
+        await asyncio.sleep(0.05)
+
+
+async def selections(node: Namespace) -> int:
+    """How many connections the node's balancer has placed so far."""
+    return sum((await debug_state(node))["selections"].values())
+
+
+async def traffic_passes(node: Namespace, count: int, within: float = 10.0) -> None:
+    """Wait until the node's proxy has placed `count` more connections: traffic is flowing."""
+    target = await selections(node) + count
+    deadline = time.monotonic() + within
+    while await selections(node) < target:
+        assert time.monotonic() < deadline, f"fewer than {count} connections within {within}s"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_dead_or_garbage_peer_is_marked_stale_without_disturbing_traffic(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    def fresh(view: dict[str, Any]) -> bool:
+        return view.get("fresh") is True
+
+    def stale(error_prefix: str = "") -> Callable[[dict[str, Any]], bool]:
+        def check(view: dict[str, Any]) -> bool:
+            error = view.get("last_error")
+            return view.get("fresh") is False and (error or "").startswith(error_prefix)
+
+        return check
+
+    # node-1 overloaded: it spills to both peers, so node-3's pod carries traffic when node-3's
+    # proxy goes away.
+    cluster.set_load(1, 0.95)
+    await cluster.spread_becomes(lambda s: s["b1"] == 0 and s["b2"] > 0 and s["b3"] > 0)
+    await views_become(cluster, "node-3", fresh, within=10.0)
+
+    stop = tmp_path / "stop-traffic"
+    traffic = asyncio.create_task(cluster.nodes[0].call(requests_until, SERVICE_URL, str(stop)))
+    try:
+        await traffic_passes(cluster.nodes[0], 20)
+
+        killed_at = time.monotonic()
+        cluster.proxies[2].kill()  # a crash: no goodbye, its sockets reset by the kernel
+        await asyncio.wait_for(cluster.proxies[2].wait(), 5.0)
+        dead = await views_become(cluster, "node-3", stale(), STALE_WITHIN)
+        dead_after = time.monotonic() - killed_at
+        assert all(v["last_error"] for v in dead.values()), f"a failed poll, not only age: {dead}"
+
+        # Something else now answers on node-3's telemetry port: 200, but not telemetry.
+        ready = tmp_path / "garbage-ready"
+        await cluster.nodes[2].spawn(
+            [
+                sys.executable,
+                "-m",
+                "rapproxy.testing.backend",
+                "--name",
+                "not-telemetry",
+                "--http",
+                "10.10.3.2:10256",
+                "--ready-file",
+                str(ready),
+            ]
+        )
+        deadline = time.monotonic() + 10.0
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the garbage server did not start"
+            await asyncio.sleep(0.05)
+        await views_become(cluster, "node-3", stale("bad answer"), STALE_WITHIN)
+        garbage_seen_at = time.monotonic()
+        await traffic_passes(cluster.nodes[0], 20)
+    finally:
+        stop.touch()
+        outcomes = await traffic
+
+    # Only node-3's proxy died: its pod still serves, and node-1 dials pods directly, so not a
+    # single request may fail — before, during or after the peer went stale.
+    failures = [o for o in outcomes if o[1] not in {"b1", "b2", "b3"}]
+    assert failures == [], failures[:10]
+    before = [o for t, o in outcomes if t < killed_at]
+    during = [o for t, o in outcomes if killed_at <= t < garbage_seen_at]
+    after = [o for t, o in outcomes if t >= garbage_seen_at]
+    assert before and during and after, (len(before), len(during), len(after))
+    assert dead_after < STALE_WITHIN, "stale within the bound counted from the crash itself"
+
+    # Stale is unknown, not gone: node-3 ranks below the fresh node-2 yet keeps a share, because
+    # its pod may well be healthy (as it is here).
+    spread = await cluster.spread(100)
+    assert spread["b1"] == 0 and spread["b2"] > spread["b3"] > 0, spread

@@ -345,7 +345,12 @@ def header(title: str, env: dict[str, Any], options: DemoOptions) -> list[str]:
         f"after {env['load_average_after']}",
         f"- cluster: nodes {', '.join(NODES)}; pods capped at {options.node_cpus:g} CPU per node "
         f"(cgroup); backend work {options.work_ms:g} ms CPU per request; "
-        "Service web = 3 primaries of BackupPodSet web (1 hot, 1 cold backup)",
+        "Service web = 3 primaries of BackupPodSet web (1 hot, 1 cold backup)"
+        + (
+            f"; rapproxy --set {' '.join(options.daemon_settings)}"
+            if options.daemon_settings
+            else ""
+        ),
         f"- load: wrk, 1 thread, {options.connections} connections unless the table says, "
         f"{options.duration:g} s per policy, Connection: close, from node-1's host network to "
         "ClusterIP 10.96.0.10:80",
@@ -425,7 +430,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20, help="failover runs")
     parser.add_argument("--duration", type=float, default=8.0, help="s of load per policy")
     parser.add_argument("--connections", type=int, default=16, help="sweep: wrk connections")
+    parser.add_argument(
+        "--policies", default=",".join(POLICIES), help="sweep and overload: comma-separated"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        dest="daemon_settings",
+        help="a setting for every node's rapproxy, e.g. --set rap.spillBackoff=0 (repeatable)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("benchmarks/edge/run.py: needs root (namespaces, cgroups, iptables)", file=sys.stderr)
@@ -434,7 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = time.strftime("%Y-%m-%dT%H%MZ", time.gmtime())
     args.output.mkdir(parents=True, exist_ok=True)
     progress = Progress()
-    policies = POLICIES
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    if not policies or any(p not in POLICIES for p in policies):
+        parser.error(f"--policies: choose from {', '.join(POLICIES)}")
     experiments = (
         ("sweep", "overload", "failover") if args.experiment == "all" else (args.experiment,)
     )
@@ -443,7 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stem = args.output / f"{experiment}-{stamp}"
         if experiment == "sweep":
             options = DemoOptions(
-                duration=args.duration, connections=args.connections, policies=policies
+                duration=args.duration,
+                connections=args.connections,
+                policies=policies,
+                daemon_settings=tuple(args.daemon_settings),
             )
             points = asyncio.run(sweep(options, args.delays, progress))
             text = sweep_markdown(points, env, options)
@@ -458,7 +479,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Pods get 0.5 CPU per node and 2 ms of CPU per request: node-1 alone serves at
             # most ~250 req/s, the cluster ~750; delays stay the demo's 10/20/7.5 ms matrix.
             options = DemoOptions(
-                duration=args.duration, node_cpus=0.5, work_ms=2.0, policies=policies
+                duration=args.duration,
+                node_cpus=0.5,
+                work_ms=2.0,
+                policies=policies,
+                daemon_settings=tuple(args.daemon_settings),
             )
             points = asyncio.run(overload(options, args.levels, progress))
             text = overload_markdown(points, env, options)
@@ -470,7 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             raw = [asdict(p) for p in points]
         else:
-            options = DemoOptions(duration=args.duration)
+            options = DemoOptions(
+                duration=args.duration, daemon_settings=tuple(args.daemon_settings)
+            )
             results = asyncio.run(failovers(options, args.runs, progress))
             text = failover_markdown(results, env, options)
             failover_chart(results, stem.with_suffix(".png"))

@@ -166,6 +166,11 @@ class DemoCluster:
                     f"rap.loadSource={self._load_source(node)}",
                     "--set",
                     f"rap.tokenFile={token}",
+                    *(
+                        arg
+                        for setting in self.options.daemon_settings
+                        for arg in ("--set", setting)
+                    ),
                 ],
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,

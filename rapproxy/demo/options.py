@@ -28,6 +28,7 @@ class DemoOptions:
     connections: int = 16
     work_ms: float = 0.5  # CPU per request in each backend pod
     node_cpus: float = 2.0  # each node's CPU capacity for pods while healthy (its cgroup cap)
+    daemon_settings: tuple[str, ...] = ()  # extra `--set PATH=VALUE` for every rapproxy run
     output: Path | None = None
     policies: tuple[str, ...] = POLICIES
     overload: bool = True  # also run the comparison with node-1 overloaded
@@ -73,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(POLICIES),
         help=f"comma-separated subset of {','.join(POLICIES)}",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        dest="daemon_settings",
+        help="a setting for every node's rapproxy, e.g. --set rap.spillBackoff=0 (repeatable)",
+    )
     parser.add_argument("--no-overload", action="store_true", help="skip the overloaded phase")
     parser.add_argument("--no-failover", action="store_true", help="skip the failover")
     parser.add_argument(
@@ -98,6 +107,9 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
         raise DemoOptionError(f"--work-ms: {args.work_ms:g} is outside 0..100")
     if not 0.05 <= args.node_cpus <= 64:
         raise DemoOptionError(f"--node-cpus: {args.node_cpus:g} is outside 0.05..64")
+    for setting in args.daemon_settings:
+        if "=" not in setting or not setting.partition("=")[0].strip():
+            raise DemoOptionError(f"--set: {setting!r} is not PATH=VALUE")
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
@@ -108,6 +120,7 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
         connections=args.connections,
         work_ms=args.work_ms,
         node_cpus=args.node_cpus,
+        daemon_settings=tuple(args.daemon_settings),
         output=args.output,
         policies=policies,
         overload=not args.no_overload,

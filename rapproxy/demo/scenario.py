@@ -58,6 +58,8 @@ async def run_scenario(options: DemoOptions, progress: Progress) -> DemoResults:
         "backend_work_ms": options.work_ms,
         "client": "wrk from node-1's host network to ClusterIP 10.96.0.10:80, Connection: close",
     }
+    if options.daemon_settings:
+        setting["rapproxy_settings"] = list(options.daemon_settings)
     demo = DemoCluster(options, workdir)
     try:
         async with contextlib.AsyncExitStack() as stack:

@@ -434,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--policies", default=",".join(POLICIES), help="sweep and overload: comma-separated"
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--label", default="", help="suffix for the result files' names")
     parser.add_argument(
         "--set",
         action="append",
@@ -458,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for experiment in experiments:
         env = environment(command)
-        stem = args.output / f"{experiment}-{stamp}"
+        stem = args.output / "-".join(filter(None, (experiment, stamp, args.label)))
         if experiment == "sweep":
             options = DemoOptions(
                 duration=args.duration,

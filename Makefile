@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench bench-loopback bench-churn clean deps docs manifests-check
+.PHONY: install test test-fast lint demo bench bench-loopback bench-churn bench-edge clean deps docs manifests-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 --timeout=300 -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -n 2 -m 'not root and not slow' -ra
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 -m 'not root and not slow' -ra
 
 lint: $(STAMP)
 	$(BIN)/ruff check rapproxy bpsctl tests benchmarks
@@ -46,6 +46,10 @@ bench-loopback: $(STAMP)
 
 bench-churn: $(STAMP)
 	$(BIN)/python benchmarks/loopback/churn.py
+
+# The RAP paper's experiments and 20 failovers in the emulated edge cluster (~12 min, root).
+bench-edge: $(STAMP)
+	$(BIN)/python benchmarks/edge/run.py all
 
 # The configuration reference is generated from rapproxy/config.py; CI fails when it drifts.
 docs: $(STAMP)

@@ -296,7 +296,14 @@ def overload_markdown(points: Sequence[Point], env: dict[str, Any], options: Dem
 def failover_markdown(
     results: Sequence[FailoverResult], env: dict[str, Any], options: DemoOptions
 ) -> str:
-    lines = header("Failover: SIGKILL to a primary's process", env, options)
+    lines = header(
+        "Failover: SIGKILL to a primary's process",
+        env,
+        options,
+        "- client: one HTTP GET every 20 ms from node-1's host network to ClusterIP "
+        "10.96.0.10:80 (round-robin over the primaries), from 0.5 s before the kill until the "
+        "promoted pod answers; the set (3 primaries, 1 hot, 1 cold) settles between runs",
+    )
     served = [r.first_promoted_s for r in results if r.first_promoted_s is not None]
     restored = [r.restored_s for r in results if r.restored_s is not None]
     handling = [
@@ -335,8 +342,15 @@ def failover_markdown(
     return "\n".join([*lines, ""])
 
 
-def header(title: str, env: dict[str, Any], options: DemoOptions) -> list[str]:
+def header(
+    title: str, env: dict[str, Any], options: DemoOptions, load: str | None = None
+) -> list[str]:
     env = {**env, "load_average_after": " ".join(f"{v:.2f}" for v in os.getloadavg())}
+    load = load or (
+        f"- load: wrk, 1 thread, {options.connections} connections unless the table says, "
+        f"{options.duration:g} s per policy, Connection: close, from node-1's host network to "
+        "ClusterIP 10.96.0.10:80"
+    )
     return [
         f"# Edge cluster: {title}",
         "",
@@ -351,9 +365,7 @@ def header(title: str, env: dict[str, Any], options: DemoOptions) -> list[str]:
             if options.daemon_settings
             else ""
         ),
-        f"- load: wrk, 1 thread, {options.connections} connections unless the table says, "
-        f"{options.duration:g} s per policy, Connection: close, from node-1's host network to "
-        "ClusterIP 10.96.0.10:80",
+        load,
         "",
     ]
 

@@ -23,7 +23,9 @@ from rapproxy.testing.apiserver import discovery
 from rapproxy.testing.apiserver.errors import (
     ApiError,
     bad_request,
+    forbidden,
     internal_error,
+    invalid,
     status_failure,
     too_many_requests,
 )
@@ -451,6 +453,27 @@ class ApiHandlers:
             )
         except SelectorError as exc:
             raise bad_request(str(exc)) from exc
+        if "sendInitialEvents" in query:
+            # Streaming lists (WatchList) are alpha and off by default in v1.28: its server
+            # refuses the parameter, and clients (kubectl >= 1.33's `--wait`, client-go's
+            # reflector) fall back to list+watch. Accepting it silently without ever sending the
+            # initial-events-end bookmark would leave them waiting for it.
+            causes = []
+            if query.get("resourceVersionMatch") != "NotOlderThan":
+                causes.append(
+                    forbidden(
+                        "resourceVersionMatch",
+                        "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                    )
+                )
+            causes.append(
+                forbidden(
+                    "sendInitialEvents",
+                    "sendInitialEvents is forbidden for watch unless the WatchList feature gate "
+                    "is enabled",
+                )
+            )
+            raise invalid("ListOptions", "meta.k8s.io", "", causes)
         rv_text = query.get("resourceVersion") or ""
         since = int(rv_text) if rv_text else None
         timeout = float(query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)

@@ -129,3 +129,23 @@ async def test_http_lists_encode_exactly_the_registry_list(emulator: EmulatedApi
         assert body == expected
     status, body = await _get(f"{emulator.url}/api/v1/namespaces/default/configmaps/c1")
     assert body["data"] == {"k": "v"}
+
+
+async def test_streaming_list_watches_are_refused_as_v1_28_does_by_default(
+    emulator: EmulatedApiServer,
+) -> None:
+    # WatchList is off by default in v1.28: clients must be told, so they fall back to list+watch.
+    url = (
+        f"{emulator.url}/api/v1/configmaps?watch=true&sendInitialEvents=true"
+        "&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true"
+    )
+    status, body = await _get(url)
+    assert status == 422
+    assert body["reason"] == "Invalid"
+    assert [c["field"] for c in body["details"]["causes"]] == ["sendInitialEvents"]
+    status, body = await _get(f"{emulator.url}/api/v1/configmaps?watch=true&sendInitialEvents=true")
+    assert status == 422
+    assert [c["field"] for c in body["details"]["causes"]] == [
+        "resourceVersionMatch",
+        "sendInitialEvents",
+    ]

@@ -9,11 +9,11 @@ readiest copy wins).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rapproxy.model.addresses import ip_sort_key, parse_ip
 from rapproxy.model.errors import InvalidObject
 from rapproxy.model.service import L4Protocol, object_key
 
@@ -165,10 +165,7 @@ def _parse_endpoints(raw: object, key: str, address_type: str) -> Iterable[Slice
         parsed = []
         for j, address in enumerate(addresses):
             try:
-                # ip_address() also takes integers (5 -> 0.0.0.5); the API only ever sends text.
-                if not isinstance(address, str):
-                    raise ValueError(address)
-                ip = ipaddress.ip_address(address)
+                family, canonical = parse_ip(address)
             except ValueError:
                 raise InvalidObject(
                     "EndpointSlice",
@@ -176,14 +173,14 @@ def _parse_endpoints(raw: object, key: str, address_type: str) -> Iterable[Slice
                     f"{field}.addresses[{j}]",
                     f"{address!r} is not an IP address",
                 ) from None
-            if ip.version != version:
+            if family != version:
                 raise InvalidObject(
                     "EndpointSlice",
                     key,
                     f"{field}.addresses[{j}]",
                     f"{address} is not {address_type}",
                 )
-            parsed.append(str(ip))
+            parsed.append(canonical)
         conditions = entry.get("conditions") or {}
         if not isinstance(conditions, Mapping):
             raise InvalidObject("EndpointSlice", key, f"{field}.conditions", "must be an object")
@@ -264,8 +261,7 @@ def endpoints_for_port(
 
 
 def _sort_key(endpoint: Endpoint) -> tuple[int, bytes, int]:
-    ip = ipaddress.ip_address(endpoint.ip)
-    return (ip.version, ip.packed, endpoint.port)
+    return (*ip_sort_key(endpoint.ip), endpoint.port)
 
 
 def _rank(endpoint: Endpoint) -> tuple[bool, bool]:

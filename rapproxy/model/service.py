@@ -10,11 +10,11 @@ a field rapproxy does not use.
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rapproxy.model.addresses import parse_ip
 from rapproxy.model.errors import InvalidObject
 
 DEFAULT_AFFINITY_TIMEOUT_SECONDS = 10800
@@ -334,7 +334,7 @@ def _ip(value: object, key: str, field: str, kind: str = "Service") -> str:
     if not isinstance(value, str):
         raise InvalidObject(kind, key, field, f"{value!r} is not an IP address")
     try:
-        return str(ipaddress.ip_address(value))
+        return parse_ip(value)[1]
     except ValueError:
         raise InvalidObject(kind, key, field, f"{value!r} is not a valid IP address") from None
 

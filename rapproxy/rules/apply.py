@@ -28,6 +28,7 @@ from rapproxy.rules.render import (
     render_cleanup,
     render_jumps,
     render_rules,
+    render_rules_and_repair,
 )
 
 _FAILED_LINE = re.compile(r"line:? (\d+) failed")
@@ -109,14 +110,15 @@ class IptablesRunner:
         """
         # Rendering 10k services takes a few hundred milliseconds of pure Python; done on the
         # event loop it would stall every relayed connection, so it runs in a worker thread
-        # (render_rules is pure and the targets are immutable).
+        # (rendering is pure and the targets are immutable). A repairing sync renders once and
+        # gets both texts: the transaction, and the chains alone for the next comparison.
         saved = await self.save() if repair_jumps else None
 
         def render() -> tuple[str, str]:
-            rules = render_rules(targets, config, self.family)
             if saved is None:
+                rules = render_rules(targets, config, self.family)
                 return rules, rules
-            return rules, render_rules(targets, config, self.family, saved_nat=saved)
+            return render_rules_and_repair(targets, config, self.family, saved)
 
         rules, text = await asyncio.to_thread(render)
         if not repair_jumps and rules == self._last_rules:

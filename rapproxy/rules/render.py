@@ -49,6 +49,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from rapproxy.model.addresses import parse_ip
 from rapproxy.model.service import L4Protocol, ServicePort
 
 Family = Literal[4, 6]
@@ -130,6 +131,29 @@ def render_rules(
 
     Output order does not depend on the order of `targets`.
     """
+    repair = _plan_repair(parse_saved_nat(saved_nat)) if saved_nat is not None else _Repair()
+    return _transaction(_render_chains(targets, config, family), repair)
+
+
+def render_rules_and_repair(
+    targets: Sequence[RedirectTarget],
+    config: RuleConfig,
+    family: Family,
+    saved_nat: str,
+) -> tuple[str, str]:
+    """`render_rules` without and with `saved_nat`, from one render of the chains.
+
+    A repairing sync needs both: it restores the second, and keeps the first to recognise an
+    unchanged rewrite later. Rendering 10k service ports is most of a periodic resync's CPU, so
+    it is not done twice.
+    """
+    chains = _render_chains(targets, config, family)
+    repair = _plan_repair(parse_saved_nat(saved_nat))
+    return _transaction(chains, _Repair()), _transaction(chains, repair)
+
+
+def _render_chains(targets: Sequence[RedirectTarget], config: RuleConfig, family: Family) -> str:
+    """The rules of our chains (no header, declarations or repair), one per line."""
     _check_family(family)
     ordered = sorted(targets, key=lambda t: t.service_port.name)
     _check_unique(ordered)
@@ -138,18 +162,17 @@ def render_rules(
     for target in ordered:
         service_rules.extend(_address_rules(target, family))
         nodeport_rules.extend(_nodeport_rules(target, family))
+    return "\n".join([*service_rules, *_nodeport_jumps(config, family), *nodeport_rules])
 
+
+def _transaction(chains: str, repair: _Repair) -> str:
     lines = ["*nat"]
     lines.extend(f":{chain} - [0:0]" for chain in OWN_CHAINS)
-    repair = _Repair()
-    if saved_nat is not None:
-        repair = _plan_repair(parse_saved_nat(saved_nat))
-        lines.extend(f":{chain} - [0:0]" for chain in repair.stale_chains)
-        lines.extend(f"-D {chain} {spec}" for chain, spec in repair.stale_rules)
-        lines.extend(f"-X {chain}" for chain in repair.stale_chains)
-    lines.extend(service_rules)
-    lines.extend(_nodeport_jumps(config, family))
-    lines.extend(nodeport_rules)
+    lines.extend(f":{chain} - [0:0]" for chain in repair.stale_chains)
+    lines.extend(f"-D {chain} {spec}" for chain, spec in repair.stale_rules)
+    lines.extend(f"-X {chain}" for chain in repair.stale_chains)
+    if chains:
+        lines.append(chains)
     lines.extend(f"-I {chain} 1 {_jump_spec()}" for chain in repair.missing_jumps)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
@@ -333,7 +356,7 @@ def _proto(protocol: L4Protocol) -> str:
 
 def _family_of(ip: str, target: RedirectTarget) -> int:
     try:
-        return ipaddress.ip_address(ip).version
+        return parse_ip(ip)[0]
     except ValueError:
         raise RenderError(f"{comment_for(target)}: {ip!r} is not an IP address") from None
 

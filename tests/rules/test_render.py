@@ -19,6 +19,7 @@ from rapproxy.rules.render import (
     render_cleanup,
     render_jumps,
     render_rules,
+    render_rules_and_repair,
 )
 
 HEADER = "*nat\n:RAPPROXY-SERVICES - [0:0]\n:RAPPROXY-NODEPORTS - [0:0]\n"
@@ -384,3 +385,31 @@ def test_every_service_port_appears_exactly_once_per_address(
                 f" -j REDIRECT --to-ports {target.to_port}"
             )
             assert lines.count(nodeport) == (1 if has_family else 0)
+
+
+_saved_nats = st.sampled_from(
+    [
+        "",  # an empty table: both jumps missing
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:RAPPROXY-SERVICES - [0:0]\n:RAPPROXY-OLD - [0:0]\n"
+        '-A PREROUTING -m comment --comment "rapproxy service portals" -j RAPPROXY-SERVICES\n'
+        "-A OUTPUT -j RAPPROXY-OLD\nCOMMIT\n",
+        "*nat\n"
+        '-A PREROUTING -m comment --comment "rapproxy service portals" -j RAPPROXY-SERVICES\n'
+        '-A OUTPUT -m comment --comment "rapproxy service portals" -j RAPPROXY-SERVICES\n'
+        "COMMIT\n",  # healthy: nothing to repair
+    ]
+)
+
+
+@given(
+    target_lists(),
+    st.sampled_from([4, 6]),
+    _saved_nats,
+    st.sampled_from([RuleConfig(), RuleConfig(node_port_cidrs=("10.0.0.0/8",))]),
+)
+def test_one_render_gives_exactly_the_chains_and_the_repairing_transaction(
+    targets: list[RedirectTarget], family: int, saved: str, config: RuleConfig
+) -> None:
+    chains, transaction = render_rules_and_repair(targets, config, family, saved)  # type: ignore[arg-type]
+    assert chains == render_rules(targets, config, family=family)  # type: ignore[arg-type]
+    assert transaction == render_rules(targets, config, family=family, saved_nat=saved)  # type: ignore[arg-type]

@@ -11,6 +11,13 @@ For each connection the decision runs, in order:
 The Balancer is the single owner of that mutable state. It is fed whole `ServiceTable` snapshots;
 state for services whose endpoints did not change survives the swap, so a sync never resets
 round-robin cursors or affinity for unrelated services.
+
+Outlier records are per endpoint address, not per service, and must not outlive the endpoint: an
+address that comes back (a new pod given a recycled IP) starts with a clean record. The Balancer
+therefore counts how many services hold each address and drops an address's record as soon as
+the last one lets go of it. That keeps the records correct on every incremental update, so no
+update ever has to walk the whole table to prune them (in a 10k-Service cluster such a walk cost
+a periodic resync hundreds of milliseconds on the event loop).
 """
 
 from __future__ import annotations
@@ -86,40 +93,79 @@ class Balancer:
         self._rng = rng or random.Random()
         self._make_policy = policy_factory or basic_policy_factory(self._rng)
         self._services: dict[ServicePortName, _ServiceState] = {}
+        # How many services list each endpoint address (keys shared with `_ServiceState.by_key`).
+        self._endpoint_refs: dict[EndpointKey, int] = {}
         self._outliers = OutlierDetector(outliers)
         self._active: defaultdict[EndpointKey, int] = defaultdict(int)
         self.selections: defaultdict[Placement, int] = defaultdict(int)
+        # The snapshot the state reflects; None until the first update, or after one failed.
+        self.table: ServiceTable | None = None
 
     # -- snapshot updates ---------------------------------------------------------------------
 
     def update(self, table: ServiceTable, changed: Iterable[ServicePortName] | None = None) -> None:
         """Swap in a new snapshot, keeping state of services whose entry did not change.
 
-        With `changed` (the ports that differ from the previous snapshot) only those are
-        visited, so an endpoint change costs O(that service), not O(cluster); outlier state of
-        vanished endpoints is then pruned on the next full update (the periodic resync).
+        `changed` names every port whose entry may differ from `self.table` (the snapshot of the
+        previous update); only those are visited, so an endpoint change costs O(that service),
+        not O(cluster). Without it (the first update, or when the caller cannot tell what
+        changed) every service is compared.
         """
-        if changed is not None:
-            for name in changed:
-                entry = table.entries.get(name)
-                previous = self._services.get(name)
-                if entry is None:
-                    self._services.pop(name, None)
-                elif previous is None or previous.entry != entry:
-                    self._services[name] = self._new_state(entry, previous)
-            return
+        self.table = None  # until this update is complete: a failed one forces a whole one next
+        if changed is None:
+            self._update_whole(table)
+        else:
+            self._update_changed(table, changed)
+        self.table = table
+
+    def _update_whole(self, table: ServiceTable) -> None:
         services: dict[ServicePortName, _ServiceState] = {}
-        alive: set[EndpointKey] = set()
+        refs: dict[EndpointKey, int] = {}
         for name in table:
             entry = table.entries[name]
-            alive.update(key_of(e) for e in entry.endpoints)
             previous = self._services.get(name)
             if previous is not None and previous.entry == entry:
-                services[name] = previous
-                continue
-            services[name] = self._new_state(entry, previous)
+                state = previous
+            else:
+                state = self._new_state(entry, previous)
+            services[name] = state
+            for key in state.by_key:
+                refs[key] = refs.get(key, 0) + 1
         self._services = services
-        self._outliers.retain(alive)
+        self._endpoint_refs = refs
+        self._outliers.retain(refs)
+
+    def _update_changed(self, table: ServiceTable, changed: Iterable[ServicePortName]) -> None:
+        released: list[EndpointKey] = []
+        for name in changed:
+            entry = table.entries.get(name)
+            previous = self._services.get(name)
+            if entry is None:
+                if previous is not None:
+                    del self._services[name]
+                    self._release(previous, released)
+            elif previous is None or previous.entry != entry:
+                state = self._services[name] = self._new_state(entry, previous)
+                self._hold(state)
+                if previous is not None:
+                    self._release(previous, released)
+        # Checked after the loop: an address can move from one service to another in one update.
+        self._outliers.forget(key for key in released if key not in self._endpoint_refs)
+
+    def _hold(self, state: _ServiceState) -> None:
+        refs = self._endpoint_refs
+        for key in state.by_key:
+            refs[key] = refs.get(key, 0) + 1
+
+    def _release(self, state: _ServiceState, released: list[EndpointKey]) -> None:
+        refs = self._endpoint_refs
+        for key in state.by_key:
+            remaining = refs.get(key, 0) - 1
+            if remaining > 0:
+                refs[key] = remaining
+            else:
+                refs.pop(key, None)
+                released.append(key)
 
     def _new_state(self, entry: ServiceEntry, previous: _ServiceState | None) -> _ServiceState:
         kind = entry.port.lb_policy or self.default_policy
@@ -200,7 +246,10 @@ class Balancer:
         self, name: ServicePortName, endpoint: EndpointKey, client_ip: str, now: float
     ) -> None:
         """A dial failed: feed outlier detection and reset the client's affinity."""
-        self._outliers.record_failure(endpoint, now)
+        # A connection may have picked the endpoint just before a sync removed it. Recording
+        # that failure would leave a record nothing prunes, waiting for the address to return.
+        if endpoint in self._endpoint_refs:
+            self._outliers.record_failure(endpoint, now)
         state = self._services.get(name)
         if state is not None and state.affinity is not None:
             state.affinity.forget_client(client_ip)

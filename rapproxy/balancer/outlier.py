@@ -9,7 +9,7 @@ beats a certain failure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from rapproxy.model.endpoints import Endpoint
@@ -71,6 +71,11 @@ class OutlierDetector:
     def ejected(self, now: float) -> list[EndpointKey]:
         return sorted(k for k, h in self._health.items() if h.ejected_until > now)
 
-    def retain(self, alive: set[EndpointKey]) -> None:
+    def retain(self, alive: Container[EndpointKey]) -> None:
+        """Forget every endpoint not in `alive`: O(endpoints with a record), usually few."""
         for key in [k for k in self._health if k not in alive]:
             del self._health[key]
+
+    def forget(self, endpoints: Iterable[EndpointKey]) -> None:
+        for key in endpoints:
+            self._health.pop(key, None)

@@ -13,10 +13,12 @@ The sync is a full, idempotent render of the desired state, so a periodic resync
 that drifted (a rule deleted by hand, a crashed predecessor's leftovers). Rules are rewritten only
 when the set of redirects changed, or on the periodic resync (which also repairs the jumps from
 the built-in chains); endpoint-only changes touch memory only, which is what makes them fast.
-Within a sync, the in-memory state (routes, backends, redirect targets, the table itself) is
-updated only for the service ports the tracker reports as changed, so an endpoint change in a
-10k-Service cluster costs what one service costs, not what the cluster costs (measured in
-`benchmarks/scale/`). The periodic full resync still re-renders and rewrites every rule.
+Within a sync, the in-memory state (routes, backends, redirect targets, the Balancer, the table
+itself) is updated only for the service ports the tracker reports as changed, so an endpoint
+change in a 10k-Service cluster costs what one service costs, not what the cluster costs
+(measured in `benchmarks/scale/`) — on the periodic full resync too, which re-renders and
+rewrites every rule (in a worker thread and a subprocess, off the event loop) but leaves memory
+alone.
 
 The Proxier is also the relay's `BackendSelector`: the relay asks it, per new connection, which
 service an intercepted destination is and which backend to dial — answered from the in-memory
@@ -184,8 +186,11 @@ class Proxier:
         change = self.tracker.take_change()
         table = change.table
         full = started - self._last_full_sync >= self.config.iptables.sync_period
-        incremental = not full and change.previous is self._derived_table
-        self.balancer.update(table, change.ports if incremental else None)
+        # Incremental also on the periodic full resync: it repairs the kernel's rules, and the
+        # Balancer's memory cannot drift (it keeps its outlier records pruned as it goes). Only
+        # a Balancer that missed a step (an update that failed) compares the whole table.
+        one_step = change.previous is self.balancer.table
+        self.balancer.update(table, change.ports if one_step else None)
         self._derive(change, forget_all_stale_stats=full)
         stale_udp = await self._reconcile_udp()
         self._refresh_udp_targets()

@@ -254,6 +254,38 @@ def test_outlier_state_of_removed_endpoints_is_forgotten() -> None:
     assert b.describe(0.0)["ejected"] == []
 
 
+def test_outlier_record_lives_until_the_last_service_listing_the_endpoint_drops_it() -> None:
+    # Incremental updates (only the changed ports) prune as the whole-table update does.
+    b = balancer(
+        (port(), (ep(1), ep(2))), (port(API), (ep(1),)), outliers=OutlierSettings(1, 10.0, 100.0)
+    )
+    b.dial_failed(WEB, key_of(ep(1)), CLIENT, 0.0)
+    first = table((port(), (ep(2),)), (port(API), (ep(1),)))
+    b.update(first, {WEB})
+    assert b.describe(0.0)["ejected"] == ["10.0.0.1:8080"]  # api still has it: still ejected
+    second = table((port(), (ep(2),)))
+    b.update(second, {API})
+    assert b.describe(0.0)["ejected"] == []
+    b.update(table((port(), (ep(1), ep(2)))), {WEB})
+    assert chosen(b, 2) == ["10.0.0.1", "10.0.0.2"]  # back with a clean record
+
+
+def test_endpoint_moving_between_services_in_one_update_keeps_its_record() -> None:
+    b = balancer((port(), (ep(1), ep(2))), outliers=OutlierSettings(1, 10.0, 100.0))
+    b.dial_failed(WEB, key_of(ep(1)), CLIENT, 0.0)
+    b.update(table((port(), (ep(2),)), (port(API), (ep(1),))), {WEB, API})
+    assert b.describe(0.0)["ejected"] == ["10.0.0.1:8080"]
+
+
+def test_failed_dial_to_an_endpoint_no_service_lists_leaves_no_record() -> None:
+    # The relay may report a dial it started before a sync removed the endpoint.
+    b = balancer((port(), (ep(1), ep(2))), outliers=OutlierSettings(1, 10.0, 100.0))
+    b.update(table((port(), (ep(2),))), {WEB})
+    b.dial_failed(WEB, key_of(ep(1)), CLIENT, 0.0)
+    b.update(table((port(), (ep(1), ep(2)))), {WEB})
+    assert b.describe(0.0)["ejected"] == []
+
+
 # -- state across snapshots ----------------------------------------------------------------------
 
 

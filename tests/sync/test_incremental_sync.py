@@ -108,18 +108,39 @@ def test_proxier_state_after_incremental_syncs_equals_one_from_scratch(
     assert derived_state(incremental) == derived_state(fresh)
 
 
-@settings(max_examples=100, deadline=None)
-@given(steps)
+ENDPOINT_KEYS = [(f"10.244.0.{i}", 8080) for i in range(4)]  # what `entry` gives, shared
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(NAMES), max_size=3),
+            st.lists(entries, max_size=3),
+            st.lists(st.sampled_from(ENDPOINT_KEYS), max_size=2),  # dials that fail first
+        ),
+        max_size=12,
+    )
+)
 def test_balancer_updated_with_only_the_changed_ports_equals_one_updated_whole(steps: Any) -> None:
+    """Services, outlier records included: the incremental update prunes them as it goes."""
     from rapproxy.balancer.balancer import Balancer
     from rapproxy.balancer.categorize import Locality
+    from rapproxy.balancer.outlier import OutlierSettings
 
-    incremental = Balancer(Locality("node"))
-    whole = Balancer(Locality("node"))
+    ejecting = OutlierSettings(consecutive_failures=1)
+    incremental = Balancer(Locality("node"), outliers=ejecting)
+    whole = Balancer(Locality("node"), outliers=ejecting)
     table = ServiceTable()
-    for removed, added in steps:
+    for removed, added, failures in steps:
+        for key in failures:
+            for balancer in (incremental, whole):
+                balancer.dial_failed(NAMES[0], key, "192.168.0.1", 0.0)
         new = table.replaced(removed, {e.port.name: e for e in added})
         incremental.update(new, frozenset(removed) | {e.port.name for e in added})
         whole.update(new)
         table = new
-    assert incremental.describe(0.0)["services"] == whole.describe(0.0)["services"]
+        assert incremental.describe(0.0) == whole.describe(0.0)
+        listed = {(e.ip, e.port) for entry in table.entries.values() for e in entry.endpoints}
+        assert set(incremental._endpoint_refs) == listed
+        assert incremental._endpoint_refs == whole._endpoint_refs

@@ -45,6 +45,7 @@ class BoundedRunner:
         self.failures = 0
         self.last_success: float | None = None
         self.last_error: str | None = None
+        self.first_run_done = asyncio.Event()  # set when the first run ends, failed or not
 
     def request(self) -> None:
         """Ask for a sync soon (respecting `min_interval`). Cheap; call it from any handler."""
@@ -87,3 +88,5 @@ class BoundedRunner:
             self._retry_at = None
             self.last_error = None
             self.last_success = self._clock()
+        finally:
+            self.first_run_done.set()

@@ -73,3 +73,26 @@ async def test_failed_sync_is_retried_after_retry_interval(runs: list[float]) ->
     assert runs[1] - runs[0] >= 0.14
     assert runner.failures == 1
     assert runner.last_error is None and runner.last_success is not None
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_first_run_done_is_set_when_the_first_run_ends(fails: bool) -> None:
+    release = asyncio.Event()
+
+    async def sync() -> None:
+        await release.wait()
+        if fails:
+            raise RuntimeError("iptables-restore failed")
+
+    runner = BoundedRunner("t", sync, RunnerTimings(0.01, 60, 60))
+    task = asyncio.create_task(runner.run_forever())
+    try:
+        await wait_for(lambda: runner.runs == 1)
+        assert not runner.first_run_done.is_set()
+        release.set()
+        await asyncio.wait_for(runner.first_run_done.wait(), 5.0)
+        assert runner.failures == (1 if fails else 0)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -20,6 +20,13 @@ change in a 10k-Service cluster costs what one service costs, not what the clust
 rewrites every rule (in a worker thread and a subprocess, off the event loop) but leaves memory
 alone.
 
+Writing 10k rules takes a second or two, and the runner never runs two syncs at once, so a change
+recorded meanwhile would wait for the write. It does not: while the rules are being written the
+sync applies every newly recorded change to memory at once (`_absorb`), which is all an endpoint
+change needs. What a change needs beyond memory — a rule for a new or changed service port, a
+UDP socket — is done by the next sync, which the runner was asked for when the change was
+recorded; programming latency and /healthz staleness count until then.
+
 The Proxier is also the relay's `BackendSelector`: the relay asks it, per new connection, which
 service an intercepted destination is and which backend to dial — answered from the in-memory
 snapshot and the Balancer, never from the API.
@@ -27,6 +34,7 @@ snapshot and the Balancer, never from the API.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -148,6 +156,10 @@ class Proxier:
         self._targets: dict[ServicePortName, RedirectTarget] = {}  # desired redirects
         self._applied_targets: dict[ServicePortName, RedirectTarget] | None = None  # in the kernel
         self._last_full_sync = -float("inf")
+        self._change_noted = asyncio.Event()  # set by note_change; wakes `_absorb` mid-write
+        # When the oldest change applied to memory mid-write, but not yet to rules or UDP
+        # sockets, was recorded (wall clock); the next sync finishes it.
+        self._unfinished_since: float | None = None
         self.last_sync_error: str | None = None
         self.extra_state: dict[str, Callable[[float], Any]] = {}
 
@@ -183,22 +195,17 @@ class Proxier:
     async def _sync(self) -> None:
         started = self._clock()
         queued_at = self.tracker.first_pending_at
+        unfinished_since, self._unfinished_since = self._unfinished_since, None
         change = self.tracker.take_change()
         table = change.table
         full = started - self._last_full_sync >= self.config.iptables.sync_period
-        # Incremental also on the periodic full resync: it repairs the kernel's rules, and the
-        # Balancer's memory cannot drift (it keeps its outlier records pruned as it goes). Only
-        # a Balancer that missed a step (an update that failed) compares the whole table.
-        one_step = change.previous is self.balancer.table
-        self.balancer.update(table, change.ports if one_step else None)
-        self._derive(change, forget_all_stale_stats=full)
+        self._apply_to_memory(change, forget_all_stale_stats=full)
         stale_udp = await self._reconcile_udp()
         self._refresh_udp_targets()
         if self.iptables and (full or self._targets != self._applied_targets):
-            targets = list(self._targets.values())
-            for runner in self.iptables:
-                await runner.sync(targets, self.rule_config, repair_jumps=full)
-            self._applied_targets = dict(self._targets)
+            written = dict(self._targets)
+            await self._write_rules_absorbing(written, repair_jumps=full)
+            self._applied_targets = written
         elif not self.iptables:
             self._applied_targets = dict(self._targets)
         if full:
@@ -208,12 +215,15 @@ class Proxier:
         self.balancer.expire_affinity(started)
         now_wall = self._wall_clock()
         self.health.last_applied = now_wall
-        self.health.oldest_pending = self.tracker.first_pending_at
+        self.health.oldest_pending = _earliest(
+            self.tracker.first_pending_at, self._unfinished_since
+        )
         self.metrics.sync_duration.observe(self._clock() - started)
         self.metrics.last_sync.set(now_wall)
         self.metrics.changes_pending.set(self.tracker.pending)
-        if queued_at is not None and change.services:
-            self.metrics.programming_latency.observe(max(0.0, now_wall - queued_at))
+        programmed_since = _earliest(queued_at if change.services else None, unfinished_since)
+        if programmed_since is not None:
+            self.metrics.programming_latency.observe(max(0.0, now_wall - programmed_since))
         for kind in ("Service", "EndpointSlice"):
             self.metrics.rejected_objects.labels(kind).set(
                 sum(1 for error in self.tracker.errors.values() if error.kind == kind)
@@ -229,9 +239,71 @@ class Proxier:
             )
 
     def note_change(self) -> None:
-        """Called by sources after recording a change: keeps /healthz's staleness honest."""
+        """Called by sources after recording a change: keeps /healthz's staleness honest, and
+        lets a sync that is writing rules apply the change to memory without waiting."""
         if self.health.oldest_pending is None:
             self.health.oldest_pending = self.tracker.first_pending_at
+        self._change_noted.set()
+
+    def _apply_to_memory(self, change: TableChange, *, forget_all_stale_stats: bool) -> None:
+        # Incremental also on the periodic full resync: it repairs the kernel's rules, and the
+        # Balancer's memory cannot drift (it keeps its outlier records pruned as it goes). Only
+        # a Balancer that missed a step (an update that failed) compares the whole table.
+        one_step = change.previous is self.balancer.table
+        self.balancer.update(change.table, change.ports if one_step else None)
+        self._derive(change, forget_all_stale_stats=forget_all_stale_stats)
+
+    async def _write_rules_absorbing(
+        self, written: dict[ServicePortName, RedirectTarget], *, repair_jumps: bool
+    ) -> None:
+        """Write `written` to every family's rules; meanwhile `_absorb` what gets recorded."""
+
+        async def write() -> None:
+            targets = list(written.values())
+            for runner in self.iptables:
+                await runner.sync(targets, self.rule_config, repair_jumps=repair_jumps)
+
+        writing = asyncio.create_task(write(), name="rules-write")
+        try:
+            while True:
+                self._change_noted.clear()
+                if self.tracker.pending:
+                    self._absorb(written)
+                if writing.done():
+                    break
+                noted = asyncio.create_task(self._change_noted.wait())
+                try:
+                    await asyncio.wait((writing, noted), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    noted.cancel()
+        finally:
+            if not writing.done():  # cancelled (shutdown), or absorbing failed
+                writing.cancel()
+                await asyncio.wait((writing,))
+            if not writing.cancelled():
+                writing.exception()  # retrieved, so never logged as lost; raised just below
+        await writing  # its error, if any, fails the sync; the runner retries
+
+    def _absorb(self, written: dict[ServicePortName, RedirectTarget]) -> None:
+        """Apply the changes recorded since the rules write began to memory, now.
+
+        That finishes an endpoint change. One that also changes what the rules or the UDP
+        sockets should be is finished by the next sync; until then it counts as unfinished.
+        """
+        queued_at = self.tracker.first_pending_at
+        change = self.tracker.take_change()
+        self._apply_to_memory(change, forget_all_stale_stats=False)
+        self._refresh_udp_targets()
+        finished = self._targets == written and self._udp_wanted.keys() == self.udp.keys()
+        if not finished:
+            self._unfinished_since = _earliest(self._unfinished_since, queued_at)
+        elif queued_at is not None and change.services:
+            self.metrics.programming_latency.observe(max(0.0, self._wall_clock() - queued_at))
+        log.info(
+            "applied %d changed services to memory while rules were being written%s",
+            len(change.services),
+            "" if finished else "; their rules follow in the next sync",
+        )
 
     def _derive(self, change: TableChange, *, forget_all_stale_stats: bool) -> None:
         """Bring routes, backends and redirect targets from `_derived_table` to `change.table`.
@@ -412,6 +484,11 @@ class Proxier:
         for name, describe in self.extra_state.items():
             state[name] = describe(now)
         return state
+
+
+def _earliest(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
 
 
 def _udp_destinations(port: ServicePort) -> list[tuple[str | None, int]]:

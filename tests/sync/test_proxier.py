@@ -1,7 +1,11 @@
-"""The Proxier's sync, without iptables or sockets: what a periodic full resync costs in memory."""
+"""The Proxier's sync without the kernel: what a periodic full resync costs in memory, and
+changes recorded while rules are being written (a stand-in runner holds the write open)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -9,6 +13,7 @@ import pytest
 from rapproxy.config import RapproxyConfiguration
 from rapproxy.model.service import L4Protocol, ServicePortName
 from rapproxy.model.table import ServiceTable
+from rapproxy.rules.render import RedirectTarget, RuleConfig
 from rapproxy.sync.proxier import Proxier
 
 
@@ -97,3 +102,138 @@ async def test_a_balancer_that_missed_a_step_is_updated_whole(
     for i, ip in ((1, "10.244.0.9"), (2, "10.244.0.8")):
         choice = proxier.balancer.choose(name(i), "192.168.0.1", 0.0)
         assert choice is not None and choice.endpoint.ip == ip
+
+
+# -- changes recorded while rules are being written ------------------------------------------------
+
+
+class HeldRules:
+    """Stands in for an IptablesRunner: each write waits until the test lets it finish."""
+
+    family = 4
+
+    def __init__(self) -> None:
+        self.writing = asyncio.Event()
+        self.finish = asyncio.Event()
+        self.error: Exception | None = None
+        self.writes: list[tuple[set[ServicePortName], bool]] = []
+        self.cancelled = False
+
+    async def sync(
+        self, targets: Sequence[RedirectTarget], config: RuleConfig, *, repair_jumps: bool = True
+    ) -> bool:
+        self.writes.append(({t.service_port.name for t in targets}, repair_jumps))
+        self.writing.set()
+        try:
+            await self.finish.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        self.writing.clear()
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+async def wait_for(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+def chosen_ip(proxier: Proxier, i: int) -> str | None:
+    choice = proxier.balancer.choose(name(i), "192.168.0.1", 0.0)
+    return choice.endpoint.ip if choice is not None else None
+
+
+def programmed(proxier: Proxier) -> float:
+    count = proxier.metrics.registry.get_sample_value(
+        "rapproxy_network_programming_duration_seconds_count"
+    )
+    return count or 0.0
+
+
+@pytest.fixture
+async def held(clock: Clock) -> tuple[Proxier, HeldRules]:
+    """A synced Proxier whose next sync is the periodic full resync."""
+    rules = HeldRules()
+    proxier = Proxier(RapproxyConfiguration(), "node", iptables=[rules], clock=clock)  # type: ignore[list-item]
+    for i in range(3):
+        proxier.tracker.service_updated(service(i))
+        proxier.tracker.slice_updated(endpoint_slice(i, f"10.244.0.{i}"))
+    rules.finish.set()
+    await proxier.sync()
+    rules.finish.clear()
+    clock.now += proxier.config.iptables.sync_period
+    return proxier, rules
+
+
+async def test_endpoint_change_during_a_full_resync_is_applied_without_waiting_for_the_rules(
+    held: tuple[Proxier, HeldRules],
+) -> None:
+    proxier, rules = held
+    syncing = asyncio.create_task(proxier.sync())
+    await rules.writing.wait()
+    before = programmed(proxier)
+    proxier.tracker.slice_updated(endpoint_slice(1, "10.244.0.9"))
+    proxier.note_change()
+    await wait_for(lambda: chosen_ip(proxier, 1) == "10.244.0.9")
+    assert not syncing.done()  # the rules are still being written
+    assert programmed(proxier) == before + 1  # an endpoint change needs nothing more
+    rules.finish.set()
+    await syncing
+    assert [repair for _, repair in rules.writes] == [True, True]  # no extra write for it
+    assert proxier.tracker.pending == 0
+    assert proxier.health.oldest_pending is None
+
+
+async def test_new_service_during_a_rules_write_gets_its_rules_from_the_next_sync(
+    held: tuple[Proxier, HeldRules],
+) -> None:
+    proxier, rules = held
+    syncing = asyncio.create_task(proxier.sync())
+    await rules.writing.wait()
+    proxier.tracker.service_updated(service(3))
+    proxier.tracker.slice_updated(endpoint_slice(3, "10.244.0.3"))
+    proxier.note_change()
+    await wait_for(lambda: chosen_ip(proxier, 3) == "10.244.0.3")
+    rules.finish.set()
+    await syncing
+    assert name(3) not in rules.writes[-1][0]
+    assert proxier.health.oldest_pending is not None  # not finished: no rule for it yet
+    before = programmed(proxier)
+    await proxier.sync()  # the runner was asked for it when the change was recorded
+    assert rules.writes[-1] == ({name(i) for i in range(4)}, False)
+    assert proxier.health.oldest_pending is None
+    assert programmed(proxier) == before + 1
+
+
+async def test_failed_write_fails_the_sync_and_keeps_what_was_absorbed(
+    held: tuple[Proxier, HeldRules],
+) -> None:
+    proxier, rules = held
+    rules.error = RuntimeError("iptables-restore exited 4")
+    syncing = asyncio.create_task(proxier.sync())
+    await rules.writing.wait()
+    proxier.tracker.slice_updated(endpoint_slice(1, "10.244.0.9"))
+    proxier.note_change()
+    await wait_for(lambda: chosen_ip(proxier, 1) == "10.244.0.9")
+    rules.finish.set()
+    with pytest.raises(RuntimeError, match="exited 4"):
+        await syncing
+    assert proxier.last_sync_error == "RuntimeError: iptables-restore exited 4"
+    rules.error = None
+    await proxier.sync()  # the retry: still the full resync, since that one failed
+    assert rules.writes[-1][1] is True
+    assert chosen_ip(proxier, 1) == "10.244.0.9"
+
+
+async def test_cancelled_sync_cancels_its_rules_write(held: tuple[Proxier, HeldRules]) -> None:
+    proxier, rules = held
+    syncing = asyncio.create_task(proxier.sync())
+    await rules.writing.wait()
+    syncing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await syncing
+    assert rules.cancelled

@@ -155,7 +155,7 @@ def render_rules_and_repair(
 def _render_chains(targets: Sequence[RedirectTarget], config: RuleConfig, family: Family) -> str:
     """The rules of our chains (no header, declarations or repair), one per line."""
     _check_family(family)
-    ordered = sorted(targets, key=lambda t: t.service_port.name)
+    ordered = sorted(targets, key=_name_order)
     _check_unique(ordered)
     service_rules: list[str] = []
     nodeport_rules: list[str] = []
@@ -366,6 +366,13 @@ def _quote_comment(text: str) -> str:
     # inside a quoted shell-like token: one stray `"` would break the whole transaction.
     safe = _COMMENT_UNSAFE.sub("_", text)[:_MAX_COMMENT]
     return f'"{safe}"'
+
+
+def _name_order(target: RedirectTarget) -> tuple[str, str, str, str]:
+    # ServicePortName's own order, as a plain tuple: its dataclass `__lt__` builds two tuples in
+    # Python per comparison, and sorting 10k targets makes 130k comparisons per render.
+    name = target.service_port.name
+    return (name.namespace, name.name, name.port, name.protocol)
 
 
 def _check_family(family: int) -> None:

@@ -413,3 +413,20 @@ def test_one_render_gives_exactly_the_chains_and_the_repairing_transaction(
     chains, transaction = render_rules_and_repair(targets, config, family, saved)  # type: ignore[arg-type]
     assert chains == render_rules(targets, config, family=family)  # type: ignore[arg-type]
     assert transaction == render_rules(targets, config, family=family, saved_nat=saved)  # type: ignore[arg-type]
+
+
+_names = st.builds(
+    ServicePortName,
+    st.sampled_from(["a", "b", "kube-system"]),
+    st.sampled_from(["web", "web-2", "api"]),
+    st.sampled_from(["", "http", "https"]),
+    st.sampled_from(list(L4Protocol)),
+)
+
+
+@given(st.lists(_names, unique=True))
+def test_rules_are_rendered_in_service_port_name_order(names: list[ServicePortName]) -> None:
+    from rapproxy.rules.render import _name_order
+
+    targets = [RedirectTarget(ServicePort(n, 80, 80, ("10.96.0.1",)), 1) for n in names]
+    assert [t.service_port.name for t in sorted(targets, key=_name_order)] == sorted(names)

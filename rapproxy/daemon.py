@@ -214,7 +214,13 @@ async def _sync_when_ready(runner: BoundedRunner, ready: Sequence[asyncio.Event]
     await runner.run_forever()
 
 
-async def _freeze_after_first_sync(runner: BoundedRunner) -> None:
+# Longer than any cold start should take (10k Services: ~5 s); see _freeze_after_first_sync.
+COLD_START_GC_WINDOW = 120.0
+
+
+async def _freeze_after_first_sync(
+    runner: BoundedRunner, window: float = COLD_START_GC_WINDOW
+) -> None:
     """No cyclic garbage collection until the first sync has ended; then freeze what survived.
 
     The informers' first lists build the whole cluster in memory at once (10k Services with 50k
@@ -228,12 +234,20 @@ async def _freeze_after_first_sync(runner: BoundedRunner) -> None:
     and so is any cycle among the survivors that later becomes garbage: never collected. A
     `gc.collect()` first would walk the half million objects once more, on the event loop, right
     when the data plane starts serving; the snapshots are trees of frozen dataclasses, acyclic.
+
+    If the first sync has not ended within `window` (an API server that does not answer, where
+    every retry leaves an exception cycle behind), collection resumes as usual and nothing is
+    frozen.
     """
     gc.disable()
     try:
-        await runner.first_run_done.wait()
-    finally:
+        async with asyncio.timeout(window):
+            await runner.first_run_done.wait()
+    except TimeoutError:
+        log.info("no first sync within %.0f s: garbage collection resumes unfrozen", window)
+    else:
         gc.freeze()
+    finally:
         gc.enable()
 
 

@@ -55,3 +55,14 @@ async def test_collection_is_back_on_after_a_shutdown_before_the_first_sync() ->
     with pytest.raises(asyncio.CancelledError):
         await guard
     assert gc.isenabled()
+
+
+async def test_collection_resumes_unfrozen_when_the_first_sync_takes_too_long() -> None:
+    # An API server that never answers: its retries leave cyclic garbage that must be collected.
+    async def sync() -> None:
+        raise AssertionError("never runs")
+
+    runner = BoundedRunner("t", sync, RunnerTimings(0.01, 60, 60))
+    await asyncio.wait_for(_freeze_after_first_sync(runner, window=0.05), 5.0)
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0

@@ -19,6 +19,15 @@ succeeds, an upstream side. Each side is a small Protocol whose `peer` is the ot
   per connection is bounded by the two high-water marks.
 - Half-close: EOF from one side becomes `write_eof()` on the other (eof_received returns True so
   the transport stays open for the reply). When both directions have seen EOF, both are closed.
+- FIN right behind the last data: the loops read a socket once per readiness event, so a response
+  and the FIN that follows it arrive as two callbacks a loop iteration apart, and uvloop's
+  `write_eof()` waits for yet another iteration. Meanwhile the client has read the response and
+  closed first, which leaves its socket in TIME_WAIT: with one connection per request that
+  exhausts the client's ports to the service (connect() then spends milliseconds searching for a
+  free port). So after a short read among an upstream's first few the relay peeks (MSG_PEEK)
+  whether only the FIN is left; if so it forwards the EOF at once, and an EOF forwarded to a
+  transport with nothing left to send is a direct shutdown(SHUT_WR). The FIN then leaves right
+  behind the data and the relay, not the client, is the first to close, as with HAProxy.
 - Reset: when one side dies with an error (ECONNRESET, EPIPE, ...), the other is aborted with
   SO_LINGER 0 so a RST really goes out and the peer learns promptly — a FIN would lie.
 - Dialling follows kube-proxy userspace (`proxysocket.go`, `EndpointDialTimeouts`): up to four
@@ -44,8 +53,10 @@ uvloop and count file descriptors.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import struct
@@ -67,6 +78,23 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 _NOTHING_TRIED: frozenset[Backend] = frozenset()
 _DIAL_TICKS_PER_TIMEOUT = 5
 _UNCOUNTED = ServiceCounters()  # placeholder until a side knows its service; never exported
+_PEEK_BELOW = 64 * 1024
+"""Peek for a trailing FIN only after reads shorter than this (both loops read up to 256 KiB):
+a read that filled most of the buffer says more is queued, and bulk transfers skip the syscall."""
+_FIN_PEEKS = 4
+"""Peek after at most this many reads per upstream: a connection-per-request exchange ends within
+its first few reads, and a long-lived connection (keep-alive) should not pay a syscall per read."""
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def _borrow(family: int, transport: asyncio.BaseTransport) -> _socket.socket:
+    """A socket object on the transport's descriptor, for one call; the caller must detach() it.
+
+    The loops' own socket objects refuse recv/shutdown (uvloop's) or wrap them; a bare
+    `_socket.socket` costs no syscall to make and closes nothing once detached.
+    """
+    fd = transport.get_extra_info("socket").fileno()
+    return _socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
 
 
 def intercepted_destination(transport: asyncio.BaseTransport) -> tuple[str, int]:
@@ -142,6 +170,7 @@ class _Side(asyncio.Protocol):
         "counters",
         "eof",
         "failed",
+        "family",
         "lost",
         "peer",
         "pending",
@@ -151,8 +180,9 @@ class _Side(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, relay: _TcpRelay) -> None:
+    def __init__(self, relay: _TcpRelay, family: int) -> None:
         self.relay = relay
+        self.family = family
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
         # The peer's transport while it is open: what data_received writes to. A separate
@@ -170,13 +200,15 @@ class _Side(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         try:
+            if self.eof:  # already seen by peeking (_UpstreamSide.data_received)
+                return True
             self.eof = True
             peer = self.peer
             if peer is not None and not peer.closing:
                 if peer.eof:
                     self.relay.close_both()
                 else:
-                    cast(asyncio.Transport, peer.transport).write_eof()
+                    peer.send_eof()
         except Exception:
             self.relay.fail("eof_received")
         return True  # keep the transport open: the other direction may still carry a reply
@@ -216,6 +248,23 @@ class _Side(asyncio.Protocol):
             self.relay.fail("connection_lost")
 
     # -- actions ----------------------------------------------------------------------------
+
+    def send_eof(self) -> None:
+        """Half-close our direction: FIN after what is buffered, right now if nothing is."""
+        transport = cast(asyncio.Transport, self.transport)
+        if transport.get_write_buffer_size() == 0:
+            # transport.write_eof() would only queue the shutdown for the next loop iteration.
+            # The transport is not told: nothing is ever written to it after this, and its own
+            # later shutdown could fail with ENOTCONN once the peer has closed too.
+            sock = _borrow(self.family, transport)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                return
+            except OSError:
+                pass  # let the transport try, and report whatever is wrong its usual way
+            finally:
+                sock.detach()
+        transport.write_eof()
 
     def close(self) -> None:
         """Flush what is buffered, then FIN and close."""
@@ -276,11 +325,12 @@ class _ClientSide(_Side):
 
 
 class _UpstreamSide(_Side):
-    __slots__ = ("abandoned",)
+    __slots__ = ("abandoned", "peeks_left")
 
-    def __init__(self, relay: _TcpRelay) -> None:
-        super().__init__(relay)
+    def __init__(self, relay: _TcpRelay, family: int) -> None:
+        super().__init__(relay, family)
         self.abandoned = False  # the dial attempt gave up on this socket
+        self.peeks_left = _FIN_PEEKS
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -292,6 +342,10 @@ class _UpstreamSide(_Side):
                 sink.write(data)
                 self.touched = True
                 self.counters.bytes_to_clients += len(data)
+                if self.peeks_left and len(data) < _PEEK_BELOW:
+                    self.peeks_left -= 1
+                    if self.only_fin_left():
+                        self.eof_received()  # reported again by the loop later, then ignored
             elif self.peer is None:
                 # Connected, but the dial task has not wired us yet (one loop iteration).
                 self.pending.append(data)
@@ -306,6 +360,16 @@ class _UpstreamSide(_Side):
             self.lost = True
             return
         super().connection_lost(exc)
+
+    def only_fin_left(self) -> bool:
+        """Whether everything the upstream sent has been read and its FIN is all that is left."""
+        sock = _borrow(self.family, cast(asyncio.Transport, self.transport))
+        try:
+            return sock.recv(1, _PEEK_FLAGS) == b""
+        except OSError:  # EAGAIN: nothing queued, the usual case; anything else: not now
+            return False
+        finally:
+            sock.detach()
 
     def abandon(self) -> None:
         # create_connection() closes its own transport when it fails or is cancelled; touching
@@ -335,9 +399,9 @@ class _TcpRelay:
         "upstream",
     )
 
-    def __init__(self, server: TcpRelayServer) -> None:
+    def __init__(self, server: TcpRelayServer, family: int) -> None:
         self.server = server
-        self.client = _ClientSide(self)
+        self.client = _ClientSide(self, family)
         self.upstream: _UpstreamSide | None = None
         self.service: str | None = None
         self.counters: ServiceCounters | None = None
@@ -431,7 +495,7 @@ class _TcpRelay:
             if backend is None:
                 break
             tried = tried | {backend}
-            upstream = _UpstreamSide(self)
+            upstream = _UpstreamSide(self, socket.AF_INET6 if ":" in backend.ip else socket.AF_INET)
             self.dial_deadline = loop.time() + timeout
             dials.add(self)
             try:
@@ -652,7 +716,9 @@ class TcpRelayServer:
                 sock = self._listening_socket(host, port)
                 try:
                     server = await self._loop.create_server(
-                        self._new_client, sock=sock, backlog=self.settings.backlog
+                        functools.partial(self._new_client, sock.family),
+                        sock=sock,
+                        backlog=self.settings.backlog,
                     )
                 except BaseException:
                     sock.close()
@@ -685,8 +751,8 @@ class TcpRelayServer:
             raise
         return sock
 
-    def _new_client(self) -> _ClientSide:
-        return _TcpRelay(self).client
+    def _new_client(self, family: int) -> _ClientSide:
+        return _TcpRelay(self, family).client
 
     def reject_over_cap(self) -> None:
         self.stats.tcp_rejected_by_cap += 1

@@ -124,6 +124,53 @@ async def test_server_half_close_still_receives_the_client(make_selector, backen
     writer.close()
 
 
+async def test_backend_fin_reaches_the_client_right_behind_the_last_bytes(
+    make_selector, eventually, relay
+) -> None:
+    """The response and the FIN behind it leave the relay together, not a loop iteration apart.
+
+    Otherwise the client has read the response and closed before the FIN arrives, and keeps a
+    TIME_WAIT socket per connection: under connection-per-request load its ports run out.
+    """
+    loop = asyncio.get_running_loop()
+
+    def read_then_peek(sock: socket.socket) -> asyncio.Future[tuple[bytes, bytes | None]]:
+        """Read the moment the socket turns readable, then look whether the FIN is there too."""
+        done: asyncio.Future[tuple[bytes, bytes | None]] = loop.create_future()
+
+        def on_readable() -> None:
+            loop.remove_reader(sock)
+            data = sock.recv(100)
+            try:
+                done.set_result((data, sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)))
+            except BlockingIOError:
+                done.set_result((data, None))  # no FIN yet
+
+        loop.add_reader(sock, on_readable)
+        return done
+
+    with socket.socket() as listener, socket.socket() as client:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        backend = Backend("127.0.0.1", listener.getsockname()[1])
+        selector = make_selector([backend])
+        server, address = await relay(selector)
+        client.setblocking(False)
+        async with asyncio.timeout(5):
+            await loop.sock_connect(client, address)
+            await loop.sock_sendall(client, b"GET")
+            upstream, _ = await loop.sock_accept(listener)
+            with upstream:
+                assert await loop.sock_recv(upstream, 3) == b"GET"
+                upstream.send(b"ok\n")  # both queued at the relay before it reads either
+                upstream.shutdown(socket.SHUT_WR)
+                assert await read_then_peek(client) == (b"ok\n", b"")
+        client.close()
+        await eventually(lambda: server.active_connections == 0, what="the relay to finish")
+    assert selector.closed == [backend]
+
+
 async def test_backend_reset_resets_the_client(make_selector, eventually, backends, relay) -> None:
     async def reset_after_first_bytes(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -40,6 +40,14 @@ def children_of_this_process() -> list[psutil.Process]:
     ]
 
 
+def rapproxy_rules_in_this_namespace() -> list[str]:
+    """rapproxy's nat rules in the test's own (root) namespace: the demo must never add any."""
+    dump = subprocess.run(
+        ["iptables-save", "-t", "nat"], capture_output=True, text=True, check=False
+    ).stdout
+    return [line for line in dump.splitlines() if "RAPPROXY" in line.upper()]
+
+
 def processes_mentioning(text: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -88,6 +96,7 @@ async def test_every_policy_carries_traffic_a_primary_fails_over_and_nothing_is_
 
     assert not [n for n in results.notes if "LEFT BEHIND" in n], results.notes
     assert set(live_namespaces()) == before
+    assert rapproxy_rules_in_this_namespace() == []
     assert edge_cgroups_of_this_process() == []
     assert children_of_this_process() == []
 
@@ -109,6 +118,7 @@ async def test_a_run_failing_midway_still_removes_daemons_pods_namespaces_and_cg
     assert demo.leftover_report == []
     assert processes_mentioning(str(tmp_path / "kubeconfig")) == []
     assert set(live_namespaces()) == before
+    assert rapproxy_rules_in_this_namespace() == []
     assert edge_cgroups_of_this_process() == []
     assert children_of_this_process() == []
 

@@ -66,14 +66,17 @@ def _share(value: float | None) -> str:
 
 
 def comparison_table(runs: Sequence[PolicyRun]) -> str:
-    """One row per policy and phase; ratios against round-robin within the phase."""
-    headers = ["PHASE", "POLICY", "REQ/S", "P50 MS", "P99 MS", "ERRORS", "LOCAL", "VS RR"]
+    """One row per policy and phase; request rates against round-robin and local-only in the
+    same phase (the paper's baselines: kube-proxy's spreading, and staying on the node)."""
+    headers = ["PHASE", "POLICY", "REQ/S", "P50 MS", "P99 MS", "ERRORS", "LOCAL"]
+    headers += ["VS RR", "VS LOCAL-ONLY"]
+
+    def ratio(run: PolicyRun, policy: str) -> str:
+        baseline = next((r for r in runs if r.phase == run.phase and r.policy == policy), None)
+        return f"{run.rate / baseline.rate:.2f}x" if baseline and baseline.rate > 0 else "-"
+
     rows = []
     for run in runs:
-        baseline = next(
-            (r for r in runs if r.phase == run.phase and r.policy == "round-robin"), None
-        )
-        ratio = f"{run.rate / baseline.rate:.2f}x" if baseline and baseline.rate > 0 else "-"
         rows.append(
             [
                 run.phase,
@@ -83,7 +86,8 @@ def comparison_table(runs: Sequence[PolicyRun]) -> str:
                 f"{run.p99_ms:.1f}",
                 str(run.errors),
                 _share(run.local_share),
-                ratio,
+                ratio(run, "round-robin"),
+                ratio(run, "local-only"),
             ]
         )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]

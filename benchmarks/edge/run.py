@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from rapproxy.demo.cluster import NODES, DemoCluster
-from rapproxy.demo.options import POLICIES, DemoOptions
+from rapproxy.demo.options import POLICIES, DemoOptions, add_daemon_settings_argument
 from rapproxy.demo.progress import Progress
 from rapproxy.demo.report import FailoverResult, PolicyRun
 from rapproxy.demo.scenario import fail_over, measure
@@ -447,14 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--label", default="", help="suffix for the result files' names")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        dest="daemon_settings",
-        help="a setting for every node's rapproxy, e.g. --set rap.spillBackoff=0 (repeatable)",
-    )
+    add_daemon_settings_argument(parser)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("benchmarks/edge/run.py: needs root (namespaces, cgroups, iptables)", file=sys.stderr)

@@ -39,6 +39,18 @@ class DemoOptions:
         return {pair: ms * self.delay_scale for pair, ms in BASE_DELAYS_MS.items()}
 
 
+def add_daemon_settings_argument(parser: argparse.ArgumentParser) -> None:
+    """`--set PATH=VALUE` (repeatable) into `daemon_settings`: shared with benchmarks/edge."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        dest="daemon_settings",
+        help="a setting for every node's rapproxy, e.g. --set rap.spillBackoff=0 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rapproxy demo",
@@ -74,14 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(POLICIES),
         help=f"comma-separated subset of {','.join(POLICIES)}",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        dest="daemon_settings",
-        help="a setting for every node's rapproxy, e.g. --set rap.spillBackoff=0 (repeatable)",
-    )
+    add_daemon_settings_argument(parser)
     parser.add_argument("--no-overload", action="store_true", help="skip the overloaded phase")
     parser.add_argument("--no-failover", action="store_true", help="skip the failover")
     parser.add_argument(

@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import psutil  # type: ignore[import-untyped,unused-ignore]  # types-psutil not a dependency
 from pyroute2 import AsyncIPRoute
 from pyroute2 import netns as pyroute2_netns
 
@@ -399,6 +400,19 @@ async def namespace(tag: str = "") -> AsyncIterator[Namespace]:
         yield created
     finally:
         await created.aclose()
+
+
+def child_processes() -> list[psutil.Process]:
+    """This process's descendants still alive, for "left nothing behind" checks.
+
+    The multiprocessing resource tracker (started by `Namespace.call`'s workers) lives as long
+    as this process and is not a leftover.
+    """
+    return [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "resource_tracker" not in " ".join(child.cmdline())
+    ]
 
 
 def live_namespaces() -> list[str]:

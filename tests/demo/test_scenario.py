@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from rapproxy.demo import main as demo_main
@@ -22,22 +21,13 @@ from rapproxy.demo.options import POLICIES, DemoOptions
 from rapproxy.demo.progress import Progress
 from rapproxy.demo.scenario import HEALTHY, OVERLOADED, run_scenario
 from rapproxy.testing.edge.cgroups import cgroups_of_process
-from rapproxy.testing.netns import live_namespaces
+from rapproxy.testing.netns import child_processes, live_namespaces
 
 ROOT_ONLY = pytest.mark.root
 
 
 def edge_cgroups_of_this_process() -> list[Path]:
     return cgroups_of_process(os.getpid())
-
-
-def children_of_this_process() -> list[psutil.Process]:
-    # The multiprocessing resource tracker lives as long as this worker; it is not ours to kill.
-    return [
-        child
-        for child in psutil.Process().children(recursive=True)
-        if "resource_tracker" not in " ".join(child.cmdline())
-    ]
 
 
 def rapproxy_rules_in_this_namespace() -> list[str]:
@@ -98,7 +88,7 @@ async def test_every_policy_carries_traffic_a_primary_fails_over_and_nothing_is_
     assert set(live_namespaces()) == before
     assert rapproxy_rules_in_this_namespace() == []
     assert edge_cgroups_of_this_process() == []
-    assert children_of_this_process() == []
+    assert child_processes() == []
 
 
 @ROOT_ONLY
@@ -120,7 +110,7 @@ async def test_a_run_failing_midway_still_removes_daemons_pods_namespaces_and_cg
     assert set(live_namespaces()) == before
     assert rapproxy_rules_in_this_namespace() == []
     assert edge_cgroups_of_this_process() == []
-    assert children_of_this_process() == []
+    assert child_processes() == []
 
 
 def test_without_root_the_demo_says_it_needs_root_and_touches_nothing(

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from rapproxy.testing.edge.cgroups import cgroups_of_process, sweep_stale_cgroups
@@ -45,12 +44,3 @@ async def eventually(check: Callable[[], Any], within: float = 10.0, interval: f
 
 def edge_cgroups_of_this_process() -> list[Path]:
     return cgroups_of_process(os.getpid())
-
-
-def children_of_this_process() -> list[psutil.Process]:
-    # The multiprocessing resource tracker lives as long as this worker; it is not ours to kill.
-    return [
-        child
-        for child in psutil.Process().children(recursive=True)
-        if "resource_tracker" not in " ".join(child.cmdline())
-    ]

@@ -14,10 +14,10 @@ from rapproxy.testing.edge.cgroups import CgroupUnavailable, detect_layout
 from rapproxy.testing.edge.cluster import EdgeCluster, NodeSpec
 from rapproxy.testing.edge.delays import DelayMatrix, InvalidWanConfig
 from rapproxy.testing.edge.measure import http_load, icmp_rtts, wait_port
-from rapproxy.testing.netns import live_namespaces
+from rapproxy.testing.netns import child_processes, live_namespaces
 from rapproxy.testing.probes import http_get
 
-from .conftest import children_of_this_process, edge_cgroups_of_this_process, eventually
+from .conftest import edge_cgroups_of_this_process, eventually
 
 pytestmark = pytest.mark.root
 
@@ -46,7 +46,7 @@ async def test_three_nodes_come_up_with_the_asked_delays_and_leave_nothing() -> 
     assert cluster.leftovers() == []
     assert set(live_namespaces()) == before
     assert edge_cgroups_of_this_process() == []
-    assert children_of_this_process() == []
+    assert child_processes() == []
 
 
 async def test_http_across_nodes_gains_the_round_trip_delay() -> None:
@@ -73,7 +73,7 @@ async def test_a_failing_body_still_tears_everything_down() -> None:
             raise RuntimeError("test failed midway")
     assert cluster.leftovers() == []
     assert edge_cgroups_of_this_process() == []
-    assert children_of_this_process() == []
+    assert child_processes() == []
 
 
 async def test_a_failing_build_tears_down_what_it_had_built() -> None:
@@ -84,7 +84,7 @@ async def test_a_failing_build_tears_down_what_it_had_built() -> None:
     assert cluster.nodes  # it got as far as building the nodes
     assert cluster.leftovers() == []
     assert edge_cgroups_of_this_process() == []
-    assert children_of_this_process() == []
+    assert child_processes() == []
 
 
 async def test_node_processes_join_the_nodes_cgroup_and_service_ips_route_locally() -> None:

@@ -70,6 +70,7 @@ class Point:
     setting: float  # one-way delay in ms (sweep) or wrk connections (overload)
     run: PolicyRun
     node_cpu: dict[str, float]  # mean fraction of each node's pod CPU capacity during the run
+    round_rates: tuple[float, ...] = ()  # req/s of every round, when the setting ran several
 
     @property
     def rate(self) -> float:
@@ -135,8 +136,37 @@ def show(progress: Progress, point: Point) -> None:
 # -- experiments ----------------------------------------------------------------------------------
 
 
+async def rounds_of(
+    demo: DemoCluster,
+    options: DemoOptions,
+    *,
+    setting: float,
+    label: str,
+    rounds: int,
+    lua: Path,
+    progress: Progress,
+) -> list[Point]:
+    """Every policy `rounds` times, interleaved and in a rotated order each round (so no policy
+    always runs first, after a quiet pause, or last); per policy the median round by req/s."""
+    policies = list(options.policies)
+    measured: dict[str, list[Point]] = {policy: [] for policy in policies}
+    for index in range(rounds):
+        shift = index % len(policies)
+        for policy in policies[shift:] + policies[:shift]:
+            run, cpu = await measure_with_cpu(demo, options, label, policy, lua)
+            measured[policy].append(Point(setting, run, cpu))
+            show(progress, measured[policy][-1])
+    points = []
+    for policy in policies:
+        runs = sorted(measured[policy], key=lambda p: p.rate)
+        median = runs[(len(runs) - 1) // 2]
+        rates = tuple(round(p.rate, 1) for p in measured[policy]) if rounds > 1 else ()
+        points.append(replace(median, round_rates=rates))
+    return points
+
+
 async def sweep(
-    options: DemoOptions, delays_ms: Sequence[float], progress: Progress
+    options: DemoOptions, delays_ms: Sequence[float], rounds: int, progress: Progress
 ) -> list[Point]:
     points = []
     async with cluster(options, progress) as demo:
@@ -145,24 +175,36 @@ async def sweep(
         for delay in delays_ms:
             await edge.set_delays(DelayMatrix.uniform(NODES, delay))
             progress.say(f"one-way delay {delay:g} ms between every pair of nodes")
-            for policy in options.policies:
-                run, cpu = await measure_with_cpu(demo, options, f"{delay:g} ms", policy, lua)
-                points.append(Point(delay, run, cpu))
-                show(progress, points[-1])
+            points += await rounds_of(
+                demo,
+                options,
+                setting=delay,
+                label=f"{delay:g} ms",
+                rounds=rounds,
+                lua=lua,
+                progress=progress,
+            )
     return points
 
 
-async def overload(options: DemoOptions, levels: Sequence[int], progress: Progress) -> list[Point]:
+async def overload(
+    options: DemoOptions, levels: Sequence[int], rounds: int, progress: Progress
+) -> list[Point]:
     points = []
     async with cluster(options, progress) as demo:
         lua = write_lua(demo.workdir)
         for connections in levels:
             progress.say(f"{connections} wrk connections from node-1")
             at_level = replace(options, connections=connections)
-            for policy in options.policies:
-                run, cpu = await measure_with_cpu(demo, at_level, f"c{connections}", policy, lua)
-                points.append(Point(connections, run, cpu))
-                show(progress, points[-1])
+            points += await rounds_of(
+                demo,
+                at_level,
+                setting=connections,
+                label=f"c{connections}",
+                rounds=rounds,
+                lua=lua,
+                progress=progress,
+            )
     return points
 
 
@@ -232,18 +274,26 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def points_table(points: Sequence[Point], setting_name: str) -> list[str]:
+    several = any(p.round_rates for p in points)
     lines = [
         f"| {setting_name} | policy | req/s | p50 ms | p99 ms | errors | kept local | "
-        "node CPU (share of cap) 1 / 2 / 3 |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "node CPU (share of cap) 1 / 2 / 3 |" + (" req/s of each round |" if several else ""),
+        "|---:|---|---:|---:|---:|---:|---:|---|" + ("---|" if several else ""),
     ]
+    if several:
+        lines.insert(
+            0,
+            "Each row is the median round by req/s (its latency, share and CPU are that "
+            "round's); the policies ran interleaved, in a rotated order each round.\n",
+        )
     for p in points:
         r = p.run
         local = "-" if r.local_share is None else f"{r.local_share * 100:.0f} %"
         cpu = " / ".join(f"{p.node_cpu[n]:.2f}" for n in NODES)
+        each = " / ".join(f"{v:.0f}" for v in p.round_rates)
         lines.append(
             f"| {p.setting:g} | {r.policy} | {r.rate:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
-            f"{r.errors} | {local} | {cpu} |"
+            f"{r.errors} | {local} | {cpu} |" + (f" {each} |" if several else "")
         )
     return lines
 
@@ -440,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delays", type=floats, default=[0, 5, 10, 20, 40], help="sweep, ms")
     parser.add_argument("--levels", type=ints, default=[2, 8, 32], help="overload: connections")
     parser.add_argument("--runs", type=int, default=20, help="failover runs")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="sweep and overload: interleaved rounds, median"
+    )
     parser.add_argument("--duration", type=float, default=8.0, help="s of load per policy")
     parser.add_argument("--connections", type=int, default=16, help="sweep: wrk connections")
     parser.add_argument(
@@ -472,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 policies=policies,
                 daemon_settings=tuple(args.daemon_settings),
             )
-            points = asyncio.run(sweep(options, args.delays, progress))
+            points = asyncio.run(sweep(options, args.delays, args.rounds, progress))
             text = sweep_markdown(points, env, options)
             chart(
                 points,
@@ -491,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 policies=policies,
                 daemon_settings=tuple(args.daemon_settings),
             )
-            points = asyncio.run(overload(options, args.levels, progress))
+            points = asyncio.run(overload(options, args.levels, args.rounds, progress))
             text = overload_markdown(points, env, options)
             chart(
                 points,

@@ -515,16 +515,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     experiments = (
         ("sweep", "overload", "failover") if args.experiment == "all" else (args.experiment,)
     )
+    base = DemoOptions(
+        duration=args.duration, policies=policies, daemon_settings=tuple(args.daemon_settings)
+    )
     for experiment in experiments:
         env = environment(command)
         stem = args.output / "-".join(filter(None, (experiment, stamp, args.label)))
         if experiment == "sweep":
-            options = DemoOptions(
-                duration=args.duration,
-                connections=args.connections,
-                policies=policies,
-                daemon_settings=tuple(args.daemon_settings),
-            )
+            options = replace(base, connections=args.connections)
             points = asyncio.run(sweep(options, args.delays, args.rounds, progress))
             text = sweep_markdown(points, env, options)
             chart(
@@ -537,13 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif experiment == "overload":
             # Pods get 0.5 CPU per node and 2 ms of CPU per request: node-1 alone serves at
             # most ~250 req/s, the cluster ~750; delays stay the demo's 10/20/7.5 ms matrix.
-            options = DemoOptions(
-                duration=args.duration,
-                node_cpus=0.5,
-                work_ms=2.0,
-                policies=policies,
-                daemon_settings=tuple(args.daemon_settings),
-            )
+            options = replace(base, node_cpus=0.5, work_ms=2.0)
             points = asyncio.run(overload(options, args.levels, args.rounds, progress))
             text = overload_markdown(points, env, options)
             chart(
@@ -554,9 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             raw = [asdict(p) for p in points]
         else:
-            options = DemoOptions(
-                duration=args.duration, daemon_settings=tuple(args.daemon_settings)
-            )
+            options = base
             results = asyncio.run(failovers(options, args.runs, progress))
             text = failover_markdown(results, env, options)
             failover_chart(results, stem.with_suffix(".png"))

@@ -88,4 +88,4 @@ def main(argv: Sequence[str]) -> int:
     (directory / "results.json").write_text(report.to_json(results))
     chart = report.write_chart(results, directory / "comparison.png")
     print(f"\nresults: {directory}/ (summary.txt, results.md, results.json, {chart.name})")
-    return 0 if not results.notes or not any("LEFT BEHIND" in n for n in results.notes) else 1
+    return EXIT_FAILED if any("LEFT BEHIND" in note for note in results.notes) else 0

@@ -68,8 +68,10 @@ def _share(value: float | None) -> str:
 def comparison_table(runs: Sequence[PolicyRun]) -> str:
     """One row per policy and phase; request rates against round-robin and local-only in the
     same phase (the paper's baselines: kube-proxy's spreading, and staying on the node)."""
-    headers = ["PHASE", "POLICY", "REQ/S", "P50 MS", "P99 MS", "ERRORS", "LOCAL"]
-    headers += ["VS RR", "VS LOCAL-ONLY"]
+    headers = [
+        *("PHASE", "POLICY", "REQ/S", "P50 MS", "P99 MS", "ERRORS", "LOCAL"),
+        *("VS RR", "VS LOCAL-ONLY"),
+    ]
 
     def ratio(run: PolicyRun, policy: str) -> str:
         baseline = next((r for r in runs if r.phase == run.phase and r.policy == policy), None)

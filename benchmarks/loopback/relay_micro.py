@@ -134,7 +134,14 @@ async def serve(listen_port: int, backend_port: int, loop_name: str) -> None:
         def dial_failed(self, service: str, backend: Backend, client_ip: str) -> None:
             pass
 
-        def connection_opened(self, service: str, backend: Backend) -> None:
+        def connection_opened(
+            self, service: str, backend: Backend, connect_seconds: float | None = None
+        ) -> None:
+            pass
+
+        def first_response(
+            self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
+        ) -> None:
             pass
 
         def connection_closed(self, service: str, backend: Backend) -> None:

@@ -49,8 +49,20 @@ class BackendSelector(Protocol):
         """
         ...
 
-    def connection_opened(self, service: str, backend: Backend) -> None:
-        """A relay to `backend` is established (active-connection accounting)."""
+    def connection_opened(
+        self, service: str, backend: Backend, connect_seconds: float | None = None
+    ) -> None:
+        """A relay to `backend` is established (active-connection accounting).
+
+        `connect_seconds`: how long the dial took (TCP; None where nothing was dialled).
+        """
+        ...
+
+    def first_response(
+        self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
+    ) -> None:
+        """The first byte from `backend` came `response_seconds` after the request's first byte
+        went to it (TCP, once per connection): the balancer's latency signal."""
         ...
 
     def connection_closed(self, service: str, backend: Backend) -> None:

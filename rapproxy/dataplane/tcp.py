@@ -28,6 +28,10 @@ succeeds, an upstream side. Each side is a small Protocol whose `peer` is the ot
   whether only the FIN is left; if so it forwards the EOF at once, and an EOF forwarded to a
   transport with nothing left to send is a direct shutdown(SHUT_WR). The FIN then leaves right
   behind the data and the relay, not the client, is the first to close, as with HAProxy.
+- Accounting: the selector counts a backend busy with a connection from the dial until the
+  backend's FIN, or the relay's end when no FIN comes (least-connections and RAP's queue signal
+  read these counts), and is told how long the dial took and how long the first response byte
+  took after the request's first byte (RAP's latency signal).
 - Reset: when one side dies with an error (ECONNRESET, EPIPE, ...), the other is aborted with
   SO_LINGER 0 so a RST really goes out and the peer learns promptly — a FIN would lie.
 - Dialling follows kube-proxy userspace (`proxysocket.go`, `EndpointDialTimeouts`): up to four
@@ -299,7 +303,11 @@ class _Side(asyncio.Protocol):
 
 
 class _ClientSide(_Side):
-    __slots__ = ()
+    __slots__ = ("first_send",)
+
+    def __init__(self, relay: _TcpRelay, family: int) -> None:
+        super().__init__(relay, family)
+        self.first_send = False  # wired with nothing sent yet: time the first chunk's send
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -315,6 +323,9 @@ class _ClientSide(_Side):
                 sink.write(data)
                 self.touched = True
                 self.counters.bytes_from_clients += len(data)
+                if self.first_send:
+                    self.first_send = False
+                    self.relay.request_sent()
             elif self.peer is None:
                 # Still dialling: hold this one chunk and read no more until connected.
                 self.pending.append(data)
@@ -325,15 +336,21 @@ class _ClientSide(_Side):
 
 
 class _UpstreamSide(_Side):
-    __slots__ = ("abandoned", "peeks_left")
+    __slots__ = ("abandoned", "peeks_left", "timing")
 
     def __init__(self, relay: _TcpRelay, family: int) -> None:
         super().__init__(relay, family)
         self.abandoned = False  # the dial attempt gave up on this socket
         self.peeks_left = _FIN_PEEKS
+        self.timing = False  # wired, and no response byte seen yet: time the first one
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+
+    def eof_received(self) -> bool:
+        if not self.eof:
+            self.relay.backend_done()
+        return super().eof_received()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -342,6 +359,9 @@ class _UpstreamSide(_Side):
                 sink.write(data)
                 self.touched = True
                 self.counters.bytes_to_clients += len(data)
+                if self.timing:
+                    self.timing = False
+                    self.relay.response_started()
                 if self.peeks_left and len(data) < _PEEK_BELOW:
                     self.peeks_left -= 1
                     if self.only_fin_left():
@@ -385,6 +405,7 @@ class _TcpRelay:
         "backend",
         "client",
         "client_ip",
+        "connect_seconds",
         "counters",
         "dial_deadline",
         "dial_task",
@@ -394,6 +415,7 @@ class _TcpRelay:
         "idle_ticks",
         "opened",
         "registered",
+        "request_at",
         "server",
         "service",
         "upstream",
@@ -411,10 +433,12 @@ class _TcpRelay:
         self.dial_deadline = 0.0  # loop time at which the current dial attempt times out
         self.dial_timed_out = False  # the dial watchdog cancelled the task for its deadline
         self.dialing = False
-        self.opened = False  # selector.connection_opened was called
+        self.opened = False  # counted by the selector: connection_opened, no closed yet
         self.registered = False  # counted as active and held in server.relays
         self.finished = False
         self.idle_ticks = 0
+        self.connect_seconds = 0.0  # how long the successful dial took
+        self.request_at = 0.0  # loop time the request's first byte went upstream
 
     def accepted(self) -> None:
         server = self.server
@@ -496,7 +520,8 @@ class _TcpRelay:
                 break
             tried = tried | {backend}
             upstream = _UpstreamSide(self, socket.AF_INET6 if ":" in backend.ip else socket.AF_INET)
-            self.dial_deadline = loop.time() + timeout
+            started = loop.time()
+            self.dial_deadline = started + timeout
             dials.add(self)
             try:
                 await loop.create_connection(
@@ -529,7 +554,7 @@ class _TcpRelay:
                 )
                 selector.dial_failed(service, backend, self.client_ip)
                 continue
-            self.connected(upstream, backend)
+            self.connected(upstream, backend, loop.time() - started)
             return
         counters.tcp_dial_exhausted += 1
         log.debug(
@@ -540,15 +565,25 @@ class _TcpRelay:
         )
         self.client.reset()
 
-    def connected(self, upstream: _UpstreamSide, backend: Backend) -> None:
+    def connected(
+        self, upstream: _UpstreamSide, backend: Backend, connect_seconds: float = 0.0
+    ) -> None:
         client = self.client
         self.upstream = upstream
         self.backend = backend
         if client.closing:
             upstream.close()
             return
-        self.server.selector.connection_opened(cast(str, self.service), backend)
+        self.server.selector.connection_opened(cast(str, self.service), backend, connect_seconds)
         self.opened = True
+        self.connect_seconds = connect_seconds
+        # Time to the first response byte, from the request's first byte: sent right below when
+        # it arrived during the dial, else when the client sends it (a server that speaks
+        # first is timed from now). Not when the upstream spoke before being wired: that one
+        # loop iteration says nothing about the pod.
+        self.request_at = self.server.loop.time()
+        client.first_send = not client.pending
+        upstream.timing = not upstream.pending
         settings = self.server.settings
         client_transport = cast(asyncio.Transport, client.transport)
         upstream_transport = cast(asyncio.Transport, upstream.transport)
@@ -590,6 +625,38 @@ class _TcpRelay:
             client_transport.resume_reading()
         if not upstream.eof:
             upstream_transport.resume_reading()
+
+    def backend_done(self) -> None:
+        """The backend sent its FIN: it is no longer busy with this connection.
+
+        Reported to the selector now rather than when both sides have closed, because with
+        one connection per request the client's next connection arrives before this relay's
+        close callbacks have run, and the balancer would count the finished one as queued.
+        """
+        if not self.opened:
+            return
+        self.opened = False
+        try:
+            self.server.selector.connection_closed(
+                cast(str, self.service), cast(Backend, self.backend)
+            )
+        except Exception:
+            log.exception("selector.connection_closed failed for service %s", self.service)
+
+    def request_sent(self) -> None:
+        self.request_at = self.server.loop.time()
+
+    def response_started(self) -> None:
+        server = self.server
+        try:
+            server.selector.first_response(
+                cast(str, self.service),
+                cast(Backend, self.backend),
+                self.connect_seconds,
+                server.loop.time() - self.request_at,
+            )
+        except Exception:
+            log.exception("selector.first_response failed for service %s", self.service)
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if side is self.client and self.dial_task is not None:

@@ -54,6 +54,8 @@ class ListSelector:
         self.failed: list[Backend] = []
         self.opened: list[Backend] = []
         self.closed: list[Backend] = []
+        self.connect_times: list[float | None] = []
+        self.responses: list[tuple[Backend, float, float]] = []
 
     def service_for(self, protocol: L4Protocol, dst_ip: str, dst_port: int) -> str | None:
         return self.service
@@ -70,8 +72,16 @@ class ListSelector:
     def dial_failed(self, service: str, backend: Backend, client_ip: str) -> None:
         self.failed.append(backend)
 
-    def connection_opened(self, service: str, backend: Backend) -> None:
+    def connection_opened(
+        self, service: str, backend: Backend, connect_seconds: float | None = None
+    ) -> None:
         self.opened.append(backend)
+        self.connect_times.append(connect_seconds)
+
+    def first_response(
+        self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
+    ) -> None:
+        self.responses.append((backend, connect_seconds, response_seconds))
 
     def connection_closed(self, service: str, backend: Backend) -> None:
         self.closed.append(backend)

@@ -441,7 +441,9 @@ async def test_a_failing_selector_closes_both_sides_and_never_reaches_the_loop(
         writer.close()
 
     class Broken(make_selector):  # type: ignore[misc,valid-type]
-        def connection_opened(self, service: str, backend: Backend) -> None:
+        def connection_opened(
+            self, service: str, backend: Backend, connect_seconds: float | None = None
+        ) -> None:
             raise RuntimeError("selector bug")
 
     backend = await backends(record)
@@ -574,3 +576,34 @@ def test_settings_reject_nonsense_naming_the_field() -> None:
         TcpRelaySettings(write_buffer_high=10, write_buffer_low=20)
     with pytest.raises(InvalidTcpRelaySettings, match="idle_timeout"):
         TcpRelaySettings(idle_timeout=0)
+
+
+async def test_relay_reports_connect_time_and_time_to_the_first_response_byte(
+    make_selector, backends, relay
+) -> None:
+    # What RAP's latency signal is made of: the dial's duration, and the time from the
+    # request's first byte going upstream to the first byte coming back (the pod's 80 ms).
+    async def slow_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        await asyncio.sleep(0.08)
+        writer.write(b"done")
+        await writer.drain()
+        writer.close()
+
+    backend = await backends(slow_reply)
+    selector = make_selector([backend])
+    _, address = await relay(selector)
+    for delay_before_request in (0.0, 0.05):  # sent during the dial, and well after it
+        reader, writer = await connect(address)
+        await asyncio.sleep(delay_before_request)
+        writer.write(b"request")
+        async with asyncio.timeout(5):
+            assert await reader.read() == b"done"
+        writer.close()
+    assert len(selector.responses) == 2
+    for reported, connect_seconds, response_seconds in selector.responses:
+        assert reported == backend
+        assert 0 <= connect_seconds < 0.05
+        # Timed from the request, not from the connection: the 50 ms wait is not counted.
+        assert 0.075 <= response_seconds < 0.125
+    assert all(t is not None and 0 <= t < 0.05 for t in selector.connect_times)

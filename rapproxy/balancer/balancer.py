@@ -41,6 +41,7 @@ from rapproxy.balancer.policy import (
     RoundRobin,
     SelectionContext,
 )
+from rapproxy.balancer.signals import EndpointSignals
 from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.service import LbPolicy, ServicePortName
 from rapproxy.model.table import ServiceEntry, ServiceTable
@@ -87,6 +88,7 @@ class Balancer:
         policy_factory: PolicyFactory | None = None,
         rng: random.Random | None = None,
         outliers: OutlierSettings | None = None,
+        signals: EndpointSignals | None = None,
     ) -> None:
         self.where = where
         self.default_policy = default_policy
@@ -96,6 +98,7 @@ class Balancer:
         # How many services list each endpoint address (keys shared with `_ServiceState.by_key`).
         self._endpoint_refs: dict[EndpointKey, int] = {}
         self._outliers = OutlierDetector(outliers)
+        self.signals = signals if signals is not None else EndpointSignals()
         self._active: defaultdict[EndpointKey, int] = defaultdict(int)
         self.selections: defaultdict[Placement, int] = defaultdict(int)
         # The snapshot the state reflects; None until the first update, or after one failed.
@@ -134,6 +137,7 @@ class Balancer:
         self._services = services
         self._endpoint_refs = refs
         self._outliers.retain(refs)
+        self.signals.retain(refs)
 
     def _update_changed(self, table: ServiceTable, changed: Iterable[ServicePortName]) -> None:
         released: list[EndpointKey] = []
@@ -150,7 +154,9 @@ class Balancer:
                 if previous is not None:
                     self._release(previous, released)
         # Checked after the loop: an address can move from one service to another in one update.
-        self._outliers.forget(key for key in released if key not in self._endpoint_refs)
+        gone = [key for key in released if key not in self._endpoint_refs]
+        self._outliers.forget(gone)
+        self.signals.forget(gone)
 
     def _hold(self, state: _ServiceState) -> None:
         refs = self._endpoint_refs
@@ -233,7 +239,9 @@ class Balancer:
                     self.selections[placement] += 1
                     return Choice(endpoint, placement, "session affinity (ClientIP)")
 
-        context = SelectionContext(name, client_ip, now, self.where, self.active_connections)
+        context = SelectionContext(
+            name, client_ip, now, self.where, self.active_connections, self.signals
+        )
         choice = state.policy.choose(candidates, context)
         if choice is None:
             return None
@@ -254,9 +262,27 @@ class Balancer:
         if state is not None and state.affinity is not None:
             state.affinity.forget_client(client_ip)
 
-    def connection_opened(self, endpoint: EndpointKey) -> None:
+    def connection_opened(
+        self, endpoint: EndpointKey, connect_seconds: float | None = None, now: float = 0.0
+    ) -> None:
+        """A dial succeeded (after `connect_seconds`, when the caller measured it)."""
         self._active[endpoint] += 1
         self._outliers.record_success(endpoint)
+        if connect_seconds is not None and endpoint in self._endpoint_refs:
+            self.signals.connected(endpoint, connect_seconds, now)
+
+    def first_response(
+        self, endpoint: EndpointKey, connect_seconds: float, response_seconds: float, now: float
+    ) -> None:
+        """The first byte of a response arrived `response_seconds` after the request left.
+
+        Fed to the endpoint's signals with the in-flight count now (this connection included).
+        An address no service holds any more (removed while the connection was open) is not
+        recorded: nothing would prune it.
+        """
+        if endpoint in self._endpoint_refs:
+            in_flight = self._active.get(endpoint, 0)
+            self.signals.responded(endpoint, connect_seconds, response_seconds, in_flight, now)
 
     def connection_closed(self, endpoint: EndpointKey) -> None:
         remaining = self._active.get(endpoint, 0) - 1
@@ -295,8 +321,11 @@ class Balancer:
             }
             explain = getattr(state.policy, "explain", None)
             if callable(explain):
+                context = SelectionContext(
+                    name, "", now, self.where, self.active_connections, self.signals
+                )
                 services[str(name)]["decision"] = explain(
-                    state.categorized.cluster, now, self.where.node_name
+                    state.categorized.cluster, now, self.where.node_name, context
                 )
         return {
             "node": self.where.node_name,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from rapproxy.balancer.categorize import Locality
+from rapproxy.balancer.signals import EndpointSignals
 from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.service import LbPolicy, ServicePortName
 
@@ -44,6 +45,7 @@ class SelectionContext:
     now: float
     where: Locality
     active_connections: Callable[[Endpoint], int]
+    signals: EndpointSignals | None = None  # what the relay measured per endpoint
 
 
 class Policy(Protocol):

@@ -1,0 +1,194 @@
+"""What the relay measures about each endpoint itself: connect time, and latency against load.
+
+Node telemetry (CPU, memory, a poll's round trip) is at least one poll old and says how busy a
+node is, not whether the pods behind a Service keep up: a node at 100 % CPU serving two clients
+without a queue and one with a deep queue report the same figure. The relay sees what matters
+for the next connection, at no extra cost and with no delay:
+
+* **connect time**, dial start to established: the network round trip to the endpoint's node
+  (the peer kernel answers the SYN, however busy the pod is);
+* **server time**, from the request's first byte sent upstream to the first response byte,
+  less this connection's connect time: what the pod took, its queue included;
+* the proxy's own **connections in flight** to the endpoint (kept by the `Balancer`), at the
+  moment each server time is measured.
+
+**Latency against load.** Server times are kept per in-flight level (buckets 1, 2, 3-4, 5-8,
+... 65+), each a moving average of the server time and of the in-flight count it was measured
+at. Together they are the endpoint's own latency curve, and `server_time(n)` reads it at `n`
+connections in flight: between two measured levels by linear interpolation, beyond the highest
+along a line through the origin (a queue that keeps growing costs one more service time per
+connection), below the lowest likewise. The lowest level is the pod's unloaded baseline. A
+pod that serves one request after another has a straight curve (n-th in line waits n service
+times); a pod stalled by its CPU quota has a flat one (everyone waits for the stall); a fixed
+"service time x (in flight + 1)" model, fitted to either, mispredicts the other by the size of
+the queue. The curve is rebuilt from the levels measured within `hold` seconds on every sample.
+
+The averages **rise faster than they fall** (`rise` and `fall` weights): a pod that slows down
+is avoided within a few responses, one that recovers is trusted again more cautiously.
+Finagle's and Linkerd's peak-EWMA jump straight to a higher sample; that is `rise=1`. The
+default is gentler because one stall (a CPU-quota throttle, a GC pause) would otherwise turn a
+healthy local pod away for many requests, and in a closed loop what costs throughput is the
+mean wait, not the worst.
+
+Pure: every method takes the time. Records are per endpoint address and are dropped when the
+`Balancer` lets the address go (the same refcount as outlier detection).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+EndpointKey = tuple[str, int]
+LEVELS = 8  # in-flight levels: 1, 2, 3-4, 5-8, 9-16, 17-32, 33-64, 65+
+
+
+def level_of(in_flight: int) -> int:
+    """The bucket of an in-flight count (this connection included, so at least 1)."""
+    return min(LEVELS - 1, (max(1, in_flight) - 1).bit_length())
+
+
+@dataclass(slots=True)
+class EndpointSignal:
+    """The running figures of one endpoint address (seconds; `-inf`: never sampled)."""
+
+    connect: float = 0.0
+    connect_samples: int = 0
+    connect_at: float = -math.inf
+    latency: list[float] = field(default_factory=lambda: [0.0] * LEVELS)
+    load: list[float] = field(default_factory=lambda: [0.0] * LEVELS)
+    level_samples: list[int] = field(default_factory=lambda: [0] * LEVELS)
+    level_at: list[float] = field(default_factory=lambda: [-math.inf] * LEVELS)
+    service_samples: int = 0
+    service_at: float = -math.inf
+    last_response: float = 0.0  # the latest raw first-byte time, for operators
+    # (in flight, server time) of the levels measured within `hold` of the last sample,
+    # ordered by in flight: what `server_time` reads. Rebuilt on each sample.
+    curve: tuple[tuple[float, float], ...] = ()
+
+    def server_time(self, in_flight: int) -> float:
+        """Predicted server time with `in_flight` connections open (the new one included)."""
+        curve = self.curve
+        if not curve:
+            return 0.0
+        n = float(max(1, in_flight))
+        low_load, low_latency = curve[0]
+        if n <= low_load:
+            return low_latency * n / low_load
+        for high_load, high_latency in curve[1:]:
+            if n <= high_load:
+                span = high_load - low_load
+                if span <= 0:
+                    return high_latency
+                return low_latency + (high_latency - low_latency) * (n - low_load) / span
+            low_load, low_latency = high_load, high_latency
+        return low_latency * n / low_load
+
+
+class EndpointSignals:
+    """The one owner of per-endpoint measurements; read by policies on the connection path."""
+
+    def __init__(self, rise: float = 0.3, fall: float = 0.15, hold: float = 2.0) -> None:
+        if not 0 < rise <= 1 or not 0 < fall <= 1:
+            raise ValueError(f"rise {rise!r} and fall {fall!r} must be in (0, 1]")
+        if hold <= 0:
+            raise ValueError(f"hold {hold!r} must be > 0")
+        self.rise = rise
+        self.fall = fall
+        self.hold = hold
+        self._records: dict[EndpointKey, EndpointSignal] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, key: EndpointKey) -> EndpointSignal | None:
+        return self._records.get(key)
+
+    def _fold(self, value: float, sample: float, samples: int) -> float:
+        if samples == 0:
+            return sample
+        weight = self.rise if sample > value else self.fall
+        return value + weight * (sample - value)
+
+    def _record(self, key: EndpointKey) -> EndpointSignal:
+        record = self._records.get(key)
+        if record is None:
+            record = self._records[key] = EndpointSignal()
+        return record
+
+    def connected(self, key: EndpointKey, seconds: float, now: float) -> None:
+        """A dial succeeded after `seconds`."""
+        record = self._record(key)
+        record.connect = self._fold(record.connect, max(0.0, seconds), record.connect_samples)
+        record.connect_samples += 1
+        record.connect_at = now
+
+    def responded(
+        self,
+        key: EndpointKey,
+        connect_seconds: float,
+        response_seconds: float,
+        in_flight: int,
+        now: float,
+    ) -> None:
+        """The first response byte came `response_seconds` after the request went upstream.
+
+        `connect_seconds` is this connection's own dial time (the round trip the response also
+        paid); `in_flight` the proxy's open connections to the endpoint now, this one included.
+        """
+        record = self._record(key)
+        served = max(0.0, response_seconds - max(0.0, connect_seconds))
+        level = level_of(in_flight)
+        samples = record.level_samples[level]
+        if now - record.level_at[level] > self.hold:
+            samples = 0  # a stale level starts over rather than averaging with the past
+        record.latency[level] = self._fold(record.latency[level], served, samples)
+        load = float(max(1, in_flight))
+        record.load[level] = (
+            load if samples == 0 else record.load[level] + 0.2 * (load - record.load[level])
+        )
+        record.level_samples[level] = samples + 1
+        record.level_at[level] = now
+        record.service_samples += 1
+        record.service_at = now
+        record.last_response = response_seconds
+        horizon = now - self.hold
+        record.curve = tuple(
+            sorted(
+                (record.load[i], record.latency[i])
+                for i in range(LEVELS)
+                if record.level_at[i] >= horizon
+            )
+        )
+
+    def forget(self, keys: Iterable[EndpointKey]) -> None:
+        for key in keys:
+            self._records.pop(key, None)
+
+    def retain(self, keys: Iterable[EndpointKey]) -> None:
+        keep = set(keys)
+        for key in [k for k in self._records if k not in keep]:
+            del self._records[key]
+
+    def describe(self, key: EndpointKey, now: float) -> dict[str, Any] | None:
+        record = self._records.get(key)
+        if record is None:
+            return None
+        return {
+            "connect_seconds": round(record.connect, 6),
+            "connect_samples": record.connect_samples,
+            "connect_age_seconds": _age(record.connect_at, now),
+            "server_seconds_by_in_flight": [
+                {"in_flight": round(load, 1), "server_seconds": round(latency, 6)}
+                for load, latency in record.curve
+            ],
+            "last_response_seconds": round(record.last_response, 6),
+            "service_samples": record.service_samples,
+            "service_age_seconds": _age(record.service_at, now),
+        }
+
+
+def _age(at: float, now: float) -> float | None:
+    return None if at == -math.inf else round(max(0.0, now - at), 3)

@@ -1,0 +1,112 @@
+"""The relay's per-endpoint measurements: averages, the latency-against-load curve, pruning."""
+
+from __future__ import annotations
+
+import pytest
+
+from rapproxy.balancer.balancer import Balancer
+from rapproxy.balancer.categorize import Locality
+from rapproxy.balancer.signals import EndpointSignals, level_of
+from rapproxy.model.endpoints import Endpoint
+from rapproxy.model.service import ServicePort, ServicePortName
+from rapproxy.model.table import ServiceEntry, ServiceTable
+
+KEY = ("10.0.0.1", 8080)
+MS = 0.001
+
+
+def test_levels_double_in_width() -> None:
+    assert [level_of(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65, 10_000)] == [
+        0,
+        0,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+        5,
+        6,
+        7,
+        7,
+    ]
+
+
+def test_averages_rise_faster_than_they_fall() -> None:
+    signals = EndpointSignals(rise=0.5, fall=0.1)
+    signals.connected(KEY, 0.010, 0.0)
+    signals.connected(KEY, 0.030, 0.1)  # rise: halfway
+    record = signals.get(KEY)
+    assert record is not None and record.connect == pytest.approx(0.020)
+    signals.connected(KEY, 0.010, 0.2)  # fall: a tenth of the way
+    assert record.connect == pytest.approx(0.019)
+
+
+def test_server_time_excludes_the_connections_own_round_trip() -> None:
+    signals = EndpointSignals()
+    signals.responded(KEY, 0.020, 0.025, 1, 0.0)
+    record = signals.get(KEY)
+    assert record is not None and record.server_time(1) == pytest.approx(0.005)
+
+
+def test_a_pod_serving_in_line_has_a_straight_curve() -> None:
+    signals = EndpointSignals(rise=1.0, fall=1.0)
+    for n in (1, 2, 4, 8, 16):
+        signals.responded(KEY, 0.0, 2 * MS * n, n, 0.0)
+    record = signals.get(KEY)
+    assert record is not None
+    assert record.server_time(12) == pytest.approx(24 * MS)  # interpolated
+    assert record.server_time(40) == pytest.approx(80 * MS)  # extrapolated through the origin
+
+
+def test_a_pod_stalled_by_its_quota_has_a_flat_curve() -> None:
+    # Everyone waits for the stall: what a fixed "time per request x queue" model mispredicts.
+    signals = EndpointSignals(rise=1.0, fall=1.0)
+    for n in (1, 2, 4, 8):
+        signals.responded(KEY, 0.0, 60 * MS + 0.5 * MS * n, n, 0.0)
+    record = signals.get(KEY)
+    assert record is not None
+    assert record.server_time(1) == pytest.approx(60.5 * MS)
+    assert record.server_time(6) == pytest.approx(63 * MS)
+
+
+def test_levels_not_measured_within_hold_leave_the_curve() -> None:
+    signals = EndpointSignals(rise=1.0, fall=1.0, hold=2.0)
+    signals.responded(KEY, 0.0, 80 * MS, 8, 0.0)  # once under a queue of 8 ...
+    signals.responded(KEY, 0.0, 2 * MS, 1, 5.0)  # ... long ago; now unloaded
+    record = signals.get(KEY)
+    assert record is not None and record.curve == ((1.0, 2 * MS),)
+    assert record.server_time(8) == pytest.approx(16 * MS)
+
+
+def test_describe_is_plain_data() -> None:
+    signals = EndpointSignals()
+    assert signals.describe(KEY, 0.0) is None
+    signals.connected(KEY, 0.01, 0.0)
+    signals.responded(KEY, 0.01, 0.02, 3, 0.5)
+    described = signals.describe(KEY, 1.0)
+    assert described is not None
+    assert described["connect_age_seconds"] == 1.0
+    assert described["server_seconds_by_in_flight"] == [{"in_flight": 3.0, "server_seconds": 0.01}]
+
+
+def test_the_balancer_drops_signals_of_endpoints_no_service_holds() -> None:
+    name = ServicePortName("default", "web", "http")
+    port = ServicePort(name, 80, 8080, cluster_ips=("10.96.0.10",))
+    a = Endpoint("10.0.0.1", 8080, node_name="n0")
+    b = Endpoint("10.0.0.2", 8080, node_name="n0")
+    balancer = Balancer(Locality("n0"))
+    first = ServiceTable({name: ServiceEntry(port, (a, b))})
+    balancer.update(first)
+    for endpoint in (a, b):
+        key = (endpoint.ip, endpoint.port)
+        balancer.connection_opened(key, 0.001, 0.0)
+        balancer.first_response(key, 0.001, 0.002, 0.0)
+    assert len(balancer.signals) == 2
+    balancer.update(ServiceTable({name: ServiceEntry(port, (a,))}), [name])
+    assert balancer.signals.get(("10.0.0.2", 8080)) is None
+    assert balancer.signals.get(("10.0.0.1", 8080)) is not None
+    # A late report about the removed endpoint (a connection that outlived it) is not kept.
+    balancer.first_response(("10.0.0.2", 8080), 0.001, 0.002, 1.0)
+    assert balancer.signals.get(("10.0.0.2", 8080)) is None

@@ -133,9 +133,31 @@ class RapSettings:
         "(1: take everything back at once).",
         default=0.1,
     )
+    spill_margin: float = _doc(
+        "Policy rap: the local endpoints' expected cost must exceed the best remote's by this "
+        "fraction before traffic spills, and fall below it by as much before it all returns "
+        "(hysteresis).",
+        default=0.25,
+    )
+    latency_rise: float = _doc(
+        "Policy rap: weight of a measured connect or service time above the running average "
+        "(1: jump to it, as a peak-EWMA does).",
+        default=0.3,
+    )
+    latency_fall: float = _doc(
+        "Policy rap: weight of a measured connect or service time below the running average.",
+        default=0.15,
+    )
+    signal_hold: float = _doc(
+        "Policy rap: seconds an endpoint's own measurements are trusted as they are; after "
+        "that they slide back to the telemetry prior over as many seconds again.",
+        default=2.0,
+    )
     weights: RapWeights = _doc("Score weights.", default_factory=RapWeights)
     top_candidates: int = _doc(
-        "How many best-scored nodes share spilled traffic, at random weighted by score.",
+        "How many nodes share spilled traffic: the best-scored (rap-aimd, at random weighted "
+        "by score) or those with the cheapest priors (rap, power of two choices among their "
+        "endpoints).",
         default=3,
     )
     telemetry_interval: float = _doc("Seconds between polls of each peer's telemetry.", default=1.0)
@@ -500,6 +522,15 @@ def validate(config: RapproxyConfiguration) -> None:
         raise ConfigError(f"rap.spillBackoff: {rap.spill_backoff} must be in [0, 1)")
     if not 0 < rap.spill_recovery <= 1:
         raise ConfigError(f"rap.spillRecovery: {rap.spill_recovery} must be in (0, 1]")
+    if not 0 <= rap.spill_margin <= 10:
+        raise ConfigError(f"rap.spillMargin: {rap.spill_margin} must be in [0, 10]")
+    for name, weight in (
+        ("rap.latencyRise", rap.latency_rise),
+        ("rap.latencyFall", rap.latency_fall),
+    ):
+        if not 0 < weight <= 1:
+            raise ConfigError(f"{name}: {weight} must be in (0, 1]")
+    _positive(rap.signal_hold, "rap.signalHold")
     for name, value in (
         ("rap.weights.cpu", rap.weights.cpu),
         ("rap.weights.memory", rap.weights.memory),

@@ -1,4 +1,13 @@
-"""The RAP policy: stay local while this node copes, else spill to the best remote nodes.
+"""RAP as the design first described it: verdicts from node utilization (`rap-aimd`, `rap-switch`).
+
+These are the named variants the default policy (`rap`, rap_cost.py) is measured against. Both
+decide from CPU and memory utilization alone, which cannot tell a node that is busy from one
+that is overloaded (docs/limits.md); `rap` decides from what the relay measures instead.
+
+* `rap-switch` is the paper's switch: every new connection local while the node is below the
+  overload threshold, all of them to the single best-scored node once it is above.
+* `rap-aimd` keeps a gradual local share (below) and spreads spilled traffic over the `top_k`
+  best nodes at random in proportion to their score.
 
 Design §3.4, for one service port:
 
@@ -38,19 +47,24 @@ import enum
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rapproxy.balancer.balancer import PolicyFactory, basic_policy_factory
 from rapproxy.balancer.policy import Choice, Placement, Policy, SelectionContext
+from rapproxy.balancer.rap_cost import CostRapPolicy, ViewProvider
 from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.service import LbPolicy
 from rapproxy.model.telemetry import RapSettings, TelemetryView
 
-__all__ = ["RapDecision", "RapPolicy", "RapSettings", "ViewProvider", "rap_policy_factory"]
+__all__ = [
+    "RapDecision",
+    "RapSettings",
+    "UtilizationRapPolicy",
+    "ViewProvider",
+    "rap_policy_factory",
+]
 
-ViewProvider = Callable[[], TelemetryView]
-"""Returns the latest telemetry snapshot; must be cheap and must not do I/O."""
 
 _ALL = "\x00all"  # cursor key for fallback and round-robin across every candidate
 _MIN_RTT = 1e-6  # seconds; a 0 RTT (clock granularity) must not divide by zero
@@ -94,19 +108,30 @@ class _Plan:
     local_share: float
 
 
-class RapPolicy:
-    """One instance per service port (the Balancer makes one through `rap_policy_factory`)."""
+class UtilizationRapPolicy:
+    """One instance per service port (the Balancer makes one through `rap_policy_factory`).
 
-    name = LbPolicy.RAP
+    `name` is `LbPolicy.RAP_AIMD` (the tracker's gradual local share, score-weighted spill over
+    the top nodes) or `LbPolicy.RAP_SWITCH` (all local or all to the best node, by the node's
+    overload verdict).
+    """
 
     def __init__(
         self,
         view: ViewProvider,
         settings: RapSettings | None = None,
         rng: random.Random | None = None,
+        *,
+        variant: LbPolicy = LbPolicy.RAP_AIMD,
     ) -> None:
+        if variant not in (LbPolicy.RAP_AIMD, LbPolicy.RAP_SWITCH):
+            raise ValueError(f"UtilizationRapPolicy: {variant} is not a utilization variant")
+        self.name: LbPolicy = variant
         self._view = view
-        self.settings = settings or RapSettings()
+        settings = settings or RapSettings()
+        if variant is LbPolicy.RAP_SWITCH:
+            settings = replace(settings, top_k=1)
+        self.settings = settings
         self._rng = rng or random.Random()
         self._plan: _Plan | None = None
         self._cursors: dict[str | None, int] = {}
@@ -183,14 +208,22 @@ class RapPolicy:
             and now < plan.valid_until
         ):
             return plan
-        plan = _make_plan(candidates, view, local_node, now, self.settings)
+        plan = _make_plan(candidates, view, local_node, now, self.settings, switch=self._switch)
         self._plan = plan
         return plan
+
+    @property
+    def _switch(self) -> bool:
+        return self.name is LbPolicy.RAP_SWITCH
 
     # -- explainability -----------------------------------------------------------------------
 
     def explain(
-        self, candidates: Sequence[Endpoint], now: float, local_node: str | None = None
+        self,
+        candidates: Sequence[Endpoint],
+        now: float,
+        local_node: str | None = None,
+        context: SelectionContext | None = None,
     ) -> dict[str, Any]:
         """The current decision and every node's score and input ages, for `/debug/state`.
 
@@ -199,7 +232,9 @@ class RapPolicy:
         """
         view = self._view()
         node = local_node if local_node is not None else view.local_node
-        plan = _make_plan(candidates, view, node, now, self.settings, score_always=True)
+        plan = _make_plan(
+            candidates, view, node, now, self.settings, switch=self._switch, score_always=True
+        )
         nodes: dict[str, Any] = {}
         by_name = {s.node: s for s in plan.scores}
         for name, endpoints in sorted(plan.groups.items(), key=lambda item: str(item[0])):
@@ -237,10 +272,12 @@ def _make_plan(
     now: float,
     settings: RapSettings,
     *,
+    switch: bool,
     score_always: bool = False,
 ) -> _Plan:
     """The decision for these candidates; `score_always` scores remote nodes even when the
-    decision is local (for `explain`: operators want to see where traffic *would* spill)."""
+    decision is local (for `explain`: operators want to see where traffic *would* spill).
+    `switch`: the local share is all or nothing by the overload verdict (the paper's switch)."""
     grouped: dict[str | None, list[Endpoint]] = {}
     for endpoint in candidates:
         grouped.setdefault(endpoint.node_name, []).append(endpoint)
@@ -257,7 +294,12 @@ def _make_plan(
     # Stale figures of our own node count as unknown, and unknown is not overloaded: staying local
     # is kube-proxy-with-locality behaviour, never worse than spreading blindly.
     local_overloaded = local_fresh and local_peer is not None and local_peer.overloaded
-    local_share = view.local_share if local_fresh else 1.0
+    if not local_fresh:
+        local_share = 1.0
+    elif switch:
+        local_share = 0.0 if local_overloaded else 1.0
+    else:
+        local_share = view.local_share
 
     def plan(
         decision: RapDecision,
@@ -366,14 +408,16 @@ def rap_policy_factory(
     settings: RapSettings | None = None,
     rng: random.Random | None = None,
 ) -> PolicyFactory:
-    """A `Balancer` policy factory: `RapPolicy` for `LbPolicy.RAP`, the basic policies otherwise."""
+    """A `Balancer` policy factory: the RAP policies by name, the basic policies otherwise."""
     source = rng or random.Random()
     basic = basic_policy_factory(source)
     resolved = settings or RapSettings()
 
     def make(kind: LbPolicy) -> Policy:
         if kind is LbPolicy.RAP:
-            return RapPolicy(view, resolved, source)
+            return CostRapPolicy(view, resolved, source)
+        if kind is LbPolicy.RAP_AIMD or kind is LbPolicy.RAP_SWITCH:
+            return UtilizationRapPolicy(view, resolved, source, variant=kind)
         return basic(kind)
 
     return make

@@ -34,7 +34,9 @@ class L4Protocol(enum.StrEnum):
 class LbPolicy(enum.StrEnum):
     """Per-service balancing policy, chosen with the `rapproxy.io/lb-policy` annotation."""
 
-    RAP = "rap"
+    RAP = "rap"  # queue- and latency-aware local first (balancer/rap_cost.py)
+    RAP_AIMD = "rap-aimd"  # utilization verdicts, gradual local share (balancer/rap.py)
+    RAP_SWITCH = "rap-switch"  # the paper's switch: all local, or all to the best node
     ROUND_ROBIN = "round-robin"
     LEAST_CONN = "least-conn"
     RANDOM = "random"

@@ -57,10 +57,12 @@ class RapSettings:
     traffic at random in proportion to their score; `unknown_weight` is the weight of a node
     without fresh data, as a fraction of the weakest fresh candidate's score.
 
-    `spill_backoff` and `spill_recovery` steer the local share (see `next_local_share`): each
-    local sample at or above `overload_threshold` multiplies it by `spill_backoff`, each below
-    `exit_threshold` adds `spill_recovery`. `spill_backoff=0, spill_recovery=1` is the paper's
-    all-or-nothing switch.
+    `spill_backoff` and `spill_recovery` steer the local share of `rap-aimd` (see
+    `next_local_share`): each local sample at or above `overload_threshold` multiplies it by
+    `spill_backoff`, each below `exit_threshold` adds `spill_recovery`.
+
+    `spill_margin`, `latency_rise`, `latency_fall` and `signal_hold` belong to the default
+    policy `rap` (balancer/rap_cost.py, balancer/signals.py).
     """
 
     overload_threshold: float = 0.8
@@ -76,6 +78,10 @@ class RapSettings:
     unknown_weight: float = 0.25
     spill_backoff: float = 0.7
     spill_recovery: float = 0.1
+    spill_margin: float = 0.25
+    latency_rise: float = 0.3
+    latency_fall: float = 0.15
+    signal_hold: float = 2.0
 
     def __post_init__(self) -> None:
         _fraction("overload_threshold", self.overload_threshold, allow_zero=False)
@@ -111,6 +117,14 @@ class RapSettings:
                 "spill_backoff", f"{self.spill_backoff!r} must be a number in [0, 1)"
             )
         _fraction("spill_recovery", self.spill_recovery, allow_zero=False)
+        if not _finite(self.spill_margin) or not 0 <= self.spill_margin <= 10:
+            raise InvalidSettings(
+                "spill_margin", f"{self.spill_margin!r} must be a number in [0, 10]"
+            )
+        _fraction("latency_rise", self.latency_rise, allow_zero=False)
+        _fraction("latency_fall", self.latency_fall, allow_zero=False)
+        if not _finite(self.signal_hold) or self.signal_hold <= 0:
+            raise InvalidSettings("signal_hold", f"{self.signal_hold!r} must be a number > 0")
 
     @property
     def stale_after(self) -> float:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from rapproxy.balancer.balancer import Balancer, PolicyFactory
 from rapproxy.balancer.categorize import Locality
+from rapproxy.balancer.signals import EndpointSignals
 from rapproxy.config import RapproxyConfiguration, parse_port_range
 from rapproxy.dataplane.routing import Backend
 from rapproxy.dataplane.stats import RelayStats
@@ -121,6 +122,11 @@ class Proxier:
             Locality(node_name, zone),
             default_policy=config.proxy.lb_policy,
             policy_factory=policy_factory,
+            signals=EndpointSignals(
+                rise=config.rap.latency_rise,
+                fall=config.rap.latency_fall,
+                hold=config.rap.signal_hold,
+            ),
         )
         self.stats = RelayStats()
         self.metrics = metrics or ProxyMetrics()
@@ -462,8 +468,17 @@ class Proxier:
                 destination.name, (backend.ip, backend.port), client_ip, self._clock()
             )
 
-    def connection_opened(self, service: str, backend: Backend) -> None:
-        self.balancer.connection_opened((backend.ip, backend.port))
+    def connection_opened(
+        self, service: str, backend: Backend, connect_seconds: float | None = None
+    ) -> None:
+        self.balancer.connection_opened((backend.ip, backend.port), connect_seconds, self._clock())
+
+    def first_response(
+        self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
+    ) -> None:
+        self.balancer.first_response(
+            (backend.ip, backend.port), connect_seconds, response_seconds, self._clock()
+        )
 
     def connection_closed(self, service: str, backend: Backend) -> None:
         self.balancer.connection_closed((backend.ip, backend.port))

@@ -43,6 +43,10 @@ def rap_settings(config: RapproxyConfiguration) -> RapSettings:
         stale_after_periods=float(rap.stale_after_periods),
         rtt_alpha=rap.rtt_ewma_alpha,
         spill_backoff=rap.spill_backoff,
+        spill_margin=rap.spill_margin,
+        latency_rise=rap.latency_rise,
+        latency_fall=rap.latency_fall,
+        signal_hold=rap.signal_hold,
         spill_recovery=rap.spill_recovery,
         poll_timeout=min(0.5, rap.telemetry_interval),
     )

@@ -458,7 +458,15 @@ service_options = st.tuples(st.booleans(), st.booleans(), st.sampled_from([None,
 
 # One parameter per policy so each gets the full example budget (RAP's paths need the most).
 @pytest.mark.parametrize(
-    "policy", [LbPolicy.ROUND_ROBIN, LbPolicy.RANDOM, LbPolicy.LEAST_CONN, LbPolicy.RAP]
+    "policy",
+    [
+        LbPolicy.ROUND_ROBIN,
+        LbPolicy.RANDOM,
+        LbPolicy.LEAST_CONN,
+        LbPolicy.RAP,
+        LbPolicy.RAP_AIMD,
+        LbPolicy.RAP_SWITCH,
+    ],
 )
 @settings(max_examples=100, deadline=None)
 @given(endpoint_rows, service_options, initial_telemetry, actions)
@@ -514,7 +522,8 @@ def test_choose_only_ever_returns_an_endpoint_usable_for_that_traffic(
             else:
                 assert choice.endpoint in allowed
                 if choice.placement is Placement.FALLBACK:
-                    assert policy is LbPolicy.RAP  # only RAP falls back, to any candidate
+                    # only the utilization variants fall back, to any candidate
+                    assert policy in (LbPolicy.RAP_AIMD, LbPolicy.RAP_SWITCH)
                 else:
                     on_this_node = choice.endpoint.node_name == HERE.node_name
                     assert choice.placement is (
@@ -523,7 +532,8 @@ def test_choose_only_ever_returns_an_endpoint_usable_for_that_traffic(
         elif action == "fail":
             b.dial_failed(WEB, (f"10.0.0.{pick}", 8080), client, now)
         elif action == "open":
-            b.connection_opened((f"10.0.0.{pick}", 8080))
+            b.connection_opened((f"10.0.0.{pick}", 8080), 0.001 * pick, now)
+            b.first_response((f"10.0.0.{pick}", 8080), 0.001 * pick, 0.003 * pick, now)
         else:
             b.connection_closed((f"10.0.0.{pick}", 8080))
     json.dumps(b.describe(now))

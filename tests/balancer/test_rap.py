@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from rapproxy.balancer.balancer import Balancer
 from rapproxy.balancer.categorize import Locality
 from rapproxy.balancer.policy import Choice, Placement, SelectionContext
-from rapproxy.balancer.rap import RapDecision, RapPolicy, rap_policy_factory
+from rapproxy.balancer.rap import RapDecision, UtilizationRapPolicy, rap_policy_factory
+from rapproxy.balancer.rap_cost import CostRapPolicy
 from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.service import LbPolicy, ServicePort, ServicePortName
 from rapproxy.model.table import ServiceEntry, ServiceTable
@@ -69,11 +70,13 @@ def context(active: dict[Endpoint, int] | None = None, now: float = NOW) -> Sele
     return SelectionContext(NAME, "192.0.2.1", now, Locality(LOCAL), lambda e: counts.get(e, 0))
 
 
-def policy(load: Load, seed: int = 1, settings: RapSettings | None = None) -> RapPolicy:
-    return RapPolicy(load.view, settings or load.tracker.settings, random.Random(seed))
+def policy(load: Load, seed: int = 1, settings: RapSettings | None = None) -> UtilizationRapPolicy:
+    return UtilizationRapPolicy(load.view, settings or load.tracker.settings, random.Random(seed))
 
 
-def picks(p: RapPolicy, candidates: Sequence[Endpoint], n: int, now: float = NOW) -> list[Choice]:
+def picks(
+    p: UtilizationRapPolicy, candidates: Sequence[Endpoint], n: int, now: float = NOW
+) -> list[Choice]:
     out = []
     for _ in range(n):
         choice = p.choose(candidates, context(now=now))
@@ -389,7 +392,7 @@ def service_table(candidates: tuple[Endpoint, ...], affinity: int | None) -> Ser
         8080,
         cluster_ips=("10.96.0.10",),
         affinity_timeout_seconds=affinity,
-        lb_policy=LbPolicy.RAP,
+        lb_policy=LbPolicy.RAP_AIMD,
     )
     return ServiceTable({NAME: ServiceEntry(port, candidates)})
 
@@ -409,9 +412,12 @@ def test_session_affinity_wins_over_rap() -> None:
     assert other is not None and other.placement is Placement.REMOTE
 
 
-def test_factory_gives_basic_policies_for_other_annotations() -> None:
+def test_factory_gives_each_rap_variant_and_basic_policies_for_other_annotations() -> None:
     make = rap_policy_factory(Load().view)
-    assert isinstance(make(LbPolicy.RAP), RapPolicy)
+    assert isinstance(make(LbPolicy.RAP), CostRapPolicy)
+    for variant in (LbPolicy.RAP_AIMD, LbPolicy.RAP_SWITCH):
+        made = make(variant)
+        assert isinstance(made, UtilizationRapPolicy) and made.name is variant
     for kind in (LbPolicy.ROUND_ROBIN, LbPolicy.LEAST_CONN, LbPolicy.RANDOM, LbPolicy.LOCAL_ONLY):
         assert make(kind).name is kind
 

@@ -6,7 +6,7 @@ import random
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from rapproxy.balancer.rap import RapPolicy
+from rapproxy.balancer.rap import UtilizationRapPolicy
 from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.telemetry import NodeStats, TelemetryTracker
 from rapproxy.telemetry.metrics import TelemetryMetrics
@@ -21,7 +21,7 @@ def test_scrape_exports_ages_rtts_verdicts_and_scores() -> None:
         Endpoint("10.0.0.1", 80, node_name="n0"),
         Endpoint("10.0.1.1", 80, node_name="n1"),
     )
-    policy = RapPolicy(tracker.snapshot, rng=random.Random(1))
+    policy = UtilizationRapPolicy(tracker.snapshot, rng=random.Random(1))
     registry = CollectorRegistry()
     registry.register(
         TelemetryMetrics(

@@ -1,4 +1,4 @@
-"""Several emulated nodes exchanging real telemetry over loopback, and RAP acting on it.
+"""Several emulated nodes exchanging real telemetry over loopback, and RAP (its utilization variant, `rap-aimd`) acting on it.
 
 Each emulated node runs the production pieces — a `Collector` on an injectable probe, the
 `/rap/v1/telemetry` endpoint on its own 127.0.0.x address — and node n0 also runs the poller and
@@ -84,7 +84,7 @@ class Cluster:
 
 
 def table() -> ServiceTable:
-    port = ServicePort(NAME, 80, 8080, cluster_ips=("10.96.0.10",), lb_policy=LbPolicy.RAP)
+    port = ServicePort(NAME, 80, 8080, cluster_ips=("10.96.0.10",), lb_policy=LbPolicy.RAP_AIMD)
     endpoints = tuple(
         Endpoint(f"10.244.{i}.{j}", 8080, node_name=name)
         for i, name in enumerate(NODES)

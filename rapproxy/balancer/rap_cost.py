@@ -1,0 +1,499 @@
+"""RAP's default policy: stay local until the local pods queue, then spill by expected cost.
+
+Why not utilization (the design's first form, kept as `rap-aimd` and `rap-switch` in rap.py):
+utilization cannot tell a node that is busy from one that is overloaded, and it arrives a
+telemetry period late. Measured in the emulated edge cluster, both cost RAP the cases it exists
+for: a node at 99 % CPU with two clients and no queue spilled them over the WAN (0.47x
+local-only), and under heavy load the spilled traffic herded between remotes on half-second-old
+verdicts (0.74x round-robin). This policy decides from what the relay measures itself
+(signals.py), with telemetry only as the prior for what it has not measured.
+
+**Expected cost.** For every endpoint the policy predicts how long a new connection would take
+to its first response byte:
+
+    cost(e) = 2 * rtt(e) + server_time(e, in_flight(e) + 1)
+
+`rtt` is the endpoint's measured connect time (a connection pays one round trip to connect and
+one for the request); `server_time` reads the endpoint's measured latency-against-load curve
+(signals.py) at this proxy's open connections to it plus the new one, an exact and current
+count, so a queue shows in the cost the moment it forms. An endpoint without fresh figures of
+its own falls back to priors: the node's telemetry round trip, and the smallest unloaded
+service time measured among the service's endpoints, per connection in flight (multiplied by
+`OVERLOADED_PENALTY` when telemetry says the node is overloaded). Own figures older than
+`signal_hold` blend into the prior over another `signal_hold`, so an endpoint that was slow is
+tried again once nothing has been heard of it.
+
+**Local first, with hysteresis.** The cheapest local endpoint is compared with one remote
+endpoint chosen by power of two choices (below). While the policy is *local*, every connection
+stays local unless the local cost exceeds the remote one by `spill_margin`; then it is
+*spilling*: each connection goes to whichever of the two is cheaper, so local pods stay as busy
+as they can be without their queue costing more than the WAN does, and only the excess leaves.
+It returns to *local* once the queue has drained — the local endpoint has nothing of ours in
+flight — and its cost is back within the margin. A node that is busy but keeps up (two
+clients on a saturated pod) never queues enough to spill; one whose pods queue spills the
+moment the queue costs more than a round trip. While spilling, an idle local endpoint not
+heard of for `PROBE_AFTER` gets one connection, so a local pod that recovered is noticed even
+when none of the traffic goes its way.
+
+**Herd-free spill.** The remote endpoint is the cheaper of two drawn at random from the
+endpoints of the `top_k` nodes with the cheapest priors, never the cluster's single best:
+costs include this proxy's in-flight count, which rises with every connection it sends, and
+measured service times, which rise within a few responses of a remote starting to queue, so
+proxies acting on the same stale telemetry spread instead of stampeding.
+
+**No data at all** (no fresh telemetry and nothing measured for any candidate) → plain
+round-robin, kube-proxy's behaviour, as design §3.4 asks.
+
+Cost: the plan (grouping, priors, the pool) is cached per candidate list and telemetry
+snapshot for at most `PLAN_TTL`; a decision scans the local endpoints and two remote ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rapproxy.balancer.policy import Choice, Placement, SelectionContext
+from rapproxy.balancer.signals import EndpointKey, EndpointSignals
+from rapproxy.model.endpoints import Endpoint
+from rapproxy.model.service import LbPolicy
+from rapproxy.model.telemetry import RapSettings, TelemetryView
+
+__all__ = ["CostRapPolicy", "RegimeChange", "ViewProvider"]
+
+ViewProvider = Callable[[], TelemetryView]
+"""Returns the latest telemetry snapshot; must be cheap and must not do I/O."""
+
+DEFAULT_SERVICE = 0.001  # s per request assumed before anything of the service was measured
+UNKNOWN_RTT = 0.1  # s assumed for a node with no fresh telemetry when no node's RTT is known
+OVERLOADED_PENALTY = 4.0  # prior service time x this for a node telemetry calls overloaded
+PLAN_TTL = 1.0  # s; the plan is rebuilt at least this often (priors follow the measurements)
+RECENT_DECISIONS = 16  # kept for /debug/state
+PROBE_AFTER = 0.5  # s without a local sample before an idle local endpoint is probed
+
+_REASON_ONLY_LOCAL = "rap: no remote endpoint"
+_REASON_NO_LOCAL = "rap: no local endpoint"
+_REASON_LOCAL = "rap: local endpoints keep up"
+_REASON_SPILL = "rap: local queue costs more than a remote round trip"
+_REASON_SPILL_LOCAL = "rap: spilling, local endpoint cheaper"
+_REASON_RETURN = "rap: local queue drained"
+_REASON_NO_DATA = "rap: no data, round-robin"
+_REASON_PROBE = "rap: spilling, probing the idle local endpoint"
+
+
+class RegimeChange(enum.StrEnum):
+    """How the policy's local/spilling state moved on a decision (counted, for tests)."""
+
+    NONE = "none"
+    SPILL = "spill"
+    RETURN = "return"
+
+
+@dataclass(frozen=True, slots=True)
+class _Prior:
+    """What is assumed of a node's endpoints where nothing of their own is known."""
+
+    rtt: float
+    rtt_source: str  # "local", "telemetry", "unknown"
+    penalty: float
+
+
+@dataclass(slots=True)
+class _Plan:
+    candidates: Sequence[Endpoint]
+    view: TelemetryView
+    local_node: str
+    valid_until: float
+    round_robin: bool
+    local: tuple[Endpoint, ...]
+    pool: tuple[Endpoint, ...]
+    remote_count: int
+    priors: dict[str | None, _Prior]
+    baseline: float  # prior service time per request (s)
+
+
+class CostRapPolicy:
+    """One instance per service port (the Balancer makes one through `rap_policy_factory`)."""
+
+    name = LbPolicy.RAP
+
+    def __init__(
+        self,
+        view: ViewProvider,
+        settings: RapSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._view = view
+        self.settings = settings or RapSettings()
+        self._rng = rng or random.Random()
+        self._plan: _Plan | None = None
+        self._cursor = 0
+        self.spilling = False
+        self.regime_changes = 0
+        self.last_change = RegimeChange.NONE
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self._recent: collections.deque[tuple[float, str, str, str, float, float]] = (
+            collections.deque(maxlen=RECENT_DECISIONS)
+        )
+
+    # -- the connection path ------------------------------------------------------------------
+
+    def choose(self, candidates: Sequence[Endpoint], context: SelectionContext) -> Choice | None:
+        if not candidates:
+            return None
+        now = context.now
+        plan = self._plan_for(candidates, context.where.node_name, now, context.signals)
+        self.last_change = RegimeChange.NONE
+        if plan.round_robin:
+            index = self._cursor % len(candidates)
+            self._cursor = index + 1
+            endpoint = candidates[index]
+            local = endpoint.node_name == plan.local_node
+            placement = Placement.LOCAL if local else Placement.REMOTE
+            return self._record(
+                now, endpoint, placement, _REASON_NO_DATA, costs=(math.nan, math.nan)
+            )
+
+        signals = context.signals
+        active = context.active_connections
+        local_endpoint, local_cost = self._cheapest_local(plan, signals, active, now)
+        if not plan.pool:
+            return self._record(
+                now,
+                local_endpoint,
+                Placement.LOCAL,
+                _REASON_ONLY_LOCAL,
+                costs=(local_cost, math.nan),
+            )
+        remote_endpoint, remote_cost = self._draw_remote(plan, signals, active, now)
+        if local_endpoint is None:
+            return self._record(
+                now,
+                remote_endpoint,
+                Placement.REMOTE,
+                _REASON_NO_LOCAL,
+                costs=(math.nan, remote_cost),
+            )
+
+        margin = 1.0 + self.settings.spill_margin
+        if self.spilling and local_cost > remote_cost * margin and active(local_endpoint) == 0:
+            record = signals.get(key_of(local_endpoint)) if signals is not None else None
+            if record is None or now - record.service_at > PROBE_AFTER:
+                # Spilling keeps traffic off a slow local pod, which then has nothing new to
+                # say: one connection now and then keeps its figures current.
+                return self._record(
+                    now,
+                    local_endpoint,
+                    Placement.LOCAL,
+                    _REASON_PROBE,
+                    costs=(local_cost, remote_cost),
+                )
+        if not self.spilling:
+            if local_cost <= remote_cost * margin:
+                return self._record(
+                    now,
+                    local_endpoint,
+                    Placement.LOCAL,
+                    _REASON_LOCAL,
+                    costs=(local_cost, remote_cost),
+                )
+            self._change(RegimeChange.SPILL)
+            return self._record(
+                now,
+                remote_endpoint,
+                Placement.REMOTE,
+                _REASON_SPILL,
+                costs=(local_cost, remote_cost),
+            )
+        local_idle = active(local_endpoint) == 0
+        if local_idle and local_cost <= remote_cost * margin:
+            self._change(RegimeChange.RETURN)
+            return self._record(
+                now,
+                local_endpoint,
+                Placement.LOCAL,
+                _REASON_RETURN,
+                costs=(local_cost, remote_cost),
+            )
+        if local_cost <= remote_cost:
+            return self._record(
+                now,
+                local_endpoint,
+                Placement.LOCAL,
+                _REASON_SPILL_LOCAL,
+                costs=(local_cost, remote_cost),
+            )
+        return self._record(
+            now, remote_endpoint, Placement.REMOTE, _REASON_SPILL, costs=(local_cost, remote_cost)
+        )
+
+    def _change(self, change: RegimeChange) -> None:
+        self.spilling = change is RegimeChange.SPILL
+        self.regime_changes += 1
+        self.last_change = change
+
+    def _record(
+        self,
+        now: float,
+        endpoint: Endpoint | None,
+        placement: Placement,
+        reason: str,
+        *,
+        costs: tuple[float, float],
+    ) -> Choice | None:
+        """Count and remember a decision; `costs`: the local and remote costs it compared."""
+        if endpoint is None:
+            return None
+        self.reasons[reason] += 1
+        self._recent.append((now, endpoint.address, placement.value, reason, *costs))
+        return Choice(endpoint, placement, reason)
+
+    def _cheapest_local(
+        self,
+        plan: _Plan,
+        signals: EndpointSignals | None,
+        active: Callable[[Endpoint], int],
+        now: float,
+    ) -> tuple[Endpoint | None, float]:
+        """The local endpoint with the lowest cost; ties go round-robin (the scan rotates)."""
+        local = plan.local
+        count = len(local)
+        if count == 0:
+            return None, math.inf
+        if count == 1:
+            return local[0], self._cost(local[0], plan, signals, active, now)
+        start = self._cursor % count
+        best: Endpoint | None = None
+        best_cost = math.inf
+        for offset in range(count):
+            endpoint = local[(start + offset) % count]
+            cost = self._cost(endpoint, plan, signals, active, now)
+            if cost < best_cost:
+                best, best_cost = endpoint, cost
+        self._cursor = start + 1
+        return best, best_cost
+
+    def _draw_remote(
+        self,
+        plan: _Plan,
+        signals: EndpointSignals | None,
+        active: Callable[[Endpoint], int],
+        now: float,
+    ) -> tuple[Endpoint, float]:
+        """Power of two choices over the pool, sampled without replacement."""
+        pool = plan.pool
+        if len(pool) == 1:
+            return pool[0], self._cost(pool[0], plan, signals, active, now)
+        rng = self._rng
+        first = rng.randrange(len(pool))
+        second = rng.randrange(len(pool) - 1)
+        if second >= first:
+            second += 1
+        a, b = pool[first], pool[second]
+        cost_a = self._cost(a, plan, signals, active, now)
+        cost_b = self._cost(b, plan, signals, active, now)
+        return (a, cost_a) if cost_a <= cost_b else (b, cost_b)
+
+    def _cost(
+        self,
+        endpoint: Endpoint,
+        plan: _Plan,
+        signals: EndpointSignals | None,
+        active: Callable[[Endpoint], int],
+        now: float,
+    ) -> float:
+        """Predicted seconds from dial to first response byte for a new connection."""
+        prior = plan.priors[endpoint.node_name]
+        rtt = prior.rtt
+        in_flight = active(endpoint) + 1  # with the new connection
+        server = plan.baseline * prior.penalty * in_flight
+        record = signals.get((endpoint.ip, endpoint.port)) if signals is not None else None
+        if record is not None:
+            hold = self.settings.signal_hold
+            if record.connect_samples:
+                rtt = _blend(record.connect, rtt, now - record.connect_at, hold)
+            if record.curve:
+                measured = record.server_time(in_flight)
+                server = _blend(measured, server, now - record.service_at, hold)
+        return 2.0 * rtt + server
+
+    # -- per-snapshot work --------------------------------------------------------------------
+
+    def _plan_for(
+        self,
+        candidates: Sequence[Endpoint],
+        local_node: str,
+        now: float,
+        signals: EndpointSignals | None,
+    ) -> _Plan:
+        view = self._view()
+        plan = self._plan
+        if (
+            plan is not None
+            and plan.view is view
+            and plan.candidates is candidates
+            and plan.local_node == local_node
+            and now < plan.valid_until
+        ):
+            return plan
+        plan = _make_plan(candidates, view, local_node, now, self.settings, signals=signals)
+        self._plan = plan
+        return plan
+
+    # -- explainability -----------------------------------------------------------------------
+
+    def explain(
+        self,
+        candidates: Sequence[Endpoint],
+        now: float,
+        local_node: str | None = None,
+        context: SelectionContext | None = None,
+    ) -> dict[str, Any]:
+        """Every endpoint's signals and predicted cost, and the last decisions with their costs."""
+        view = self._view()
+        node = local_node if local_node is not None else view.local_node
+        signals = context.signals if context is not None else None
+        active: Callable[[Endpoint], int] = (
+            context.active_connections if context is not None else (lambda _e: 0)
+        )
+        plan = _make_plan(candidates, view, node, now, self.settings, signals=signals)
+        local_peer = view.nodes.get(node)
+        in_pool = set(plan.pool)
+        endpoints: dict[str, Any] = {}
+        for endpoint in candidates:
+            prior = plan.priors[endpoint.node_name]
+            measured = (
+                signals.describe((endpoint.ip, endpoint.port), now) if signals is not None else None
+            )
+            endpoints[endpoint.address] = {
+                "node": endpoint.node_name,
+                "local": endpoint.node_name == node,
+                "in_spill_pool": endpoint in in_pool,
+                "in_flight": active(endpoint),
+                "measured": measured,
+                "prior_rtt_seconds": round(prior.rtt, 6),
+                "prior_rtt_from": prior.rtt_source,
+                "prior_service_seconds": round(plan.baseline * prior.penalty, 6),
+                "expected_cost_seconds": (
+                    None
+                    if plan.round_robin
+                    else round(self._cost(endpoint, plan, signals, active, now), 6)
+                ),
+            }
+        recent = [
+            {
+                "age_seconds": round(now - at, 3),
+                "endpoint": address,
+                "placement": placement,
+                "reason": reason,
+                "local_cost_seconds": None if math.isnan(lc) else round(lc, 6),
+                "remote_cost_seconds": None if math.isnan(rc) else round(rc, 6),
+            }
+            for at, address, placement, reason, lc, rc in reversed(self._recent)
+        ]
+        local_recent = sum(1 for entry in self._recent if entry[2] == Placement.LOCAL.value)
+        return {
+            "policy": self.name.value,
+            "decision": (
+                "round-robin (no data)"
+                if plan.round_robin
+                else ("spilling" if self.spilling else "local")
+            ),
+            "local_node": node,
+            "local_overloaded": local_peer.overloaded if local_peer is not None else None,
+            "local_queueing": self.spilling,
+            "local_share": (local_recent / len(self._recent)) if self._recent else None,
+            "spill_margin": self.settings.spill_margin,
+            "regime_changes": self.regime_changes,
+            "baseline_service_seconds": round(plan.baseline, 6),
+            "telemetry_version": view.version,
+            "endpoints": endpoints,
+            "reasons": dict(self.reasons),
+            "recent": recent,
+        }
+
+
+def key_of(endpoint: Endpoint) -> EndpointKey:
+    return (endpoint.ip, endpoint.port)
+
+
+def _blend(value: float, prior: float, age: float, hold: float) -> float:
+    """Own figure while younger than `hold`, then sliding back to the prior over `hold`."""
+    if age <= hold:
+        return value
+    weight = math.exp(-(age - hold) / hold)
+    return prior + (value - prior) * weight
+
+
+def _make_plan(
+    candidates: Sequence[Endpoint],
+    view: TelemetryView,
+    local_node: str,
+    now: float,
+    settings: RapSettings,
+    *,
+    signals: EndpointSignals | None,
+) -> _Plan:
+    grouped: dict[str | None, list[Endpoint]] = {}
+    for endpoint in candidates:
+        grouped.setdefault(endpoint.node_name, []).append(endpoint)
+    local = tuple(grouped.get(local_node, ()))
+
+    fresh = {n for n in grouped if n is not None and view.is_fresh(n, now)}
+    local_fresh = view.is_fresh(local_node, now)
+    valid_until = min(
+        [now + PLAN_TTL, *(view.fresh_until(n) for n in fresh)]
+        + ([view.fresh_until(local_node)] if local_fresh else [])
+    )
+
+    # Service-time prior, per request: the smallest fresh unloaded figure among these endpoints.
+    baseline = math.inf
+    measured_any = False
+    if signals is not None:
+        hold = settings.signal_hold
+        for endpoint in candidates:
+            record = signals.get((endpoint.ip, endpoint.port))
+            if record is None:
+                continue
+            measured_any = True
+            if record.curve and now - record.service_at <= hold:
+                load, latency = record.curve[0]
+                baseline = min(baseline, latency / load)
+    if baseline == math.inf:
+        baseline = DEFAULT_SERVICE
+    round_robin = not fresh and not local_fresh and not measured_any
+
+    known_rtts = [rtt for n in fresh if n != local_node and (rtt := view.nodes[n].rtt) is not None]
+    unknown_rtt = 2.0 * max(known_rtts) if known_rtts else UNKNOWN_RTT
+    priors: dict[str | None, _Prior] = {}
+    ranked: list[tuple[float, str, str | None]] = []
+    for node in grouped:
+        if node == local_node:
+            priors[node] = _Prior(0.0, "local", 1.0)
+            continue
+        peer = view.nodes.get(node) if node is not None else None
+        if node in fresh and peer is not None and peer.rtt is not None:
+            prior = _Prior(peer.rtt, "telemetry", OVERLOADED_PENALTY if peer.overloaded else 1.0)
+        else:
+            prior = _Prior(unknown_rtt, "unknown", 1.0)
+        priors[node] = prior
+        ranked.append((2.0 * prior.rtt + baseline * prior.penalty, str(node), node))
+    ranked.sort()
+    pool = tuple(endpoint for _, _, node in ranked[: settings.top_k] for endpoint in grouped[node])
+    return _Plan(
+        candidates=candidates,
+        view=view,
+        local_node=local_node,
+        valid_until=valid_until,
+        round_robin=round_robin,
+        local=local,
+        pool=pool,
+        remote_count=len(candidates) - len(local),
+        priors=priors,
+        baseline=baseline,
+    )

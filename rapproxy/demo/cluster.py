@@ -302,52 +302,32 @@ class DemoCluster:
 
     async def overload_node1(self, within: float = 20.0) -> str:
         """Make node-1 overloaded; returns how, for the report."""
+        return await self.overload_node("node-1", within)
+
+    async def relieve_node1(self, within: float = 20.0) -> None:
+        await self.relieve_node("node-1", within)
+
+    async def overload_node(self, node: str, within: float = 20.0) -> str:
+        """Make `node` overloaded (capacity cut, a CPU-bound neighbour); returns how."""
         if self.injected_load:
-            self.write_injected_load("node-1", 0.95)
+            self.write_injected_load(node, 0.95)
             how = "injected load figure 0.95 (no cgroups on this host: CPU not really capped)"
         else:
             edge = self.require_edge()
-            edge.node("node-1").set_cpu_limit(OVERLOADED_CPUS)
+            edge.node(node).set_cpu_limit(OVERLOADED_CPUS)
             api = self.require_api()
-            api.registry.create(PODS, "default", hog_manifest("node-1"))
+            api.registry.create(PODS, "default", hog_manifest(node))
             how = (
-                f"node-1 capped to {OVERLOADED_CPUS:g} CPU and a CPU-bound neighbour pod "
-                "started there (real CPU contention, measured from node-1's cgroup)"
+                f"{node} capped to {OVERLOADED_CPUS:g} CPU and a CPU-bound neighbour pod "
+                f"started there (real CPU contention, measured from {node}'s cgroup)"
             )
-        await until(lambda: self.node_load("node-1") > 0.85, within, "node-1's load above 0.85")
-        await self.until_node1_sees_itself(overloaded=True, within=within)
+        await until(lambda: self.node_load(node) > 0.85, within, f"{node}'s load above 0.85")
+        await self.until_node1_sees(node, overloaded=True, within=within)
         return how
 
-    async def until_node1_sees_itself(self, overloaded: bool, within: float) -> None:
-        """Until node-1's rapproxy, through its own telemetry, judges node-1 (not) overloaded.
-
-        The load file is read once per telemetry interval and the policy has hysteresis, so
-        the figure crossing the threshold is not yet the daemon acting on it. Only the RAP
-        policy explains its decision, so Service web is switched to it.
-        """
-        await self.set_policy("rap")
-        deadline = time.monotonic() + within
-        while True:
-            decision = (await self.balancer_state()).get("decision") or {}
-            share = decision.get("local_share")
-            if not isinstance(share, int | float):
-                share = -1.0
-            # Overloaded: the verdict, and most new connections already sent away (the local
-            # share shrinks sample by sample); healthy: the whole share taken back.
-            if overloaded and decision.get("local_overloaded") is True and 0 <= share <= 0.25:
-                return
-            if not overloaded and decision.get("local_overloaded") is False and share == 1.0:
-                return
-            if time.monotonic() > deadline:
-                state = "overloaded" if overloaded else "healthy"
-                raise DemoSetupError(
-                    f"node-1's rapproxy did not see node-1 {state} in {within:g} s"
-                )
-            await asyncio.sleep(0.1)
-
-    async def relieve_node1(self, within: float = 20.0) -> None:
+    async def relieve_node(self, node: str, within: float = 20.0) -> None:
         if self.injected_load:
-            self.write_injected_load("node-1", 0.1)
+            self.write_injected_load(node, 0.1)
         else:
             api = self.require_api()
             with contextlib.suppress(Exception):
@@ -355,9 +335,37 @@ class DemoCluster:
             await until(
                 lambda: api.store.get(PODS, "default", HOG_POD) is None, within, "hog pod gone"
             )
-            self.require_edge().node("node-1").set_cpu_limit(self.options.node_cpus)
-        await until(lambda: self.node_load("node-1") < 0.5, within, "node-1's load below 0.5")
-        await self.until_node1_sees_itself(overloaded=False, within=within)
+            self.require_edge().node(node).set_cpu_limit(self.options.node_cpus)
+        await until(lambda: self.node_load(node) < 0.5, within, f"{node}'s load below 0.5")
+        await self.until_node1_sees(node, overloaded=False, within=within)
+
+    async def until_node1_sees(self, node: str, overloaded: bool, within: float) -> None:
+        """Until node-1's rapproxy, through its own telemetry, judges `node` (not) overloaded.
+
+        The load file is read once per telemetry interval and the verdict has hysteresis, so
+        the figure crossing the threshold is not yet the daemon acting on it. For node-1
+        itself it also waits for the gradual local share of `rap-aimd` (shared by every
+        service on the node) to have moved: most new connections sent away when overloaded,
+        the whole share taken back when healthy, so that variant is measured settled.
+        """
+        node1 = self.require_edge().node("node-1")
+        deadline = time.monotonic() + within
+        while True:
+            state = await node1.call(debug_state, "http://127.0.0.1:10249/debug/state")
+            telemetry = (state.get("rap") or {}).get("telemetry") or {}
+            verdict = ((telemetry.get("nodes") or {}).get(node) or {}).get("overloaded")
+            share = telemetry.get("local_share")
+            if not isinstance(share, int | float):
+                share = -1.0
+            settled = node != "node-1" or (0 <= share <= 0.25 if overloaded else share == 1.0)
+            if verdict is overloaded and settled:
+                return
+            if time.monotonic() > deadline:
+                state_name = "overloaded" if overloaded else "healthy"
+                raise DemoSetupError(
+                    f"node-1's rapproxy did not see {node} {state_name} in {within:g} s"
+                )
+            await asyncio.sleep(0.1)
 
     def pod_process(self, pod: JsonObject) -> int:
         """PID of the pod's main container process, from its node's runtime."""

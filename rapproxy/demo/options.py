@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BASE_DELAYS_MS = {("node-1", "node-2"): 4.0, ("node-1", "node-3"): 8.0, ("node-2", "node-3"): 3.0}
-POLICIES = ("rap", "round-robin", "random", "local-only")
+STATIC_POLICIES = ("round-robin", "random", "least-conn", "local-only")
+RAP_VARIANTS = ("rap-aimd", "rap-switch")  # the utilization-based RAP, for side-by-side runs
+POLICIES = ("rap", *STATIC_POLICIES)  # what the demo compares unless told otherwise
+KNOWN_POLICIES = ("rap", *RAP_VARIANTS, *STATIC_POLICIES)
 
 
 class DemoOptionError(ValueError):
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rapproxy demo",
         description=(
             "Build an emulated 3-node edge cluster (namespaces, WAN delays, CPU caps), compare "
-            "RAP with round-robin, random and local-only, fail a primary over, print and chart "
+            "RAP with the static policies (round-robin, random, least-conn, local-only), fail a primary over, print and chart "
             "the results, and remove everything. Needs root."
         ),
     )
@@ -84,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--policies",
         default=",".join(POLICIES),
-        help=f"comma-separated subset of {','.join(POLICIES)}",
+        help=f"comma-separated, from {','.join(KNOWN_POLICIES)} (default {','.join(POLICIES)})",
     )
     add_daemon_settings_argument(parser)
     parser.add_argument("--no-overload", action="store_true", help="skip the overloaded phase")
@@ -116,9 +119,11 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
         if "=" not in setting or not setting.partition("=")[0].strip():
             raise DemoOptionError(f"--set: {setting!r} is not PATH=VALUE")
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in KNOWN_POLICIES]
     if unknown or not policies:
-        raise DemoOptionError(f"--policies: {unknown or 'none'} not among {', '.join(POLICIES)}")
+        raise DemoOptionError(
+            f"--policies: {unknown or 'none'} not among {', '.join(KNOWN_POLICIES)}"
+        )
     return DemoOptions(
         delay_scale=args.delay_scale,
         duration=duration,

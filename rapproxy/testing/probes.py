@@ -7,6 +7,7 @@ inside the namespace; each returns plain data or raises with a message saying wh
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,36 @@ def backend_names(url: str, count: int, timeout: float = 3.0) -> list[str]:
         if status != 200:
             raise OSError(f"{url}: HTTP {status}: {body[:200]}")
         names.append(body.split("\n", 1)[0])
+    return names
+
+
+def concurrent_backend_names(url: str, clients: int, seconds: float) -> list[str]:
+    """GETs from `clients` threads in a closed loop for `seconds`: who served each one.
+
+    A bounded load (time and count): each thread stops at the deadline or after 10 000
+    requests. Failed requests are recorded as "".
+    """
+    deadline = time.monotonic() + seconds
+    names: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(10_000):
+            if time.monotonic() >= deadline:
+                return
+            try:
+                status, body = http_get(url, 3.0)
+                name = body.split("\n", 1)[0] if status == 200 else ""
+            except OSError:
+                name = ""
+            with lock:
+                names.append(name)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return names
 
 

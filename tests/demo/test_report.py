@@ -25,12 +25,18 @@ FAILOVER = FailoverResult("web-a", "node-1", "web-b", None, 0.2, 0.35, 12, 0)
 RESULTS = DemoResults({"delays_ms": {"node-1-node-2": 10.0}}, RUNS, FAILOVER, ("a note",))
 
 
-def test_table_gives_rates_and_ratios_against_round_robin_of_the_same_phase() -> None:
+def test_table_gives_rates_and_ratios_against_baselines_of_the_same_phase() -> None:
     lines = comparison_table(RUNS).splitlines()
     rap, rr, overloaded = lines[1].split(), lines[2].split(), lines[3].split()
-    assert rap[:3] == ["healthy", "rap", "1500"] and rap[-2:] == ["3.00x", "-"]
-    assert rr[-2:] == ["1.00x", "-"]  # no local-only run in this phase
-    assert overloaded[-2:] == ["-", "-"]  # no baseline at all in that phase
+    # VS RR, VS LOCAL-ONLY, VS BEST STATIC (the best static here is round-robin itself)
+    assert rap[:3] == ["healthy", "rap", "1500"] and rap[-4:] == [
+        "3.00x",
+        "-",
+        "3.00x",
+        "(round-robin)",
+    ]
+    assert rr[-4:] == ["1.00x", "-", "1.00x", "(round-robin)"]  # no local-only run here
+    assert overloaded[-3:] == ["-", "-", "-"]  # no baseline at all in that phase
     assert "closed-loop" in lines[-1]
 
 

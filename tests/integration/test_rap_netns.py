@@ -13,6 +13,7 @@ node-1's host network through the ClusterIP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -97,6 +98,16 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Pods that cost nothing; RAP's utilization variant, steered by the injected load."""
+    async with started_cluster(tmp_path, ("proxy.lbPolicy=rap-aimd",)) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def started_cluster(
+    tmp_path: Path, settings: tuple[str, ...], work_ms: tuple[float, ...] = (0.0,) * NODES
+) -> AsyncIterator[Cluster]:
+    """The three nodes, each backend spending `work_ms[n]` of CPU per request."""
     created: list[Namespace] = []
     try:
         router = await Namespace.create("router")
@@ -133,6 +144,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                     f"b{n}",
                     "--http",
                     f"10.244.{n}.2:8080",
+                    "--work-ms",
+                    f"{work_ms[n - 1]:g}",
                 ]
             )
             proxy = await node.spawn(
@@ -151,6 +164,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                     f"rap.loadSource=file:{load_files[n - 1]}",
                     "--set",
                     f"rap.tokenFile={token_file}",
+                    *(arg for setting in settings for arg in ("--set", setting)),
                 ],
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
@@ -162,6 +176,26 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     finally:
         for namespace in reversed(created):
             await namespace.aclose()
+
+
+async def test_rap_spills_only_while_the_local_pod_queues_then_returns(tmp_path: Path) -> None:
+    # The default policy, with real queueing: every pod spends 20 ms of CPU per request and
+    # serves one at a time. No CPU figure is injected: the queue is the only signal.
+    async with started_cluster(tmp_path, (), work_ms=(20.0, 20.0, 20.0)) as cluster:
+        # One request at a time: node-1's pod is busy but nobody waits for it, and a peer's
+        # would cost the same plus a round trip. Everything local.
+        spread = await cluster.spread_becomes(lambda s: s == Counter({"b1": 40}))
+        assert spread == Counter({"b1": 40})
+
+        # Sixteen clients at once: a queue forms in front of node-1's pod, and a queue costs
+        # more than the round trip to a peer. Traffic spills, while node-1 keeps busy.
+        names = await cluster.nodes[0].call(probes.concurrent_backend_names, SERVICE_URL, 16, 3.0)
+        served = Counter(names)
+        assert served[""] == 0, f"requests failed under load: {served}"
+        assert served["b2"] + served["b3"] > served["b1"] > 0, served
+
+        # Load gone, the queue drains: back to all local.
+        await cluster.spread_becomes(lambda s: s == Counter({"b1": 40}))
 
 
 async def test_spill_over_follows_the_injected_load(cluster: Cluster) -> None:

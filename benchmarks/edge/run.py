@@ -23,7 +23,10 @@ Load: wrk, one thread, `Connection: close` so every request is a new connection 
 balancing decision (rapproxy balances connections, as kube-proxy does). wrk is closed-loop: its
 percentiles under-report tail latency (coordinated omission).
 
-Usage (root): `.venv/bin/python benchmarks/edge/run.py sweep|overload|failover|all [options]`.
+* `grid` — issue 11's question, whether RAP is ever worse than the best static policy, over
+  delay scales x connections x node states (grid.py).
+
+Usage (root): `.venv/bin/python benchmarks/edge/run.py sweep|overload|failover|grid|all [options]`.
 Results: `benchmarks/edge/results/<experiment>-<UTC date-time>.{md,json,png}`.
 """
 
@@ -31,28 +34,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
-import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from rapproxy.demo.cluster import NODES, DemoCluster
-from rapproxy.demo.options import POLICIES, DemoOptions, add_daemon_settings_argument
+from common import Point, cluster, header, rounds_of  # benchmarks/edge/common.py
+from grid import grid, grid_cells, grid_json, grid_markdown, heatmap
+
+from rapproxy.demo.cluster import NODES
+from rapproxy.demo.options import (
+    KNOWN_POLICIES,
+    POLICIES,
+    DemoOptions,
+    add_daemon_settings_argument,
+)
 from rapproxy.demo.progress import Progress
-from rapproxy.demo.report import FailoverResult, PolicyRun
-from rapproxy.demo.scenario import fail_over, measure
+from rapproxy.demo.report import FailoverResult
+from rapproxy.demo.scenario import fail_over
 from rapproxy.testing.edge.delays import DelayMatrix
 from rapproxy.testing.load import CLOSED_LOOP_NOTE, write_lua
 
@@ -63,106 +70,7 @@ SWEEP_TARGET_P99 = 0.5
 OVERLOAD_TARGET = 1.3  # rap / local-only once node-1 is overloaded
 
 
-@dataclass(frozen=True, slots=True)
-class Point:
-    """One policy at one setting (a delay, or a load level)."""
-
-    setting: float  # one-way delay in ms (sweep) or wrk connections (overload)
-    run: PolicyRun
-    node_cpu: dict[str, float]  # mean fraction of each node's pod CPU capacity during the run
-    round_rates: tuple[float, ...] = ()  # req/s of every round, when the setting ran several
-
-    @property
-    def rate(self) -> float:
-        return self.run.rate
-
-
-# -- the cluster ----------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def cluster(options: DemoOptions, progress: Progress) -> AsyncIterator[DemoCluster]:
-    workdir = Path(tempfile.mkdtemp(prefix="rapproxy-edge-bench-"))
-    demo = DemoCluster(options, workdir)
-    try:
-        async with demo:
-            with progress.step("cluster: namespaces, WAN, API server, rapproxy on every node"):
-                await demo.start_control_plane()
-                await demo.start_daemons()
-                demo.deploy_web()
-                primaries = await demo.wait_web_serving()
-            progress.say(f"  primaries {', '.join(primaries)}")
-            yield demo
-    finally:
-        if demo.leftover_report:
-            progress.say(f"  WARNING: left behind: {demo.leftover_report}")
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-async def measure_with_cpu(
-    demo: DemoCluster, options: DemoOptions, label: str, policy: str, lua: Path
-) -> tuple[PolicyRun, dict[str, float]]:
-    """`measure` one policy while sampling every node's pod CPU figure twice a second."""
-    samples: dict[str, list[float]] = {node: [] for node in NODES}
-
-    async def sample() -> None:
-        await asyncio.sleep(1.0)  # skip wrk's ramp-up
-        while True:
-            for node in NODES:
-                samples[node].append(demo.node_load(node))
-            await asyncio.sleep(0.5)
-
-    sampler = asyncio.ensure_future(sample())
-    try:
-        run = await measure(demo, options, label, policy, lua)
-    finally:
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
-    cpu = {node: round(statistics.fmean(v), 3) if v else 0.0 for node, v in samples.items()}
-    return run, cpu
-
-
-def show(progress: Progress, point: Point) -> None:
-    run = point.run
-    local = "n/a" if run.local_share is None else f"{run.local_share * 100:3.0f} % local"
-    cpu = " ".join(f"{n[-1]}:{v:.2f}" for n, v in point.node_cpu.items())
-    progress.say(
-        f"  {run.policy:<11} {run.rate:7.0f} req/s  p50 {run.p50_ms:6.1f}  p99 {run.p99_ms:6.1f} ms"
-        f"  {run.errors} err  {local}  cpu {cpu}"
-    )
-
-
 # -- experiments ----------------------------------------------------------------------------------
-
-
-async def rounds_of(
-    demo: DemoCluster,
-    options: DemoOptions,
-    *,
-    setting: float,
-    label: str,
-    rounds: int,
-    lua: Path,
-    progress: Progress,
-) -> list[Point]:
-    """Every policy `rounds` times, interleaved and in a rotated order each round (so no policy
-    always runs first, after a quiet pause, or last); per policy the median round by req/s."""
-    policies = list(options.policies)
-    measured: dict[str, list[Point]] = {policy: [] for policy in policies}
-    for index in range(rounds):
-        shift = index % len(policies)
-        for policy in policies[shift:] + policies[:shift]:
-            run, cpu = await measure_with_cpu(demo, options, label, policy, lua)
-            measured[policy].append(Point(setting, run, cpu))
-            show(progress, measured[policy][-1])
-    points = []
-    for policy in policies:
-        runs = sorted(measured[policy], key=lambda p: p.rate)
-        median = runs[(len(runs) - 1) // 2]
-        rates = tuple(round(p.rate, 1) for p in measured[policy]) if rounds > 1 else ()
-        points.append(replace(median, round_rates=rates))
-    return points
 
 
 async def sweep(
@@ -392,34 +300,6 @@ def failover_markdown(
     return "\n".join([*lines, ""])
 
 
-def header(
-    title: str, env: dict[str, Any], options: DemoOptions, load: str | None = None
-) -> list[str]:
-    env = {**env, "load_average_after": " ".join(f"{v:.2f}" for v in os.getloadavg())}
-    load = load or (
-        f"- load: wrk, 1 thread, {options.connections} connections unless the table says, "
-        f"{options.duration:g} s per policy, Connection: close, from node-1's host network to "
-        "ClusterIP 10.96.0.10:80"
-    )
-    return [
-        f"# Edge cluster: {title}",
-        "",
-        f"- command: `{env['command']}` (commit {env['commit']}, started {env['started']})",
-        f"- host: {env['host']}; load average before {env['load_average_before']}, "
-        f"after {env['load_average_after']}",
-        f"- cluster: nodes {', '.join(NODES)}; pods capped at {options.node_cpus:g} CPU per node "
-        f"(cgroup); backend work {options.work_ms:g} ms CPU per request; "
-        "Service web = 3 primaries of BackupPodSet web (1 hot, 1 cold backup)"
-        + (
-            f"; rapproxy --set {' '.join(options.daemon_settings)}"
-            if options.daemon_settings
-            else ""
-        ),
-        load,
-        "",
-    ]
-
-
 def chart(points: Sequence[Point], path: Path, xlabel: str, title: str) -> None:
     import matplotlib
 
@@ -486,17 +366,38 @@ def ints(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=("sweep", "overload", "failover", "all"))
+    parser.add_argument("experiment", choices=("sweep", "overload", "failover", "grid", "all"))
     parser.add_argument("--delays", type=floats, default=[0, 5, 10, 20, 40], help="sweep, ms")
-    parser.add_argument("--levels", type=ints, default=[2, 8, 32], help="overload: connections")
+    parser.add_argument(
+        "--levels", type=ints, default=[2, 8, 32], help="overload and grid: connections"
+    )
+    parser.add_argument(
+        "--scales", type=floats, default=[0.25, 1, 2], help="grid: delay scales of 4/8/3 ms"
+    )
+    parser.add_argument(
+        "--remote-scale",
+        type=float,
+        default=1.0,
+        help="grid: the delay scale that also gets a node-2-overloaded row (-1: none)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="grid: scale 1, connections 2 and 32, healthy and node-1 overloaded, 1 round, 3 s",
+    )
     parser.add_argument("--runs", type=int, default=20, help="failover runs")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="sweep and overload: interleaved rounds, median"
+        "--rounds", type=int, default=None, help="interleaved rounds, median (grid: 3, else 1)"
     )
-    parser.add_argument("--duration", type=float, default=8.0, help="s of load per policy")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="s of load per policy (grid: 5, else 8)"
+    )
     parser.add_argument("--connections", type=int, default=16, help="sweep: wrk connections")
     parser.add_argument(
-        "--policies", default=",".join(POLICIES), help="sweep and overload: comma-separated"
+        "--policies",
+        default=None,
+        help=f"comma-separated (default {','.join(POLICIES)}; grid: all of "
+        f"{','.join(KNOWN_POLICIES)})",
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--label", default="", help="suffix for the result files' names")
@@ -509,21 +410,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = time.strftime("%Y-%m-%dT%H%MZ", time.gmtime())
     args.output.mkdir(parents=True, exist_ok=True)
     progress = Progress()
-    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-    if not policies or any(p not in POLICIES for p in policies):
-        parser.error(f"--policies: choose from {', '.join(POLICIES)}")
+    grid_run = args.experiment == "grid"
+    default_policies = KNOWN_POLICIES if grid_run else POLICIES
+    policies = (
+        tuple(p.strip() for p in args.policies.split(",") if p.strip())
+        if args.policies is not None
+        else default_policies
+    )
+    if not policies or any(p not in KNOWN_POLICIES for p in policies):
+        parser.error(f"--policies: choose from {', '.join(KNOWN_POLICIES)}")
+    if grid_run and "rap" not in policies:
+        parser.error("--policies: the grid compares rap with the others; include rap")
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick or not grid_run else 3)
+    duration = (
+        args.duration
+        if args.duration is not None
+        else ((3.0 if args.quick else 5.0) if grid_run else 8.0)
+    )
     experiments = (
         ("sweep", "overload", "failover") if args.experiment == "all" else (args.experiment,)
     )
     base = DemoOptions(
-        duration=args.duration, policies=policies, daemon_settings=tuple(args.daemon_settings)
+        duration=duration, policies=policies, daemon_settings=tuple(args.daemon_settings)
     )
     for experiment in experiments:
         env = environment(command)
         stem = args.output / "-".join(filter(None, (experiment, stamp, args.label)))
         if experiment == "sweep":
             options = replace(base, connections=args.connections)
-            points = asyncio.run(sweep(options, args.delays, args.rounds, progress))
+            points = asyncio.run(sweep(options, args.delays, rounds, progress))
             text = sweep_markdown(points, env, options)
             chart(
                 points,
@@ -536,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Pods get 0.5 CPU per node and 2 ms of CPU per request: node-1 alone serves at
             # most ~250 req/s, the cluster ~750; delays stay the demo's 10/20/7.5 ms matrix.
             options = replace(base, node_cpus=0.5, work_ms=2.0)
-            points = asyncio.run(overload(options, args.levels, args.rounds, progress))
+            points = asyncio.run(overload(options, args.levels, rounds, progress))
             text = overload_markdown(points, env, options)
             chart(
                 points,
@@ -545,6 +460,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "Concentrated load on node-1 (pods: 0.5 CPU per node, 2 ms CPU per request)",
             )
             raw = [asdict(p) for p in points]
+        elif experiment == "grid":
+            options = base
+            if args.quick:
+                cells = grid_cells([1.0], [2, 32], None)
+            else:
+                remote = args.remote_scale if args.remote_scale >= 0 else None
+                cells = grid_cells(args.scales, args.levels, remote)
+            grid_results = asyncio.run(grid(options, cells, rounds, progress))
+            text = grid_markdown(grid_results, env, options, rounds)
+            heatmap(grid_results, stem.with_suffix(".png"))
+            raw = grid_json(grid_results)
         else:
             options = base
             results = asyncio.run(failovers(options, args.runs, progress))

@@ -1,0 +1,239 @@
+"""Issue 11's grid: is RAP ever worse than the best static policy?
+
+Cells: one-way delay scale (the 4/8/3 ms matrix times 0.25, 1, 2) x wrk connections (2, 8, 32)
+x node-1 healthy / node-1 overloaded, plus node-2 overloaded at scale 1. In each cell every
+policy — `rap`, its utilization variants `rap-aimd` and `rap-switch`, and the static
+`round-robin`, `random`, `least-conn`, `local-only` — runs `rounds` times, interleaved in a
+rotated order, and the median round by req/s counts (run.py's `rounds_of`). One cluster serves
+the whole grid: delays change live on the WAN router, overload is made and removed in place.
+
+"Overloaded" is the demo's: the node's pods capped to 0.25 CPU with a CPU-bound neighbour pod.
+Healthy nodes have 2 CPUs for pods and each request costs 0.5 ms of backend CPU (demo defaults).
+
+Per cell the verdicts of issue 11: rap req/s >= 1.0x the best static policy's and rap p99 <=
+1.1x that policy's p99; with node-1 overloaded rap >= 1.3x local-only; healthy, >= 0.95x.
+
+Usage (root): `.venv/bin/python benchmarks/edge/run.py grid [--quick] [--rounds N] ...`
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from common import Point, cluster, header, rounds_of  # benchmarks/edge/common.py
+
+from rapproxy.demo.options import STATIC_POLICIES, DemoOptions
+from rapproxy.demo.progress import Progress
+from rapproxy.testing.edge.delays import DelayMatrix
+from rapproxy.testing.load import CLOSED_LOOP_NOTE, write_lua
+
+HEALTHY = "healthy"
+STATES = {HEALTHY: None, "node-1 overloaded": "node-1", "node-2 overloaded": "node-2"}
+TARGET_VS_BEST = 1.0
+TARGET_P99 = 1.1
+TARGET_OVERLOADED_VS_LOCAL = 1.3
+TARGET_HEALTHY_VS_LOCAL = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    scale: float
+    connections: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class CellResult:
+    cell: Cell
+    points: tuple[Point, ...]
+
+    def of(self, policy: str) -> Point | None:
+        return next((p for p in self.points if p.run.policy == policy), None)
+
+    def best_static(self) -> Point | None:
+        static = [p for p in self.points if p.run.policy in STATIC_POLICIES]
+        return max(static, key=lambda p: p.rate, default=None)
+
+    def verdicts(self) -> dict[str, Any]:
+        rap, best, local = self.of("rap"), self.best_static(), self.of("local-only")
+        out: dict[str, Any] = {
+            "best_static": None if best is None else best.run.policy,
+            "rap_vs_best": _ratio(rap and rap.rate, best and best.rate),
+            "rap_p99_vs_best": _ratio(rap and rap.run.p99_ms, best and best.run.p99_ms),
+            "rap_vs_local_only": _ratio(rap and rap.rate, local and local.rate),
+        }
+        checks = [
+            out["rap_vs_best"] is not None and out["rap_vs_best"] >= TARGET_VS_BEST,
+            out["rap_p99_vs_best"] is not None and out["rap_p99_vs_best"] <= TARGET_P99,
+        ]
+        vs_local = out["rap_vs_local_only"]
+        if self.cell.state == "node-1 overloaded":
+            checks.append(vs_local is not None and vs_local >= TARGET_OVERLOADED_VS_LOCAL)
+        elif self.cell.state == HEALTHY:
+            checks.append(vs_local is not None and vs_local >= TARGET_HEALTHY_VS_LOCAL)
+        out["met"] = all(checks)
+        return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def grid_cells(
+    scales: Sequence[float], levels: Sequence[int], remote_scale: float | None
+) -> list[Cell]:
+    cells = []
+    for scale in scales:
+        states = [HEALTHY, "node-1 overloaded"]
+        if remote_scale is not None and math.isclose(scale, remote_scale):
+            states.append("node-2 overloaded")
+        cells += [Cell(scale, c, state) for state in states for c in levels]
+    return cells
+
+
+async def grid(
+    options: DemoOptions, cells: Sequence[Cell], rounds: int, progress: Progress
+) -> list[CellResult]:
+    results: list[CellResult] = []
+    async with cluster(options, progress) as demo:
+        lua = write_lua(demo.workdir)
+        edge = demo.require_edge()
+        scale: float | None = None
+        state = HEALTHY
+        for cell in cells:
+            if cell.state != state and STATES[state] is not None:
+                with progress.step(f"relieving {STATES[state]}"):
+                    await demo.relieve_node(STATES[state] or "")
+                state = HEALTHY
+            if cell.scale != scale:
+                scale = cell.scale
+                delays = replace(options, delay_scale=scale).delays_ms()
+                await edge.set_delays(DelayMatrix.symmetric(delays))
+                progress.say(
+                    f"delay scale {scale:g}: one-way "
+                    + ", ".join(f"{a}-{b} {ms:g} ms" for (a, b), ms in delays.items())
+                )
+            if cell.state != state:
+                with progress.step(f"overloading {STATES[cell.state]}"):
+                    await demo.overload_node(STATES[cell.state] or "")
+                state = cell.state
+            label = f"x{cell.scale:g} c{cell.connections} {cell.state}"
+            progress.say(label)
+            points = await rounds_of(
+                demo,
+                replace(options, connections=cell.connections),
+                setting=cell.connections,
+                label=label,
+                rounds=rounds,
+                lua=lua,
+                progress=progress,
+            )
+            result = CellResult(cell, tuple(points))
+            verdict = result.verdicts()
+            progress.say(
+                f"  -> rap {fmt(verdict['rap_vs_best'])} of best static "
+                f"({verdict['best_static']}), p99 {fmt(verdict['rap_p99_vs_best'])}, "
+                f"{fmt(verdict['rap_vs_local_only'])} local-only: "
+                + ("met" if verdict["met"] else "MISSED")
+            )
+            results.append(result)
+        if STATES[state] is not None:
+            await demo.relieve_node(STATES[state] or "")
+    return results
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def grid_markdown(
+    results: Sequence[CellResult], env: dict[str, Any], options: DemoOptions, rounds: int
+) -> str:
+    lines = header("Issue 11's grid: RAP against every static policy", env, options)
+    lines += [
+        f"- {rounds} interleaved round(s) per cell, the median round by req/s per policy; "
+        "best static = the highest req/s among round-robin, random, least-conn, local-only",
+        "- overloaded = the node's pods capped to 0.25 CPU with a CPU-bound neighbour pod "
+        "(the demo's overload)",
+        "",
+        "## Verdicts",
+        "",
+        "| delay scale | connections | state | best static | rap / best req/s | "
+        "rap / best p99 | rap / local-only | verdict |",
+        "|---:|---:|---|---|---:|---:|---:|---|",
+    ]
+    met = 0
+    for result in results:
+        v = result.verdicts()
+        met += bool(v["met"])
+        c = result.cell
+        lines.append(
+            f"| {c.scale:g} | {c.connections} | {c.state} | {v['best_static']} | "
+            f"{fmt(v['rap_vs_best'])} | {fmt(v['rap_p99_vs_best'])} | "
+            f"{fmt(v['rap_vs_local_only'])} | {'met' if v['met'] else 'missed'} |"
+        )
+    lines += ["", f"Cells meeting every target: {met} of {len(results)}.", "", "## Every policy"]
+    lines += [
+        "",
+        "| delay scale | connections | state | policy | req/s | p50 ms | p99 ms | errors | "
+        "kept local | req/s of each round |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for result in results:
+        c = result.cell
+        for p in result.points:
+            r = p.run
+            local = "-" if r.local_share is None else f"{r.local_share * 100:.0f} %"
+            each = " / ".join(f"{v:.0f}" for v in p.round_rates) or f"{p.rate:.0f}"
+            lines.append(
+                f"| {c.scale:g} | {c.connections} | {c.state} | {r.policy} | {r.rate:.0f} | "
+                f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {local} | {each} |"
+            )
+    return "\n".join([*lines, "", f"_{CLOSED_LOOP_NOTE}._", ""])
+
+
+def grid_json(results: Sequence[CellResult]) -> list[dict[str, Any]]:
+    return [
+        {
+            "cell": asdict(r.cell),
+            "verdicts": r.verdicts(),
+            "points": [asdict(p) for p in r.points],
+        }
+        for r in results
+    ]
+
+
+def heatmap(results: Sequence[CellResult], path: Path) -> None:
+    """rap req/s ÷ best static req/s per cell: rows state x connections, columns delay scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted({r.cell.scale for r in results})
+    rows = list(dict.fromkeys((r.cell.state, r.cell.connections) for r in results))
+    values = [[math.nan] * len(scales) for _ in rows]
+    for r in results:
+        ratio = r.verdicts()["rap_vs_best"]
+        if ratio is not None:
+            values[rows.index((r.cell.state, r.cell.connections))][scales.index(r.cell.scale)] = (
+                ratio
+            )
+    figure, ax = plt.subplots(figsize=(2.2 + 1.6 * len(scales), 1.2 + 0.5 * len(rows)))
+    image = ax.imshow(values, cmap="RdYlGn", vmin=0.6, vmax=1.4, aspect="auto")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            if not math.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(scales)), [f"x{s:g}" for s in scales])
+    ax.set_yticks(range(len(rows)), [f"{state}, c{c}" for state, c in rows])
+    ax.set_xlabel("one-way delay scale (4/8/3 ms matrix x)")
+    ax.set_title("rap req/s / best static policy's req/s (>= 1.00: target met)", fontsize=10)
+    figure.colorbar(image, ax=ax, shrink=0.8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

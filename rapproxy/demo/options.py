@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rapproxy demo",
         description=(
             "Build an emulated 3-node edge cluster (namespaces, WAN delays, CPU caps), compare "
-            "RAP with the static policies (round-robin, random, least-conn, local-only), fail a primary over, print and chart "
-            "the results, and remove everything. Needs root."
+            "RAP with the static policies (round-robin, random, least-conn, local-only), fail a "
+            "primary over, print and chart the results, and remove everything. Needs root."
         ),
     )
     parser.add_argument(

@@ -36,7 +36,8 @@ heard of for `PROBE_AFTER` gets one connection, so a local pod that recovered is
 when none of the traffic goes its way.
 
 **Herd-free spill.** The remote endpoint is the cheaper of two drawn at random from the
-endpoints of the `top_k` nodes with the cheapest priors, never the cluster's single best:
+endpoints of the `top_k` nodes whose cheapest endpoint costs least (measured where fresh, else
+the priors; ranked again with each plan), never the cluster's single best:
 costs include this proxy's in-flight count, which rises with every connection it sends, and
 measured service times, which rise within a few responses of a remote starting to queue, so
 proxies acting on the same stale telemetry spread instead of stampeding.
@@ -472,7 +473,7 @@ def _make_plan(
     unknown_rtt = 2.0 * max(known_rtts) if known_rtts else UNKNOWN_RTT
     priors: dict[str | None, _Prior] = {}
     ranked: list[tuple[float, str, str | None]] = []
-    for node in grouped:
+    for node, endpoints in grouped.items():
         if node == local_node:
             priors[node] = _Prior(0.0, "local", 1.0)
             continue
@@ -482,7 +483,17 @@ def _make_plan(
         else:
             prior = _Prior(unknown_rtt, "unknown", 1.0)
         priors[node] = prior
-        ranked.append((2.0 * prior.rtt + baseline * prior.penalty, str(node), node))
+        # A node's rank: its cheapest endpoint with nothing in flight, measured where fresh.
+        cheapest = 2.0 * prior.rtt + baseline * prior.penalty
+        if signals is not None:
+            hold = settings.signal_hold
+            for endpoint in endpoints:
+                record = signals.get((endpoint.ip, endpoint.port))
+                if record is None or not record.curve or now - record.service_at > hold:
+                    continue
+                rtt = record.connect if record.connect_samples else prior.rtt
+                cheapest = min(cheapest, 2.0 * rtt + record.server_time(1))
+        ranked.append((cheapest, str(node), node))
     ranked.sort()
     pool = tuple(endpoint for _, _, node in ranked[: settings.top_k] for endpoint in grouped[node])
     return _Plan(

@@ -351,3 +351,22 @@ def test_within_the_balancer_the_relays_reports_steer_the_policy() -> None:
     state = balancer.describe(NOW)["services"][str(NAME)]["decision"]
     assert state["endpoints"][LOCAL_EP.address]["measured"]["service_samples"] > 0
     assert state["decision"] == "spilling"
+
+
+def test_the_spill_pool_ranks_nodes_by_what_was_measured_of_them() -> None:
+    # With room for one node, the pool takes n2 (farther, but measured fast) over n1 (nearer by
+    # telemetry, measured slow); with nothing measured it would take n1.
+    settings = RapSettings(top_k=1)
+    node = Node(settings)
+    node.telemetry(LOCAL, 0.3).telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
+    node.measure(LOCAL_EP, 0.1 * MS, 4 * MS)
+    node.active[LOCAL_EP] = 50
+    unmeasured = {c.endpoint for c in node.open(ALL, 10)}
+    assert unmeasured == {NEAR}
+    node = Node(settings)
+    node.telemetry(LOCAL, 0.3).telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
+    node.measure(LOCAL_EP, 0.1 * MS, 4 * MS)
+    node.measure(NEAR, 20 * MS, 200 * MS).measure(FAR, 40 * MS, 4 * MS)
+    node.active[LOCAL_EP] = 50
+    measured = {c.endpoint for c in node.open(ALL, 10)}
+    assert measured == {FAR}

@@ -483,16 +483,18 @@ def _make_plan(
         else:
             prior = _Prior(unknown_rtt, "unknown", 1.0)
         priors[node] = prior
-        # A node's rank: its cheapest endpoint with nothing in flight, measured where fresh.
-        cheapest = 2.0 * prior.rtt + baseline * prior.penalty
-        if signals is not None:
-            hold = settings.signal_hold
-            for endpoint in endpoints:
-                record = signals.get((endpoint.ip, endpoint.port))
-                if record is None or not record.curve or now - record.service_at > hold:
-                    continue
-                rtt = record.connect if record.connect_samples else prior.rtt
-                cheapest = min(cheapest, 2.0 * rtt + record.server_time(1))
+        # A node's rank: its cheapest endpoint with nothing in flight, as measured where its
+        # figures are fresh, as assumed where they are not.
+        assumed = 2.0 * prior.rtt + baseline * prior.penalty
+        hold = settings.signal_hold
+        cheapest = math.inf
+        for endpoint in endpoints:
+            record = signals.get((endpoint.ip, endpoint.port)) if signals is not None else None
+            if record is None or not record.curve or now - record.service_at > hold:
+                cheapest = min(cheapest, assumed)
+                continue
+            rtt = record.connect if record.connect_samples else prior.rtt
+            cheapest = min(cheapest, 2.0 * rtt + record.server_time(1))
         ranked.append((cheapest, str(node), node))
     ranked.sort()
     pool = tuple(endpoint for _, _, node in ranked[: settings.top_k] for endpoint in grouped[node])

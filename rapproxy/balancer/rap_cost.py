@@ -46,7 +46,8 @@ proxies acting on the same stale telemetry spread instead of stampeding.
 round-robin, kube-proxy's behaviour, as design §3.4 asks.
 
 Cost: the plan (grouping, priors, the pool) is cached per candidate list and telemetry
-snapshot for at most `PLAN_TTL`; a decision scans the local endpoints and two remote ones.
+snapshot for at most `PLAN_TTL`; a decision prices up to `LOCAL_SCAN` local endpoints (two
+drawn at random where there are more) and two remote ones.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ OVERLOADED_PENALTY = 4.0  # prior service time x this for a node telemetry calls
 PLAN_TTL = 1.0  # s; the plan is rebuilt at least this often (priors follow the measurements)
 RECENT_DECISIONS = 16  # kept for /debug/state
 PROBE_AFTER = 0.5  # s without a local sample before an idle local endpoint is probed
+LOCAL_SCAN = 3  # up to this many local endpoints are all compared; more: power of two choices
 
 _REASON_ONLY_LOCAL = "rap: no remote endpoint"
 _REASON_NO_LOCAL = "rap: no local endpoint"
@@ -113,7 +115,7 @@ class _Plan:
     round_robin: bool
     local: tuple[Endpoint, ...]
     pool: tuple[Endpoint, ...]
-    remote_count: int
+    remote_floor: float  # no remote endpoint in the pool costs less: its two round trips
     priors: dict[str | None, _Prior]
     baseline: float  # prior service time per request (s)
 
@@ -132,6 +134,7 @@ class CostRapPolicy:
         self._view = view
         self.settings = settings or RapSettings()
         self._rng = rng or random.Random()
+        self._hold = self.settings.signal_hold
         self._plan: _Plan | None = None
         self._cursor = 0
         self.spilling = False
@@ -171,6 +174,21 @@ class CostRapPolicy:
                 _REASON_ONLY_LOCAL,
                 costs=(local_cost, math.nan),
             )
+        margin = 1.0 + self.settings.spill_margin
+        # No remote connection can cost less than its two round trips: a local endpoint cheaper
+        # than that needs no remote priced (the common, healthy case).
+        if (
+            not self.spilling
+            and local_endpoint is not None
+            and local_cost <= plan.remote_floor * margin
+        ):
+            return self._record(
+                now,
+                local_endpoint,
+                Placement.LOCAL,
+                _REASON_LOCAL,
+                costs=(local_cost, plan.remote_floor),
+            )
         remote_endpoint, remote_cost = self._draw_remote(plan, signals, active, now)
         if local_endpoint is None:
             return self._record(
@@ -181,7 +199,6 @@ class CostRapPolicy:
                 costs=(math.nan, remote_cost),
             )
 
-        margin = 1.0 + self.settings.spill_margin
         if self.spilling and local_cost > remote_cost * margin and active(local_endpoint) == 0:
             record = signals.get(key_of(local_endpoint)) if signals is not None else None
             if record is None or now - record.service_at > PROBE_AFTER:
@@ -261,13 +278,16 @@ class CostRapPolicy:
         active: Callable[[Endpoint], int],
         now: float,
     ) -> tuple[Endpoint | None, float]:
-        """The local endpoint with the lowest cost; ties go round-robin (the scan rotates)."""
+        """The cheaper local endpoint: all compared when there are up to `LOCAL_SCAN` (ties
+        round-robin, the scan rotates), else the cheaper of two drawn at random."""
         local = plan.local
         count = len(local)
         if count == 0:
             return None, math.inf
         if count == 1:
             return local[0], self._cost(local[0], plan, signals, active, now)
+        if count > LOCAL_SCAN:
+            return self._cheaper_of_two(local, plan, signals, active, now)
         start = self._cursor % count
         best: Endpoint | None = None
         best_cost = math.inf
@@ -279,6 +299,26 @@ class CostRapPolicy:
         self._cursor = start + 1
         return best, best_cost
 
+    def _cheaper_of_two(
+        self,
+        endpoints: Sequence[Endpoint],
+        plan: _Plan,
+        signals: EndpointSignals | None,
+        active: Callable[[Endpoint], int],
+        now: float,
+    ) -> tuple[Endpoint, float]:
+        """Power of two choices, the two sampled without replacement."""
+        random = self._rng.random  # int(random() * n): randrange costs several times more
+        count = len(endpoints)
+        first = int(random() * count)
+        second = int(random() * (count - 1))
+        if second >= first:
+            second += 1
+        a, b = endpoints[first], endpoints[second]
+        cost_a = self._cost(a, plan, signals, active, now)
+        cost_b = self._cost(b, plan, signals, active, now)
+        return (a, cost_a) if cost_a <= cost_b else (b, cost_b)
+
     def _draw_remote(
         self,
         plan: _Plan,
@@ -286,19 +326,10 @@ class CostRapPolicy:
         active: Callable[[Endpoint], int],
         now: float,
     ) -> tuple[Endpoint, float]:
-        """Power of two choices over the pool, sampled without replacement."""
         pool = plan.pool
         if len(pool) == 1:
             return pool[0], self._cost(pool[0], plan, signals, active, now)
-        rng = self._rng
-        first = rng.randrange(len(pool))
-        second = rng.randrange(len(pool) - 1)
-        if second >= first:
-            second += 1
-        a, b = pool[first], pool[second]
-        cost_a = self._cost(a, plan, signals, active, now)
-        cost_b = self._cost(b, plan, signals, active, now)
-        return (a, cost_a) if cost_a <= cost_b else (b, cost_b)
+        return self._cheaper_of_two(pool, plan, signals, active, now)
 
     def _cost(
         self,
@@ -309,18 +340,21 @@ class CostRapPolicy:
         now: float,
     ) -> float:
         """Predicted seconds from dial to first response byte for a new connection."""
+        # On the connection path: the fresh case is inlined, the stale one blends (_blend).
         prior = plan.priors[endpoint.node_name]
         rtt = prior.rtt
         in_flight = active(endpoint) + 1  # with the new connection
         server = plan.baseline * prior.penalty * in_flight
-        record = signals.get((endpoint.ip, endpoint.port)) if signals is not None else None
+        record = signals.records.get((endpoint.ip, endpoint.port)) if signals is not None else None
         if record is not None:
-            hold = self.settings.signal_hold
+            hold = self._hold
             if record.connect_samples:
-                rtt = _blend(record.connect, rtt, now - record.connect_at, hold)
+                age = now - record.connect_at
+                rtt = record.connect if age <= hold else _blend(record.connect, rtt, age, hold)
             if record.curve:
                 measured = record.server_time(in_flight)
-                server = _blend(measured, server, now - record.service_at, hold)
+                age = now - record.service_at
+                server = measured if age <= hold else _blend(measured, server, age, hold)
         return 2.0 * rtt + server
 
     # -- per-snapshot work --------------------------------------------------------------------
@@ -473,6 +507,7 @@ def _make_plan(
     unknown_rtt = 2.0 * max(known_rtts) if known_rtts else UNKNOWN_RTT
     priors: dict[str | None, _Prior] = {}
     ranked: list[tuple[float, str, str | None]] = []
+    floors: dict[str | None, float] = {}  # per node: its endpoints' smallest 2 x round trip
     for node, endpoints in grouped.items():
         if node == local_node:
             priors[node] = _Prior(0.0, "local", 1.0)
@@ -488,13 +523,19 @@ def _make_plan(
         assumed = 2.0 * prior.rtt + baseline * prior.penalty
         hold = settings.signal_hold
         cheapest = math.inf
+        floor = 2.0 * prior.rtt
         for endpoint in endpoints:
             record = signals.get((endpoint.ip, endpoint.port)) if signals is not None else None
+            if record is not None and record.connect_samples:
+                # Whatever its age: a cost blends the measured round trip with the prior, so
+                # the smaller of the two bounds it from below.
+                floor = min(floor, 2.0 * record.connect)
             if record is None or not record.curve or now - record.service_at > hold:
                 cheapest = min(cheapest, assumed)
                 continue
             rtt = record.connect if record.connect_samples else prior.rtt
             cheapest = min(cheapest, 2.0 * rtt + record.server_time(1))
+        floors[node] = floor
         ranked.append((cheapest, str(node), node))
     ranked.sort()
     pool = tuple(endpoint for _, _, node in ranked[: settings.top_k] for endpoint in grouped[node])
@@ -506,7 +547,7 @@ def _make_plan(
         round_robin=round_robin,
         local=local,
         pool=pool,
-        remote_count=len(candidates) - len(local),
+        remote_floor=min((floors[e.node_name] for e in pool), default=math.inf),
         priors=priors,
         baseline=baseline,
     )

@@ -98,13 +98,15 @@ class EndpointSignals:
         self.rise = rise
         self.fall = fall
         self.hold = hold
-        self._records: dict[EndpointKey, EndpointSignal] = {}
+        # Read directly by policies on the connection path (a method call costs more than the
+        # lookup); written only through the methods below.
+        self.records: dict[EndpointKey, EndpointSignal] = {}
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self.records)
 
     def get(self, key: EndpointKey) -> EndpointSignal | None:
-        return self._records.get(key)
+        return self.records.get(key)
 
     def _fold(self, value: float, sample: float, samples: int) -> float:
         if samples == 0:
@@ -113,9 +115,9 @@ class EndpointSignals:
         return value + weight * (sample - value)
 
     def _record(self, key: EndpointKey) -> EndpointSignal:
-        record = self._records.get(key)
+        record = self.records.get(key)
         if record is None:
-            record = self._records[key] = EndpointSignal()
+            record = self.records[key] = EndpointSignal()
         return record
 
     def connected(self, key: EndpointKey, seconds: float, now: float) -> None:
@@ -165,15 +167,15 @@ class EndpointSignals:
 
     def forget(self, keys: Iterable[EndpointKey]) -> None:
         for key in keys:
-            self._records.pop(key, None)
+            self.records.pop(key, None)
 
     def retain(self, keys: Iterable[EndpointKey]) -> None:
         keep = set(keys)
-        for key in [k for k in self._records if k not in keep]:
-            del self._records[key]
+        for key in [k for k in self.records if k not in keep]:
+            del self.records[key]
 
     def describe(self, key: EndpointKey, now: float) -> dict[str, Any] | None:
-        record = self._records.get(key)
+        record = self.records.get(key)
         if record is None:
             return None
         return {

@@ -141,12 +141,13 @@ class RapSettings:
     )
     latency_rise: float = _doc(
         "Policy rap: weight of a measured connect or service time above the running average "
-        "(1: jump to it, as a peak-EWMA does).",
-        default=0.3,
+        "(1: jump to it, as a peak-EWMA does; above latencyFall the average settles above the "
+        "mean). A figure not sampled for a while gives the next sample more weight.",
+        default=0.05,
     )
     latency_fall: float = _doc(
         "Policy rap: weight of a measured connect or service time below the running average.",
-        default=0.15,
+        default=0.05,
     )
     signal_hold: float = _doc(
         "Policy rap: seconds an endpoint's own measurements are trusted as they are; after "

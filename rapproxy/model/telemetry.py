@@ -79,8 +79,8 @@ class RapSettings:
     spill_backoff: float = 0.7
     spill_recovery: float = 0.1
     spill_margin: float = 0.25
-    latency_rise: float = 0.3
-    latency_fall: float = 0.15
+    latency_rise: float = 0.05
+    latency_fall: float = 0.05
     signal_hold: float = 2.0
 
     def __post_init__(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from rapproxy.balancer.balancer import Balancer
@@ -33,14 +35,46 @@ def test_levels_double_in_width() -> None:
     ]
 
 
-def test_averages_rise_faster_than_they_fall() -> None:
+def test_rise_and_fall_weigh_samples_above_and_below_the_average() -> None:
     signals = EndpointSignals(rise=0.5, fall=0.1)
     signals.connected(KEY, 0.010, 0.0)
-    signals.connected(KEY, 0.030, 0.1)  # rise: halfway
+    signals.connected(KEY, 0.030, 0.0)  # above: halfway
     record = signals.get(KEY)
     assert record is not None and record.connect == pytest.approx(0.020)
-    signals.connected(KEY, 0.010, 0.2)  # fall: a tenth of the way
+    signals.connected(KEY, 0.010, 0.0)  # below: a tenth of the way
     assert record.connect == pytest.approx(0.019)
+
+
+def stalled_pod_average(signals: EndpointSignals) -> float:
+    """The level-1 average over the last cycles of a pod stalled by its quota: six responses
+    in 6 ms, then one after a 90 ms stall (mean 18 ms), a millisecond apart."""
+    now = 0.0
+    seen = []
+    for cycle in range(300):
+        for served in (6, 6, 6, 6, 6, 6, 96):
+            now += 0.001
+            signals.responded(KEY, 0.0, served * MS, 1, now)
+            record = signals.get(KEY)
+            assert record is not None
+            if cycle >= 200:
+                seen.append(record.server_time(1))
+    return sum(seen) / len(seen)
+
+
+def test_equal_weights_settle_at_the_mean_where_a_rising_bias_settles_above_it() -> None:
+    assert stalled_pod_average(EndpointSignals()) == pytest.approx(18 * MS, rel=0.05)
+    assert stalled_pod_average(EndpointSignals(rise=0.1, fall=0.05)) > 24 * MS
+
+
+def test_a_figure_not_sampled_for_a_while_mostly_takes_the_next_sample() -> None:
+    signals = EndpointSignals(rise=0.05, fall=0.05, memory=0.5)
+    signals.connected(KEY, 0.040, 0.0)
+    signals.connected(KEY, 0.010, 1.0)  # two time constants later: 86 % of the way
+    record = signals.get(KEY)
+    assert record is not None
+    assert record.connect == pytest.approx(0.040 - 0.030 * (1 - math.exp(-2)))
+    signals.connected(KEY, 0.040, 1.0)  # no time since: the plain weight
+    assert record.connect == pytest.approx(0.040 - 0.030 * (1 - math.exp(-2)) * 0.95 + 0.0)
 
 
 def test_server_time_excludes_the_connections_own_round_trip() -> None:

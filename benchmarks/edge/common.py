@@ -125,7 +125,7 @@ async def rounds_of(
 def header(
     title: str, env: dict[str, Any], options: DemoOptions, load: str | None = None
 ) -> list[str]:
-    env = {**env, "load_average_after": " ".join(f"{v:.2f}" for v in os.getloadavg())}
+    env = {"load_average_after": " ".join(f"{v:.2f}" for v in os.getloadavg()), **env}
     load = load or (
         f"- load: wrk, 1 thread, {options.connections} connections unless the table says, "
         f"{options.duration:g} s per policy, Connection: close, from node-1's host network to "

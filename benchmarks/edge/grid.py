@@ -12,6 +12,9 @@ Healthy nodes have 2 CPUs for pods and each request costs 0.5 ms of backend CPU 
 
 Per cell the verdicts of issue 11: rap req/s >= 1.0x the best static policy's and rap p99 <=
 1.1x that policy's p99; with node-1 overloaded rap >= 1.3x local-only; healthy, >= 0.95x.
+A cell whose only miss is req/s within 2 % of the best static policy is called *level*: where
+rap routes exactly as that policy does (all local on a healthy node) the ratio is the rounds'
+noise, which here is 3-7 % between rounds of one policy.
 
 Usage (root): `.venv/bin/python benchmarks/edge/run.py grid [--quick] [--rounds N] ...`
 """
@@ -28,6 +31,7 @@ from common import Point, cluster, header, rounds_of  # benchmarks/edge/common.p
 
 from rapproxy.demo.options import STATIC_POLICIES, DemoOptions
 from rapproxy.demo.progress import Progress
+from rapproxy.demo.report import PolicyRun
 from rapproxy.testing.edge.delays import DelayMatrix
 from rapproxy.testing.load import CLOSED_LOOP_NOTE, write_lua
 
@@ -37,6 +41,7 @@ TARGET_VS_BEST = 1.0
 TARGET_P99 = 1.1
 TARGET_OVERLOADED_VS_LOCAL = 1.3
 TARGET_HEALTHY_VS_LOCAL = 0.95
+LEVEL_VS_BEST = 0.98  # req/s this close to the best static policy's counts as level
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +71,32 @@ class CellResult:
             "rap_p99_vs_best": _ratio(rap and rap.run.p99_ms, best and best.run.p99_ms),
             "rap_vs_local_only": _ratio(rap and rap.rate, local and local.rate),
         }
-        checks = [
-            out["rap_vs_best"] is not None and out["rap_vs_best"] >= TARGET_VS_BEST,
-            out["rap_p99_vs_best"] is not None and out["rap_p99_vs_best"] <= TARGET_P99,
-        ]
-        vs_local = out["rap_vs_local_only"]
-        if self.cell.state == "node-1 overloaded":
-            checks.append(vs_local is not None and vs_local >= TARGET_OVERLOADED_VS_LOCAL)
-        elif self.cell.state == HEALTHY:
-            checks.append(vs_local is not None and vs_local >= TARGET_HEALTHY_VS_LOCAL)
-        out["met"] = all(checks)
+        vs_best, p99, vs_local = (
+            out["rap_vs_best"],
+            out["rap_p99_vs_best"],
+            out["rap_vs_local_only"],
+        )
+        misses = []
+        if vs_best is None or vs_best < TARGET_VS_BEST:
+            misses.append("req/s")
+        if p99 is None or p99 > TARGET_P99:
+            misses.append("p99")
+        floor = {"node-1 overloaded": TARGET_OVERLOADED_VS_LOCAL, HEALTHY: TARGET_HEALTHY_VS_LOCAL}
+        wanted = floor.get(self.cell.state)
+        if wanted is not None and (vs_local is None or vs_local < wanted):
+            misses.append("vs local-only")
+        out["misses"] = misses
+        out["met"] = not misses
+        out["level"] = misses == ["req/s"] and vs_best is not None and vs_best >= LEVEL_VS_BEST
         return out
+
+    def verdict(self) -> str:
+        v = self.verdicts()
+        if v["met"]:
+            return "met"
+        if v["level"]:
+            return "level"
+        return "missed: " + ", ".join(v["misses"])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -137,8 +157,7 @@ async def grid(
             progress.say(
                 f"  -> rap {fmt(verdict['rap_vs_best'])} of best static "
                 f"({verdict['best_static']}), p99 {fmt(verdict['rap_p99_vs_best'])}, "
-                f"{fmt(verdict['rap_vs_local_only'])} local-only: "
-                + ("met" if verdict["met"] else "MISSED")
+                f"{fmt(verdict['rap_vs_local_only'])} local-only: {result.verdict()}"
             )
             results.append(result)
         if STATES[state] is not None:
@@ -166,17 +185,24 @@ def grid_markdown(
         "rap / best p99 | rap / local-only | verdict |",
         "|---:|---:|---|---|---:|---:|---:|---|",
     ]
-    met = 0
-    for result in results:
+    verdicts = [result.verdict() for result in results]
+    for result, verdict in zip(results, verdicts, strict=True):
         v = result.verdicts()
-        met += bool(v["met"])
         c = result.cell
         lines.append(
             f"| {c.scale:g} | {c.connections} | {c.state} | {v['best_static']} | "
             f"{fmt(v['rap_vs_best'])} | {fmt(v['rap_p99_vs_best'])} | "
-            f"{fmt(v['rap_vs_local_only'])} | {'met' if v['met'] else 'missed'} |"
+            f"{fmt(v['rap_vs_local_only'])} | {verdict} |"
         )
-    lines += ["", f"Cells meeting every target: {met} of {len(results)}.", "", "## Every policy"]
+    met, level = verdicts.count("met"), verdicts.count("level")
+    lines += [
+        "",
+        f"Cells meeting every target: {met} of {len(results)}; level (every target but req/s, "
+        f"that within {(1 - LEVEL_VS_BEST) * 100:.0f} % of the best static policy's): {level}; "
+        f"missed: {len(results) - met - level}.",
+        "",
+        "## Every policy",
+    ]
     lines += [
         "",
         "| delay scale | connections | state | policy | req/s | p50 ms | p99 ms | errors | "
@@ -204,6 +230,25 @@ def grid_json(results: Sequence[CellResult]) -> list[dict[str, Any]]:
             "points": [asdict(p) for p in r.points],
         }
         for r in results
+    ]
+
+
+def grid_from_json(raw: Sequence[dict[str, Any]]) -> list[CellResult]:
+    """The inverse of `grid_json`: results to render again (`run.py grid --render`)."""
+    return [
+        CellResult(
+            Cell(**entry["cell"]),
+            tuple(
+                Point(
+                    setting=point["setting"],
+                    run=PolicyRun(**point["run"]),
+                    node_cpu=point["node_cpu"],
+                    round_rates=tuple(point["round_rates"]),
+                )
+                for point in entry["points"]
+            ),
+        )
+        for entry in raw
     ]
 
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Point, cluster, header, rounds_of  # benchmarks/edge/common.py
-from grid import grid, grid_cells, grid_json, grid_markdown, heatmap
+from grid import grid, grid_cells, grid_from_json, grid_json, grid_markdown, heatmap
 
 from rapproxy.demo.cluster import NODES
 from rapproxy.demo.options import (
@@ -401,8 +401,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--label", default="", help="suffix for the result files' names")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="GRID.json",
+        help="grid: write the .md and .png of a recorded run again from its JSON (no root, no "
+        "load; pass the run's own --duration and --set flags)",
+    )
     add_daemon_settings_argument(parser)
     args = parser.parse_args(argv)
+    if args.render is not None:
+        if args.experiment != "grid":
+            parser.error("--render: only for the grid")
+        return render_grid(args.render, args)
     if os.geteuid() != 0:
         print("benchmarks/edge/run.py: needs root (namespaces, cgroups, iptables)", file=sys.stderr)
         return 1
@@ -477,12 +489,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = failover_markdown(results, env, options)
             failover_chart(results, stem.with_suffix(".png"))
             raw = [asdict(r) for r in results]
+        env["load_average_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
         stem.with_suffix(".md").write_text(text)
         stem.with_suffix(".json").write_text(
             json.dumps({"environment": env, "results": raw}, indent=2, default=str) + "\n"
         )
         print(text)
         print(f"written: {stem}.md, .json, .png")
+    return 0
+
+
+def render_grid(path: Path, args: argparse.Namespace) -> int:
+    """Rewrite a recorded grid's Markdown and heatmap from its JSON (the verdicts as now defined)."""
+    recorded = json.loads(path.read_text())
+    env = recorded["environment"]
+    if "load_average_after" not in env:  # runs before it was recorded: the Markdown has it
+        old = path.with_suffix(".md").read_text() if path.with_suffix(".md").exists() else ""
+        after = old.split(", after ", 1)[1].split("\n", 1)[0] if ", after " in old else "-"
+        env["load_average_after"] = after
+    results = grid_from_json(recorded["results"])
+    rounds = max((len(p.round_rates) for r in results for p in r.points), default=1)
+    options = DemoOptions(
+        duration=args.duration if args.duration is not None else 5.0,
+        daemon_settings=tuple(args.daemon_settings),
+    )
+    path.with_suffix(".md").write_text(grid_markdown(results, env, options, rounds))
+    heatmap(results, path.with_suffix(".png"))
+    print(f"rendered again: {path.with_suffix('.md')}, .png")
     return 0
 
 

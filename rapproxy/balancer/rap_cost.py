@@ -21,7 +21,9 @@ its own falls back to priors: the node's telemetry round trip, and the smallest 
 service time measured among the service's endpoints, per connection in flight (multiplied by
 `OVERLOADED_PENALTY` when telemetry says the node is overloaded). Own figures older than
 `signal_hold` blend into the prior over another `signal_hold`, so an endpoint that was slow is
-tried again once nothing has been heard of it.
+tried again once nothing has been heard of it — unless telemetry still calls its node
+overloaded: then time alone does not forgive a slow figure (in the grid, re-trying a throttled
+remote pod every few seconds brought its 90 ms stalls into the p99 of mostly local traffic).
 
 **Local first, with hysteresis.** The cheapest local endpoint is compared with one remote
 endpoint chosen by power of two choices (below). While the policy is *local*, every connection
@@ -354,7 +356,10 @@ class CostRapPolicy:
             if record.curve:
                 measured = record.server_time(in_flight)
                 age = now - record.service_at
-                server = measured if age <= hold else _blend(measured, server, age, hold)
+                if age <= hold or (prior.penalty > 1.0 and measured > server):
+                    server = measured  # fresh, or slow on a node telemetry still calls overloaded
+                else:
+                    server = _blend(measured, server, age, hold)
         return 2.0 * rtt + server
 
     # -- per-snapshot work --------------------------------------------------------------------
@@ -530,11 +535,14 @@ def _make_plan(
                 # Whatever its age: a cost blends the measured round trip with the prior, so
                 # the smaller of the two bounds it from below.
                 floor = min(floor, 2.0 * record.connect)
-            if record is None or not record.curve or now - record.service_at > hold:
+            if record is None or not record.curve:
                 cheapest = min(cheapest, assumed)
                 continue
             rtt = record.connect if record.connect_samples else prior.rtt
-            cheapest = min(cheapest, 2.0 * rtt + record.server_time(1))
+            measured = 2.0 * rtt + record.server_time(1)
+            if now - record.service_at > hold and not (prior.penalty > 1.0 and measured > assumed):
+                measured = assumed
+            cheapest = min(cheapest, measured)
         floors[node] = floor
         ranked.append((cheapest, str(node), node))
     ranked.sort()

@@ -232,6 +232,28 @@ def test_a_stalled_local_pod_is_tried_again_once_its_figures_go_stale() -> None:
     assert Counter(c.placement for c in choices)[Placement.LOCAL] == 20
 
 
+def test_a_remote_measured_slow_on_an_overloaded_node_is_not_forgiven_by_time_alone() -> None:
+    node = edge()
+    node.active[LOCAL_EP] = 50  # the local pod queues: everything new spills
+    node.measure(NEAR, 20 * MS, 90 * MS)  # n1's pod stalls ...
+    node.measure(FAR, 40 * MS, 4 * MS)
+    later = NOW + 6 * node.settings.signal_hold  # ... and nothing has been heard of it since
+    node.measure(FAR, 40 * MS, 4 * MS, now=later)
+    node.telemetry(LOCAL, 0.3, at=later).telemetry("n2", 0.3, 40 * MS, at=later)
+
+    still_overloaded = node.telemetry("n1", 0.99, 20 * MS, at=later)
+    landed = Counter(c.endpoint for c in still_overloaded.open(ALL, 10, now=later))
+    assert landed[NEAR] == 0, landed
+
+    # The same history with n1's telemetry back to normal: its stale figure slides back to the
+    # prior and n1, the nearer node, is tried again.
+    node.active.clear()
+    node.active[LOCAL_EP] = 50
+    node.telemetry("n1", 0.3, 20 * MS, at=later)
+    landed = Counter(c.endpoint for c in node.open(ALL, 10, now=later))
+    assert landed[NEAR] > 0, landed
+
+
 # -- herding ----------------------------------------------------------------------------------
 
 

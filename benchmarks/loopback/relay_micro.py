@@ -144,7 +144,13 @@ async def serve(listen_port: int, backend_port: int, loop_name: str) -> None:
         ) -> None:
             pass
 
-        def connection_closed(self, service: str, backend: Backend) -> None:
+        def response_started(self, service: str, backend: Backend) -> None:
+            pass
+
+        def request_started(self, service: str, backend: Backend) -> None:
+            pass
+
+        def connection_closed(self, service: str, backend: Backend, awaiting: bool = True) -> None:
             pass
 
     server = TcpRelayServer(

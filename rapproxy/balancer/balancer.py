@@ -100,6 +100,8 @@ class Balancer:
         self._outliers = OutlierDetector(outliers)
         self.signals = signals if signals is not None else EndpointSignals()
         self._active: defaultdict[EndpointKey, int] = defaultdict(int)
+        # Of those, the ones awaiting a response: what queues at the pod (see `first_response`).
+        self._awaiting: defaultdict[EndpointKey, int] = defaultdict(int)
         self.selections: defaultdict[Placement, int] = defaultdict(int)
         # The snapshot the state reflects; None until the first update, or after one failed.
         self.table: ServiceTable | None = None
@@ -240,7 +242,13 @@ class Balancer:
                     return Choice(endpoint, placement, "session affinity (ClientIP)")
 
         context = SelectionContext(
-            name, client_ip, now, self.where, self.active_connections, self.signals
+            name,
+            client_ip,
+            now,
+            self.where,
+            self.active_connections,
+            self.signals,
+            self.requests_in_flight,
         )
         choice = state.policy.choose(candidates, context)
         if choice is None:
@@ -265,8 +273,13 @@ class Balancer:
     def connection_opened(
         self, endpoint: EndpointKey, connect_seconds: float | None = None, now: float = 0.0
     ) -> None:
-        """A dial succeeded (after `connect_seconds`, when the caller measured it)."""
+        """A dial succeeded (after `connect_seconds`, when the caller measured it).
+
+        The connection counts as open, and as a request in flight until it is answered
+        (`first_response`, `response_started`) or closed.
+        """
         self._active[endpoint] += 1
+        self._awaiting[endpoint] += 1
         self._outliers.record_success(endpoint)
         if connect_seconds is not None and endpoint in self._endpoint_refs:
             self.signals.connected(endpoint, connect_seconds, now)
@@ -276,20 +289,35 @@ class Balancer:
     ) -> None:
         """The first byte of a response arrived `response_seconds` after the request left.
 
-        Fed to the endpoint's signals with the in-flight count now (this connection included).
-        An address no service holds any more (removed while the connection was open) is not
-        recorded: nothing would prune it.
+        Fed to the endpoint's signals with the requests in flight now (this one included), and
+        this request is answered. An address no service holds any more (removed while the
+        connection was open) is not recorded: nothing would prune it.
+
+        Why requests in flight and not open connections: with one connection per request, the
+        pod answers, then closes; the client has its response and opens the next connection
+        before the pod's FIN reaches the relay (on a busy machine, often). Counted by open
+        connections the pod looks one deep in queue to that next connection, and a sequential
+        client on an idle pod was priced at twice its service time and spilled.
         """
         if endpoint in self._endpoint_refs:
-            in_flight = self._active.get(endpoint, 0)
+            in_flight = self._awaiting.get(endpoint, 0)
             self.signals.responded(endpoint, connect_seconds, response_seconds, in_flight, now)
+        _decrement(self._awaiting, endpoint)
 
-    def connection_closed(self, endpoint: EndpointKey) -> None:
-        remaining = self._active.get(endpoint, 0) - 1
-        if remaining > 0:
-            self._active[endpoint] = remaining
-        else:
-            self._active.pop(endpoint, None)
+    def response_started(self, endpoint: EndpointKey) -> None:
+        """A response began that is not timed (a later request on the connection, or a server
+        that spoke first): that request is answered."""
+        _decrement(self._awaiting, endpoint)
+
+    def request_started(self, endpoint: EndpointKey) -> None:
+        """An answered connection sent more: a request in flight again (keep-alive)."""
+        self._awaiting[endpoint] += 1
+
+    def connection_closed(self, endpoint: EndpointKey, awaiting: bool = True) -> None:
+        """A connection ended; `awaiting`: its last request was still unanswered."""
+        _decrement(self._active, endpoint)
+        if awaiting:
+            _decrement(self._awaiting, endpoint)
 
     def active_connection_counts(self) -> dict[str, int]:
         """`ip:port` → open connections, as peers read it from the telemetry endpoint."""
@@ -300,6 +328,10 @@ class Balancer:
 
     def active_connections(self, endpoint: Endpoint) -> int:
         return self._active.get(key_of(endpoint), 0)
+
+    def requests_in_flight(self, endpoint: Endpoint) -> int:
+        """Connections to `endpoint` awaiting a response: the queue this proxy adds to."""
+        return self._awaiting.get(key_of(endpoint), 0)
 
     def expire_affinity(self, now: float) -> int:
         return sum(
@@ -322,7 +354,13 @@ class Balancer:
             explain = getattr(state.policy, "explain", None)
             if callable(explain):
                 context = SelectionContext(
-                    name, "", now, self.where, self.active_connections, self.signals
+                    name,
+                    "",
+                    now,
+                    self.where,
+                    self.active_connections,
+                    self.signals,
+                    self.requests_in_flight,
                 )
                 services[str(name)]["decision"] = explain(
                     state.categorized.cluster, now, self.where.node_name, context
@@ -335,5 +373,16 @@ class Balancer:
             "active_connections": {
                 f"{ip}:{port}": n for (ip, port), n in sorted(self._active.items())
             },
+            "requests_in_flight": {
+                f"{ip}:{port}": n for (ip, port), n in sorted(self._awaiting.items())
+            },
             "selections": {p.value: n for p, n in self.selections.items()},
         }
+
+
+def _decrement(counts: defaultdict[EndpointKey, int], endpoint: EndpointKey) -> None:
+    remaining = counts.get(endpoint, 0) - 1
+    if remaining > 0:
+        counts[endpoint] = remaining
+    else:
+        counts.pop(endpoint, None)

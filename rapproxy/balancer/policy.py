@@ -46,6 +46,8 @@ class SelectionContext:
     where: Locality
     active_connections: Callable[[Endpoint], int]
     signals: EndpointSignals | None = None  # what the relay measured per endpoint
+    # Connections awaiting a response, per endpoint (None: count open connections instead).
+    requests_in_flight: Callable[[Endpoint], int] | None = None
 
 
 class Policy(Protocol):

@@ -15,8 +15,9 @@ to its first response byte:
 
 `rtt` is the endpoint's measured connect time (a connection pays one round trip to connect and
 one for the request); `server_time` reads the endpoint's measured latency-against-load curve
-(signals.py) at this proxy's open connections to it plus the new one, an exact and current
-count, so a queue shows in the cost the moment it forms. An endpoint without fresh figures of
+(signals.py) at this proxy's requests in flight to it (connections awaiting a response, not
+merely open: see `Balancer.first_response`) plus the new one, an exact and current count, so a
+queue shows in the cost the moment it forms. An endpoint without fresh figures of
 its own falls back to priors: the node's telemetry round trip, and the smallest unloaded
 service time measured among the service's endpoints, per connection in flight (multiplied by
 `OVERLOADED_PENALTY` when telemetry says the node is overloaded). Own figures older than
@@ -166,7 +167,7 @@ class CostRapPolicy:
             )
 
         signals = context.signals
-        active = context.active_connections
+        active = context.requests_in_flight or context.active_connections
         local_endpoint, local_cost = self._cheapest_local(plan, signals, active, now)
         if not plan.pool:
             return self._record(
@@ -399,7 +400,9 @@ class CostRapPolicy:
         node = local_node if local_node is not None else view.local_node
         signals = context.signals if context is not None else None
         active: Callable[[Endpoint], int] = (
-            context.active_connections if context is not None else (lambda _e: 0)
+            (context.requests_in_flight or context.active_connections)
+            if context is not None
+            else (lambda _e: 0)
         )
         plan = _make_plan(candidates, view, node, now, self.settings, signals=signals)
         local_peer = view.nodes.get(node)

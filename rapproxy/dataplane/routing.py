@@ -54,7 +54,9 @@ class BackendSelector(Protocol):
     ) -> None:
         """A relay to `backend` is established (active-connection accounting).
 
-        `connect_seconds`: how long the dial took (TCP; None where nothing was dialled).
+        It counts as open, and as a request in flight until answered (`first_response`,
+        `response_started`) or closed. `connect_seconds`: how long the dial took (TCP; None
+        where nothing was dialled).
         """
         ...
 
@@ -62,9 +64,22 @@ class BackendSelector(Protocol):
         self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
     ) -> None:
         """The first byte from `backend` came `response_seconds` after the request's first byte
-        went to it (TCP, once per connection): the balancer's latency signal."""
+        went to it (TCP, once per connection): the balancer's latency signal. The connection's
+        request is answered."""
         ...
 
-    def connection_closed(self, service: str, backend: Backend) -> None:
-        """A relay previously reported by `connection_opened` has ended."""
+    def response_started(self, service: str, backend: Backend) -> None:
+        """A response began that is not timed (TCP: a later request on the connection, or a
+        server that spoke first): the connection's request is answered."""
+        ...
+
+    def request_started(self, service: str, backend: Backend) -> None:
+        """An answered TCP connection sent more (keep-alive's next request): in flight again."""
+        ...
+
+    def connection_closed(self, service: str, backend: Backend, awaiting: bool = True) -> None:
+        """A relay previously reported by `connection_opened` has ended.
+
+        `awaiting`: its last request was still unanswered (always so for UDP flows).
+        """
         ...

@@ -326,6 +326,8 @@ class _ClientSide(_Side):
                 if self.first_send:
                     self.first_send = False
                     self.relay.request_sent()
+                if not self.relay.awaiting:
+                    self.relay.request_again()
             elif self.peer is None:
                 # Still dialling: hold this one chunk and read no more until connected.
                 self.pending.append(data)
@@ -359,9 +361,10 @@ class _UpstreamSide(_Side):
                 sink.write(data)
                 self.touched = True
                 self.counters.bytes_to_clients += len(data)
-                if self.timing:
+                relay = self.relay
+                if relay.awaiting:
+                    relay.answered(self.timing)
                     self.timing = False
-                    self.relay.response_started()
                 if self.peeks_left and len(data) < _PEEK_BELOW:
                     self.peeks_left -= 1
                     if self.only_fin_left():
@@ -402,6 +405,7 @@ class _TcpRelay:
     """The state of one client connection and its (eventual) upstream."""
 
     __slots__ = (
+        "awaiting",
         "backend",
         "client",
         "client_ip",
@@ -434,6 +438,7 @@ class _TcpRelay:
         self.dial_timed_out = False  # the dial watchdog cancelled the task for its deadline
         self.dialing = False
         self.opened = False  # counted by the selector: connection_opened, no closed yet
+        self.awaiting = False  # opened, and its latest request not yet answered
         self.registered = False  # counted as active and held in server.relays
         self.finished = False
         self.idle_ticks = 0
@@ -576,6 +581,7 @@ class _TcpRelay:
             return
         self.server.selector.connection_opened(cast(str, self.service), backend, connect_seconds)
         self.opened = True
+        self.awaiting = True
         self.connect_seconds = connect_seconds
         # Time to the first response byte, from the request's first byte: sent right below when
         # it arrived during the dial, else when the client sends it (a server that speaks
@@ -592,6 +598,8 @@ class _TcpRelay:
         client.peer = upstream
         upstream.peer = client
         # Deliver what arrived on either side before the two were wired together.
+        if upstream.pending:
+            self.answered(timed=False)  # a server that spoke first
         for data in upstream.pending:
             client_transport.write(data)
             counters.bytes_to_clients += len(data)
@@ -636,9 +644,10 @@ class _TcpRelay:
         if not self.opened:
             return
         self.opened = False
+        awaiting, self.awaiting = self.awaiting, False
         try:
             self.server.selector.connection_closed(
-                cast(str, self.service), cast(Backend, self.backend)
+                cast(str, self.service), cast(Backend, self.backend), awaiting
             )
         except Exception:
             log.exception("selector.connection_closed failed for service %s", self.service)
@@ -646,17 +655,34 @@ class _TcpRelay:
     def request_sent(self) -> None:
         self.request_at = self.server.loop.time()
 
-    def response_started(self) -> None:
+    def answered(self, timed: bool) -> None:
+        """The upstream began to answer: the first response is timed (`timed`), every one ends
+        a request in flight (so the balancer counts queues, not open connections)."""
+        self.awaiting = False
         server = self.server
+        service = cast(str, self.service)
+        backend = cast(Backend, self.backend)
         try:
-            server.selector.first_response(
-                cast(str, self.service),
-                cast(Backend, self.backend),
-                self.connect_seconds,
-                server.loop.time() - self.request_at,
+            if timed:
+                server.selector.first_response(
+                    service, backend, self.connect_seconds, server.loop.time() - self.request_at
+                )
+            else:
+                server.selector.response_started(service, backend)
+        except Exception:
+            log.exception("reporting a response failed for service %s", self.service)
+
+    def request_again(self) -> None:
+        """An answered connection sent more: its next request (keep-alive) is in flight."""
+        if not self.opened:
+            return  # the backend has closed: nothing more will be answered
+        self.awaiting = True
+        try:
+            self.server.selector.request_started(
+                cast(str, self.service), cast(Backend, self.backend)
             )
         except Exception:
-            log.exception("selector.first_response failed for service %s", self.service)
+            log.exception("selector.request_started failed for service %s", self.service)
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if side is self.client and self.dial_task is not None:
@@ -678,9 +704,11 @@ class _TcpRelay:
         if self.counters is not None:
             self.counters.tcp_active -= 1
         if self.opened:
+            self.opened = False
+            awaiting, self.awaiting = self.awaiting, False
             try:
                 server.selector.connection_closed(
-                    cast(str, self.service), cast(Backend, self.backend)
+                    cast(str, self.service), cast(Backend, self.backend), awaiting
                 )
             except Exception:
                 log.exception("selector.connection_closed failed for service %s", self.service)

@@ -480,8 +480,14 @@ class Proxier:
             (backend.ip, backend.port), connect_seconds, response_seconds, self._clock()
         )
 
-    def connection_closed(self, service: str, backend: Backend) -> None:
-        self.balancer.connection_closed((backend.ip, backend.port))
+    def response_started(self, service: str, backend: Backend) -> None:
+        self.balancer.response_started((backend.ip, backend.port))
+
+    def request_started(self, service: str, backend: Backend) -> None:
+        self.balancer.request_started((backend.ip, backend.port))
+
+    def connection_closed(self, service: str, backend: Backend, awaiting: bool = True) -> None:
+        self.balancer.connection_closed((backend.ip, backend.port), awaiting)
 
     # -- explainability -----------------------------------------------------------------------
 

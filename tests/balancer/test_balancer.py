@@ -333,6 +333,29 @@ def test_active_connections_are_counted_per_endpoint() -> None:
     assert b.describe(0.0)["active_connections"] == {}
 
 
+def test_requests_in_flight_count_connections_awaiting_an_answer_not_open_ones() -> None:
+    b = balancer((port(), (ep(1), ep(2))))
+    one = key_of(ep(1))
+    b.connection_opened(one, 0.001, 1.0)
+    b.connection_opened(one, 0.001, 1.0)
+    assert b.requests_in_flight(ep(1)) == 2 and b.active_connections(ep(1)) == 2
+    # Answered but not yet closed (the pod's FIN still on its way): open, not queued.
+    b.first_response(one, 0.001, 0.02, 1.0)
+    assert b.requests_in_flight(ep(1)) == 1 and b.active_connections(ep(1)) == 2
+    # The latency sample is filed at the requests in flight when it came, itself included.
+    assert b.signals.records[one].curve[0][0] == 2.0
+    # Keep-alive: the answered connection's next request, and its (untimed) answer.
+    b.request_started(one)
+    assert b.requests_in_flight(ep(1)) == 2
+    b.response_started(one)
+    b.connection_closed(one, awaiting=False)
+    assert b.requests_in_flight(ep(1)) == 1 and b.active_connections(ep(1)) == 1
+    b.connection_closed(one)  # closed unanswered: its request ends with it
+    b.connection_closed(one)  # an extra close never goes negative
+    assert b.requests_in_flight(ep(1)) == 0 and b.active_connections(ep(1)) == 0
+    assert b.describe(0.0)["requests_in_flight"] == {}
+
+
 def test_least_connections_uses_the_balancers_active_counts() -> None:
     b = balancer((port(lb_policy=LbPolicy.LEAST_CONN), (ep(1), ep(2))))
     for _ in range(3):

@@ -359,20 +359,62 @@ def test_within_the_balancer_the_relays_reports_steer_the_policy() -> None:
     port = ServicePort(NAME, 80, 8080, cluster_ips=("10.96.0.10",), lb_policy=LbPolicy.RAP)
     balancer.update(ServiceTable({NAME: ServiceEntry(port, (LOCAL_EP, NEAR))}))
     placements_seen = []
-    for _ in range(40):  # connections that stay open; the local pod answers 4 ms per one queued
+    unanswered: dict[Endpoint, list[float]] = {LOCAL_EP: [], NEAR: []}  # connect time of each
+    for n in range(40):
+        # Requests arrive twice as fast as the pods answer them: a queue builds wherever they
+        # go, and each answer takes 4 ms per request queued.
         choice = balancer.choose(NAME, "192.0.2.1", NOW)
         assert choice is not None
-        key = key_of(choice.endpoint)
-        local = choice.endpoint == LOCAL_EP
-        connect = 0.0001 if local else 0.02
-        balancer.connection_opened(key, connect, NOW)
-        queued = balancer.active_connections(choice.endpoint)
-        balancer.first_response(key, connect, connect + 0.004 * queued, NOW)
+        connect = 0.0001 if choice.endpoint == LOCAL_EP else 0.02
+        balancer.connection_opened(key_of(choice.endpoint), connect, NOW)
+        unanswered[choice.endpoint].append(connect)
         placements_seen.append(choice.placement)
+        if n % 2:
+            for endpoint, waiting in unanswered.items():
+                if waiting:
+                    queued = balancer.requests_in_flight(endpoint)
+                    oldest = waiting.pop(0)
+                    balancer.first_response(key_of(endpoint), oldest, oldest + 0.004 * queued, NOW)
     assert Placement.LOCAL in placements_seen and Placement.REMOTE in placements_seen
     state = balancer.describe(NOW)["services"][str(NAME)]["decision"]
     assert state["endpoints"][LOCAL_EP.address]["measured"]["service_samples"] > 0
     assert state["decision"] == "spilling"
+
+
+def test_a_sequential_client_stays_local_while_its_answered_connections_close() -> None:
+    # One request at a time on a pod that takes 20 ms, a peer 1 ms away. Each connection is
+    # answered, and the client's next one arrives before the pod's FIN has closed the last:
+    # priced by open connections, the local pod would look one deep in queue (40 ms against
+    # 22 ms) and the client would spill to the peer.
+    settings = RapSettings()
+    tracker = TelemetryTracker(LOCAL, settings)
+    tracker.record_local(NodeStats(LOCAL, 0.3, 0.1, NOW))
+    tracker.record_peer("n1", NodeStats("n1", 0.3, 0.1, NOW), 1 * MS)
+    balancer = Balancer(
+        Locality(LOCAL), policy_factory=rap_policy_factory(tracker.snapshot, settings)
+    )
+    port = ServicePort(NAME, 80, 8080, cluster_ips=("10.96.0.10",), lb_policy=LbPolicy.RAP)
+    balancer.update(ServiceTable({NAME: ServiceEntry(port, (LOCAL_EP, NEAR))}))
+    # The pod's unloaded time is known before the client starts (the plan prices the unmeasured
+    # peer from it): one earlier connection, answered and closed.
+    warm_up = key_of(LOCAL_EP)
+    balancer.connection_opened(warm_up, 0.0001, NOW)
+    balancer.first_response(warm_up, 0.0001, 0.0201, NOW)
+    balancer.connection_closed(warm_up, awaiting=False)
+    closing: tuple[int, int] | None = None
+    placements = []
+    for _ in range(40):
+        choice = balancer.choose(NAME, "192.0.2.1", NOW)
+        assert choice is not None
+        placements.append(choice.placement)
+        if closing is not None:
+            balancer.connection_closed(closing, awaiting=False)  # the last one's FIN, late
+        key = key_of(choice.endpoint)
+        connect = 0.0001 if choice.endpoint == LOCAL_EP else 0.001
+        balancer.connection_opened(key, connect, NOW)
+        balancer.first_response(key, connect, connect + 0.02, NOW)
+        closing = key
+    assert placements == [Placement.LOCAL] * 40
 
 
 def test_the_spill_pool_ranks_nodes_by_what_was_measured_of_them() -> None:

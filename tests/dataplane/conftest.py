@@ -12,6 +12,7 @@ import asyncio
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -56,6 +57,9 @@ class ListSelector:
         self.closed: list[Backend] = []
         self.connect_times: list[float | None] = []
         self.responses: list[tuple[Backend, float, float]] = []
+        # Requests awaiting a response, as the relay reported them (opened: one each).
+        self.awaiting: Counter[Backend] = Counter()
+        self.closed_awaiting: list[bool] = []
 
     def service_for(self, protocol: L4Protocol, dst_ip: str, dst_port: int) -> str | None:
         return self.service
@@ -77,14 +81,25 @@ class ListSelector:
     ) -> None:
         self.opened.append(backend)
         self.connect_times.append(connect_seconds)
+        self.awaiting[backend] += 1
 
     def first_response(
         self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
     ) -> None:
         self.responses.append((backend, connect_seconds, response_seconds))
+        self.awaiting[backend] -= 1
 
-    def connection_closed(self, service: str, backend: Backend) -> None:
+    def response_started(self, service: str, backend: Backend) -> None:
+        self.awaiting[backend] -= 1
+
+    def request_started(self, service: str, backend: Backend) -> None:
+        self.awaiting[backend] += 1
+
+    def connection_closed(self, service: str, backend: Backend, awaiting: bool = True) -> None:
         self.closed.append(backend)
+        self.closed_awaiting.append(awaiting)
+        if awaiting:
+            self.awaiting[backend] -= 1
 
 
 async def _eventually(

@@ -607,3 +607,52 @@ async def test_relay_reports_connect_time_and_time_to_the_first_response_byte(
         # Timed from the request, not from the connection: the 50 ms wait is not counted.
         assert 0.075 <= response_seconds < 0.125
     assert all(t is not None and 0 <= t < 0.05 for t in selector.connect_times)
+
+
+async def test_relay_reports_requests_in_flight_not_merely_open_connections(
+    make_selector, backends, eventually, relay
+) -> None:
+    # RAP prices a pod's queue by the requests awaiting an answer. A keep-alive connection
+    # between requests, or one whose answer came and whose close is still on its way, is open
+    # but queues nothing.
+    answer = asyncio.Event()
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(100):
+            await answer.wait()
+            answer.clear()
+            writer.write(b"answer")
+            await writer.drain()
+        writer.close()
+
+    backend = await backends(keep_alive)
+    selector = make_selector([backend])
+    _, address = await relay(selector)
+    reader, writer = await connect(address)
+    for _request in range(2):
+        writer.write(b"request")
+        await eventually(lambda: selector.awaiting[backend] == 1, what="a request in flight")
+        answer.set()
+        async with asyncio.timeout(5):
+            assert await reader.read(100) == b"answer"
+        await eventually(lambda: selector.awaiting[backend] == 0, what="the request answered")
+        assert selector.opened == [backend] and not selector.closed, "still one open connection"
+    assert len(selector.responses) == 1, "only the connection's first response is timed"
+    writer.close()
+    await eventually(lambda: selector.closed == [backend], what="the relay to close")
+    assert selector.closed_awaiting == [False] and selector.awaiting[backend] == 0
+
+    # A pod that closes without answering: its close ends the request in flight too.
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.close()
+
+    selector.backends = [await backends(hang_up)]
+    reader, writer = await connect(address)
+    writer.write(b"request")
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+    await eventually(lambda: len(selector.closed) == 2, what="the relay to close")
+    assert selector.closed_awaiting == [False, True]
+    assert all(n == 0 for n in selector.awaiting.values()), selector.awaiting

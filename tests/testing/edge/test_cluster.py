@@ -40,8 +40,10 @@ async def test_three_nodes_come_up_with_the_asked_delays_and_leave_nothing() -> 
         assert cluster.delays.delay_ms("node-2", "node-3") == 3.0
         rtts = await node_1.call(icmp_rtts, cluster.node("node-3").ip, 9, 0.005)
         assert statistics.median(rtts) * 1000 == pytest.approx(12.0, rel=0.15)
-        client_rtts = await cluster.clients[0].call(icmp_rtts, node_1.ip, 5, 0.005)
-        assert statistics.median(client_rtts) * 1000 < 1.0
+        # The client's link carries no emulated delay. Any delay would set a floor under every
+        # sample; a busy 2-core machine only adds noise on top, so the fastest sample is the test.
+        client_rtts = await cluster.clients[0].call(icmp_rtts, node_1.ip, 9, 0.005)
+        assert min(client_rtts) * 1000 < 1.0
         assert (await cluster.wan_stats())["dropped"] == 0
     assert cluster.leftovers() == []
     assert set(live_namespaces()) == before

@@ -165,26 +165,151 @@ def pod_role(pod: Obj) -> str:
     return str((_meta(pod).get("labels") or {}).get(LABEL_ROLE, "?"))
 
 
+def _list(obj: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    return [v for v in obj.get(key) or [] if isinstance(v, Mapping)]
+
+
+def _condition_true(pod: Obj, kind: str) -> bool:
+    return any(
+        c.get("type") == kind and c.get("status") == "True"
+        for c in _list(_section(pod, "status"), "conditions")
+    )
+
+
 def pod_ready(pod: Obj) -> bool:
-    for c in (pod.get("status") or {}).get("conditions") or []:
-        if isinstance(c, Mapping) and c.get("type") == "Ready":
-            return c.get("status") == "True"
-    return False
+    """The pod's Ready condition (what Services and the BPS controller go by)."""
+    return _condition_true(pod, "Ready")
 
 
-def pod_phase(pod: Obj) -> str:
-    """kubectl's STATUS column, reduced: Terminating, Waiting (a cold backup), or the phase."""
+def _exit_text(terminated: Mapping[str, Any]) -> str:
+    signal = _int(terminated.get("signal"))
+    return f"Signal:{signal}" if signal else f"ExitCode:{_int(terminated.get('exitCode'))}"
+
+
+def _init_status(pod: Obj) -> str | None:
+    """`Init:...` while an init container has not completed, else None.
+
+    The first init container that has not exited 0 decides: a failure shows its reason
+    (`Init:Error`, or `Init:ExitCode:N` without one), a waiting one with a reason of its own shows
+    it (`Init:CrashLoopBackOff`), anything else — running, or waiting for an earlier one — shows
+    progress as `Init:<completed>/<declared>`. A sidecar (an init container with
+    `restartPolicy: Always`) counts as done once started.
+    """
+    declared = _list(_section(pod, "spec"), "initContainers")
+    sidecars = {str(c.get("name")) for c in declared if c.get("restartPolicy") == "Always"}
+    for index, container in enumerate(_list(_section(pod, "status"), "initContainerStatuses")):
+        state = _section(container, "state")
+        terminated = _section(state, "terminated")
+        if "terminated" in state and _int(terminated.get("exitCode"), -1) == 0:
+            continue
+        if container.get("name") in sidecars and container.get("started") is True:
+            continue
+        if "terminated" in state:
+            reason = terminated.get("reason")
+            return f"Init:{reason}" if reason else f"Init:{_exit_text(terminated)}"
+        reason = _section(state, "waiting").get("reason")
+        if reason and reason != "PodInitializing":
+            return f"Init:{reason}"
+        return f"Init:{index}/{len(declared)}"
+    return None
+
+
+def pod_status(pod: Obj) -> str:
+    """kubectl's STATUS column for a pod (what `kubectl get pods` prints, not just the phase).
+
+    Start from `status.reason` or the phase; while init containers run, the `Init:` form; once
+    initialized, the reason of a main container (the first in spec order, as kubectl, which
+    walks them from the last) that is waiting (`PodInitializing`, `CrashLoopBackOff`, ...) or
+    terminated (`Completed`, `Error`, or `ExitCode:N` / `Signal:N`); `Completed` with a
+    container still running reads `Running` or `NotReady` by the Ready condition; a deletion
+    timestamp wins as `Terminating` (`Unknown` when the node was lost).
+    """
+    status = _section(pod, "status")
+    reason = str(status.get("reason") or status.get("phase") or "Pending")
+    for condition in _list(status, "conditions"):
+        if condition.get("type") == "PodScheduled" and condition.get("reason") == "SchedulingGated":
+            reason = "SchedulingGated"
+    init = _init_status(pod)
+    if init is not None:
+        reason = init
+    if init is None or _condition_true(pod, "Initialized"):
+        running = False
+        for container in reversed(_list(status, "containerStatuses")):
+            state = _section(container, "state")
+            waiting = _section(state, "waiting")
+            terminated = _section(state, "terminated")
+            if waiting.get("reason"):
+                reason = str(waiting["reason"])
+            elif terminated.get("reason"):
+                reason = str(terminated["reason"])
+            elif "terminated" in state:
+                reason = _exit_text(terminated)
+            elif container.get("ready") is True and "running" in state:
+                running = True
+        if reason == "Completed" and running:
+            reason = "Running" if pod_ready(pod) else "NotReady"
     if _meta(pod).get("deletionTimestamp"):
-        return "Terminating"
-    status = pod.get("status") or {}
-    for c in status.get("initContainerStatuses") or []:
-        if (
-            isinstance(c, Mapping)
-            and c.get("name") == WAITER
-            and "running" in (c.get("state") or {})
-        ):
-            return "Waiting"
-    return str(status.get("phase", "Pending"))
+        reason = "Unknown" if status.get("reason") == "NodeLost" else "Terminating"
+    return reason
+
+
+def pod_ready_count(pod: Obj) -> str:
+    """kubectl's READY column: ready main containers / declared main containers."""
+    declared = len(_list(_section(pod, "spec"), "containers"))
+    ready = sum(
+        1
+        for c in _list(_section(pod, "status"), "containerStatuses")
+        if c.get("ready") is True and "running" in _section(c, "state")
+    )
+    return f"{ready}/{declared}"
+
+
+def pod_restarts(pod: Obj) -> int:
+    """kubectl's RESTARTS: the init containers' while initializing, then the main ones'."""
+    status = _section(pod, "status")
+    initializing = _init_status(pod) is not None and not _condition_true(pod, "Initialized")
+    key = "initContainerStatuses" if initializing else "containerStatuses"
+    return sum(_int(c.get("restartCount")) for c in _list(status, key))
+
+
+def cold_backup_problems(pods: Sequence[Obj]) -> list[str]:
+    """Cold backups that are not cold: Ready, or past their waiter, before any activation.
+
+    A cold backup's `bps-wait` init container holds it Pending (`Init:0/1`, Ready=False) until
+    the controller activates it, and the controller relabels a pod before it activates it. So a
+    pod still labelled cold-backup that is Ready, or whose waiter exited 0, ran its main
+    containers without an activation: whatever runs it does not run init containers as a
+    kubelet does, and a failover would count on a backup that is not what it claims to be.
+    """
+    problems = []
+    for pod in sorted(pods, key=lambda p: str(_meta(p).get("name", ""))):
+        if pod_role(pod) != "cold-backup" or _meta(pod).get("deletionTimestamp"):
+            continue
+        name = str(_meta(pod).get("name", "?"))
+        declared = any(
+            c.get("name") == WAITER for c in _list(_section(pod, "spec"), "initContainers")
+        )
+        waiter = next(
+            (
+                c
+                for c in _list(_section(pod, "status"), "initContainerStatuses")
+                if c.get("name") == WAITER
+            ),
+            {},
+        )
+        exited = _section(_section(waiter, "state"), "terminated").get("exitCode")
+        if not declared:
+            problems.append(f"cold backup {name} has no {WAITER} init container: it runs hot")
+        elif pod_ready(pod):
+            problems.append(
+                f"cold backup {name} is Ready before activation ({pod_status(pod)}): "
+                f"its {WAITER} init container did not hold it"
+            )
+        elif exited == 0:
+            problems.append(
+                f"cold backup {name}: {WAITER} exited 0 but the pod is still labelled cold-backup"
+            )
+    return problems
 
 
 def _role_rank(pod: Obj) -> tuple[int, str]:
@@ -196,9 +321,9 @@ def _role_rank(pod: Obj) -> tuple[int, str]:
 def pods_table(pods: Sequence[Obj], now: float, *, wide: bool) -> str:
     if not pods:
         return "No pods.\n"
-    headers = ["ROLE", "POD", "READY", "PHASE", "NODE", "IP", "AGE"]
+    headers = ["ROLE", "POD", "READY", "STATUS", "RESTARTS", "NODE", "IP", "AGE"]
     if wide:
-        headers += ["RESTARTS", "UID"]
+        headers += ["UID"]
     rows = []
     for pod in sorted(pods, key=_role_rank):
         meta = _meta(pod)
@@ -206,19 +331,15 @@ def pods_table(pods: Sequence[Obj], now: float, *, wide: bool) -> str:
         row = [
             pod_role(pod),
             str(meta.get("name", "?")),
-            "yes" if pod_ready(pod) else "no",
-            pod_phase(pod),
+            pod_ready_count(pod),
+            pod_status(pod),
+            str(pod_restarts(pod)),
             str((pod.get("spec") or {}).get("nodeName") or "-"),
             str(status.get("podIP") or "-"),
             age(parse_time(meta.get("creationTimestamp")), now),
         ]
         if wide:
-            restarts = sum(
-                _int(c.get("restartCount"))
-                for c in status.get("containerStatuses") or []
-                if isinstance(c, Mapping)
-            )
-            row += [str(restarts), str(meta.get("uid", "-"))]
+            row += [str(meta.get("uid", "-"))]
         rows.append(row)
     return table(headers, rows)
 
@@ -333,6 +454,10 @@ def describe(bps: Obj, pods: Sequence[Obj], events: Sequence[Obj], now: float) -
         out.append("  <none> (the controller has not reported yet)")
     out.append("Pods:")
     out.append(_indent(pods_table(pods, now, wide=False)))
+    problems = cold_backup_problems(pods)
+    if problems:
+        out.append("Problems:")
+        out.extend(f"  {problem}" for problem in problems)
     out.append("Last failover:")
     failover = status.get("lastFailover")
     out.append(

@@ -23,6 +23,7 @@ What a real kubelet reports, and this reproduces:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,17 @@ def _base(container: Mapping[str, Any]) -> JsonObject:
     return {"name": container.get("name", ""), "image": container.get("image", ""), "imageID": ""}
 
 
+def container_id(pod: Mapping[str, Any], name: str, restarts: int) -> str:
+    """A stable ID per container instance, as a runtime gives one to each (re)start."""
+    uid = (pod.get("metadata") or {}).get("uid", "")
+    digest = hashlib.sha256(f"{uid}/{name}/{restarts}".encode()).hexdigest()
+    return f"emulated://{digest}"
+
+
+def _started_instance(state: Mapping[str, Any]) -> bool:
+    return "running" in state or "terminated" in state
+
+
 def _kept(state: JsonObject, previous: Mapping[str, Any] | None, restarts: int) -> JsonObject:
     """The previous state when it is the same one (running stays running): stable timestamps."""
     if previous is None or previous.get("restartCount") != restarts:
@@ -117,6 +129,10 @@ def _init_statuses(
             state = {"waiting": {"reason": "PodInitializing"}}
         state = _kept(state, old, restarts)
         status = _base(container)
+        if _started_instance(state):
+            status["containerID"] = container_id(pod, name, restarts)
+            if "terminated" in state:
+                state["terminated"]["containerID"] = status["containerID"]
         status.update(
             state=state,
             lastState=last,
@@ -159,6 +175,12 @@ def _main_statuses(
         else:
             state = {"waiting": {"reason": "ContainerCreating"}}
         state = _kept(state, old, report.restart_count)
+        if _started_instance(state):
+            status["containerID"] = container_id(
+                pod, str(container.get("name", "")), report.restart_count
+            )
+            if "terminated" in state:
+                state["terminated"]["containerID"] = status["containerID"]
         status.update(
             state=state,
             lastState=dict((old or {}).get("lastState") or {}) if report.restart_count else {},
@@ -170,8 +192,9 @@ def _main_statuses(
     return out
 
 
-def _names(statuses: Sequence[Mapping[str, Any]], done: bool) -> str:
-    return "[" + " ".join(str(s["name"]) for s in statuses if bool(s["ready"]) is not done) + "]"
+def _unready(statuses: Sequence[Mapping[str, Any]]) -> str:
+    """The kubelet's list form in condition messages: `[a b]`."""
+    return "[" + " ".join(str(s["name"]) for s in statuses if not s["ready"]) + "]"
 
 
 def _conditions(
@@ -189,12 +212,12 @@ def _conditions(
         "Initialized": (
             init_done,
             "" if init_done else "ContainersNotInitialized",
-            "" if init_done else f"containers with incomplete status: {_names(inits, False)}",
+            "" if init_done else f"containers with incomplete status: {_unready(inits)}",
         ),
         "Ready": (
             ready,
             "" if ready else ("PodCompleted" if completed else "ContainersNotReady"),
-            "" if ready or completed else f"containers with unready status: {_names(mains, False)}",
+            "" if ready or completed else f"containers with unready status: {_unready(mains)}",
         ),
         "PodScheduled": (True, "", ""),
     }

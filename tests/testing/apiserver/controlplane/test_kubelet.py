@@ -7,9 +7,9 @@ from typing import Any
 
 from rapproxy.testing.apiserver import EmulatedApiServer
 from rapproxy.testing.apiserver.controlplane import (
-    StandInRuntime,
     KubeletConfig,
     PodReport,
+    StandInRuntime,
     StatusReport,
 )
 from rapproxy.testing.apiserver.registry import DeleteOptions

@@ -12,6 +12,8 @@ import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from rapproxy.model import pod_columns
+
 Obj = Mapping[str, Any]
 ROLE_ORDER = ("primary", "hot-backup", "cold-backup")
 LABEL_ROLE = "rapproxy.io/role"
@@ -169,107 +171,15 @@ def _list(obj: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     return [v for v in obj.get(key) or [] if isinstance(v, Mapping)]
 
 
-def _condition_true(pod: Obj, kind: str) -> bool:
-    return any(
-        c.get("type") == kind and c.get("status") == "True"
-        for c in _list(_section(pod, "status"), "conditions")
-    )
-
-
 def pod_ready(pod: Obj) -> bool:
     """The pod's Ready condition (what Services and the BPS controller go by)."""
-    return _condition_true(pod, "Ready")
+    return pod_columns.condition_true(pod, "Ready")
 
 
-def _exit_text(terminated: Mapping[str, Any]) -> str:
-    signal = _int(terminated.get("signal"))
-    return f"Signal:{signal}" if signal else f"ExitCode:{_int(terminated.get('exitCode'))}"
-
-
-def _init_status(pod: Obj) -> str | None:
-    """`Init:...` while an init container has not completed, else None.
-
-    The first init container that has not exited 0 decides: a failure shows its reason
-    (`Init:Error`, or `Init:ExitCode:N` without one), a waiting one with a reason of its own shows
-    it (`Init:CrashLoopBackOff`), anything else — running, or waiting for an earlier one — shows
-    progress as `Init:<completed>/<declared>`. A sidecar (an init container with
-    `restartPolicy: Always`) counts as done once started.
-    """
-    declared = _list(_section(pod, "spec"), "initContainers")
-    sidecars = {str(c.get("name")) for c in declared if c.get("restartPolicy") == "Always"}
-    for index, container in enumerate(_list(_section(pod, "status"), "initContainerStatuses")):
-        state = _section(container, "state")
-        terminated = _section(state, "terminated")
-        if "terminated" in state and _int(terminated.get("exitCode"), -1) == 0:
-            continue
-        if container.get("name") in sidecars and container.get("started") is True:
-            continue
-        if "terminated" in state:
-            reason = terminated.get("reason")
-            return f"Init:{reason}" if reason else f"Init:{_exit_text(terminated)}"
-        reason = _section(state, "waiting").get("reason")
-        if reason and reason != "PodInitializing":
-            return f"Init:{reason}"
-        return f"Init:{index}/{len(declared)}"
-    return None
-
-
-def pod_status(pod: Obj) -> str:
-    """kubectl's STATUS column for a pod (what `kubectl get pods` prints, not just the phase).
-
-    Start from `status.reason` or the phase; while init containers run, the `Init:` form; once
-    initialized, the reason of a main container (the first in spec order, as kubectl, which
-    walks them from the last) that is waiting (`PodInitializing`, `CrashLoopBackOff`, ...) or
-    terminated (`Completed`, `Error`, or `ExitCode:N` / `Signal:N`); `Completed` with a
-    container still running reads `Running` or `NotReady` by the Ready condition; a deletion
-    timestamp wins as `Terminating` (`Unknown` when the node was lost).
-    """
-    status = _section(pod, "status")
-    reason = str(status.get("reason") or status.get("phase") or "Pending")
-    for condition in _list(status, "conditions"):
-        if condition.get("type") == "PodScheduled" and condition.get("reason") == "SchedulingGated":
-            reason = "SchedulingGated"
-    init = _init_status(pod)
-    if init is not None:
-        reason = init
-    if init is None or _condition_true(pod, "Initialized"):
-        running = False
-        for container in reversed(_list(status, "containerStatuses")):
-            state = _section(container, "state")
-            waiting = _section(state, "waiting")
-            terminated = _section(state, "terminated")
-            if waiting.get("reason"):
-                reason = str(waiting["reason"])
-            elif terminated.get("reason"):
-                reason = str(terminated["reason"])
-            elif "terminated" in state:
-                reason = _exit_text(terminated)
-            elif container.get("ready") is True and "running" in state:
-                running = True
-        if reason == "Completed" and running:
-            reason = "Running" if pod_ready(pod) else "NotReady"
-    if _meta(pod).get("deletionTimestamp"):
-        reason = "Unknown" if status.get("reason") == "NodeLost" else "Terminating"
-    return reason
-
-
-def pod_ready_count(pod: Obj) -> str:
-    """kubectl's READY column: ready main containers / declared main containers."""
-    declared = len(_list(_section(pod, "spec"), "containers"))
-    ready = sum(
-        1
-        for c in _list(_section(pod, "status"), "containerStatuses")
-        if c.get("ready") is True and "running" in _section(c, "state")
-    )
-    return f"{ready}/{declared}"
-
-
-def pod_restarts(pod: Obj) -> int:
-    """kubectl's RESTARTS: the init containers' while initializing, then the main ones'."""
-    status = _section(pod, "status")
-    initializing = _init_status(pod) is not None and not _condition_true(pod, "Initialized")
-    key = "initContainerStatuses" if initializing else "containerStatuses"
-    return sum(_int(c.get("restartCount")) for c in _list(status, key))
+# kubectl's STATUS, READY and RESTARTS columns, as `kubectl get pods` prints them.
+pod_status = pod_columns.status_column
+pod_ready_count = pod_columns.ready_column
+pod_restarts = pod_columns.restarts
 
 
 def cold_backup_problems(pods: Sequence[Obj]) -> list[str]:

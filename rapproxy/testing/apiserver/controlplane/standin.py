@@ -231,6 +231,13 @@ class StandInRuntime:
 
         def listening(bound_host: str, bound_port: int) -> None:
             self.waiters[uid] = (bound_host, bound_port)
+            log.info(
+                "stand-in bps-wait of %s/%s listening on %s:%d",
+                pod["metadata"]["namespace"],
+                pod["metadata"]["name"],
+                bound_host,
+                bound_port,
+            )
 
         try:
             await serve_until_activated(host, port, token, args.timeout, on_listening=listening)

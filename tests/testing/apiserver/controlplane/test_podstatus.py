@@ -14,6 +14,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bpsctl import render as bpsctl_render
 from rapproxy.testing.apiserver.controlplane.podstatus import PodReport, render_status
 
@@ -269,3 +272,43 @@ def test_transition_times_and_start_times_move_only_when_the_state_changes() -> 
     scheduled = [c for c in ran["status"]["conditions"] if c["type"] == "PodScheduled"]
     assert scheduled[0]["lastTransitionTime"] == T0
     assert ran["status"]["qosClass"] == "BestEffort"
+
+
+REPORTS = st.builds(
+    PodReport,
+    phase=st.sampled_from(["Pending", "Running", "Succeeded", "Failed"]),
+    ready=st.booleans(),
+    init_containers_done=st.integers(0, 2),
+    restart_count=st.integers(0, 3),
+    exit_code=st.none() | st.integers(0, 3),
+    init_restarts=st.integers(0, 3),
+    init_exit_code=st.none() | st.integers(1, 3),
+    init_backoff=st.booleans(),
+)
+
+
+@given(reports=st.lists(REPORTS, min_size=1, max_size=6))
+def test_a_pod_with_an_init_container_still_to_complete_is_never_ready(
+    reports: list[PodReport],
+) -> None:
+    pod = copy.deepcopy(POD)
+    pod["spec"]["initContainers"].append({"name": "second", "image": "x"})
+    for i, report in enumerate(reports):
+        pod = step(pod, report, f"2026-12-06T10:00:{i:02d}Z")
+        status = pod["status"]
+        conditions = {c["type"]: c["status"] for c in status["conditions"]}
+        if report.init_containers_done < 2:
+            assert conditions["Initialized"] == conditions["Ready"] == "False"
+            assert bpsctl_render.pod_status(pod).startswith("Init:")
+            assert bpsctl_render.pod_ready_count(pod) == "0/1"
+            assert status["containerStatuses"][0]["state"] == {
+                "waiting": {"reason": "PodInitializing"}
+            }
+        else:
+            assert conditions["Initialized"] == "True"
+        assert [c["type"] for c in status["conditions"]] == [
+            "Initialized",
+            "Ready",
+            "ContainersReady",
+            "PodScheduled",
+        ]

@@ -12,6 +12,8 @@ import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from rapproxy.model import pod_columns
+
 Obj = Mapping[str, Any]
 ROLE_ORDER = ("primary", "hot-backup", "cold-backup")
 LABEL_ROLE = "rapproxy.io/role"
@@ -165,26 +167,59 @@ def pod_role(pod: Obj) -> str:
     return str((_meta(pod).get("labels") or {}).get(LABEL_ROLE, "?"))
 
 
+def _list(obj: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    return [v for v in obj.get(key) or [] if isinstance(v, Mapping)]
+
+
 def pod_ready(pod: Obj) -> bool:
-    for c in (pod.get("status") or {}).get("conditions") or []:
-        if isinstance(c, Mapping) and c.get("type") == "Ready":
-            return c.get("status") == "True"
-    return False
+    """The pod's Ready condition (what Services and the BPS controller go by)."""
+    return pod_columns.condition_true(pod, "Ready")
 
 
-def pod_phase(pod: Obj) -> str:
-    """kubectl's STATUS column, reduced: Terminating, Waiting (a cold backup), or the phase."""
-    if _meta(pod).get("deletionTimestamp"):
-        return "Terminating"
-    status = pod.get("status") or {}
-    for c in status.get("initContainerStatuses") or []:
-        if (
-            isinstance(c, Mapping)
-            and c.get("name") == WAITER
-            and "running" in (c.get("state") or {})
-        ):
-            return "Waiting"
-    return str(status.get("phase", "Pending"))
+# kubectl's STATUS, READY and RESTARTS columns, as `kubectl get pods` prints them.
+pod_status = pod_columns.status_column
+pod_ready_count = pod_columns.ready_column
+pod_restarts = pod_columns.restarts
+
+
+def cold_backup_problems(pods: Sequence[Obj]) -> list[str]:
+    """Cold backups that are not cold: Ready, or past their waiter, before any activation.
+
+    A cold backup's `bps-wait` init container holds it Pending (`Init:0/1`, Ready=False) until
+    the controller activates it, and the controller relabels a pod before it activates it. So a
+    pod still labelled cold-backup that is Ready, or whose waiter exited 0, ran its main
+    containers without an activation: whatever runs it does not run init containers as a
+    kubelet does, and a failover would count on a backup that is not what it claims to be.
+    """
+    problems = []
+    for pod in sorted(pods, key=lambda p: str(_meta(p).get("name", ""))):
+        if pod_role(pod) != "cold-backup" or _meta(pod).get("deletionTimestamp"):
+            continue
+        name = str(_meta(pod).get("name", "?"))
+        declared = any(
+            c.get("name") == WAITER for c in _list(_section(pod, "spec"), "initContainers")
+        )
+        waiter = next(
+            (
+                c
+                for c in _list(_section(pod, "status"), "initContainerStatuses")
+                if c.get("name") == WAITER
+            ),
+            {},
+        )
+        exited = _section(_section(waiter, "state"), "terminated").get("exitCode")
+        if not declared:
+            problems.append(f"cold backup {name} has no {WAITER} init container: it runs hot")
+        elif pod_ready(pod):
+            problems.append(
+                f"cold backup {name} is Ready before activation ({pod_status(pod)}): "
+                f"its {WAITER} init container did not hold it"
+            )
+        elif exited == 0:
+            problems.append(
+                f"cold backup {name}: {WAITER} exited 0 but the pod is still labelled cold-backup"
+            )
+    return problems
 
 
 def _role_rank(pod: Obj) -> tuple[int, str]:
@@ -196,9 +231,9 @@ def _role_rank(pod: Obj) -> tuple[int, str]:
 def pods_table(pods: Sequence[Obj], now: float, *, wide: bool) -> str:
     if not pods:
         return "No pods.\n"
-    headers = ["ROLE", "POD", "READY", "PHASE", "NODE", "IP", "AGE"]
+    headers = ["ROLE", "POD", "READY", "STATUS", "RESTARTS", "NODE", "IP", "AGE"]
     if wide:
-        headers += ["RESTARTS", "UID"]
+        headers += ["UID"]
     rows = []
     for pod in sorted(pods, key=_role_rank):
         meta = _meta(pod)
@@ -206,19 +241,15 @@ def pods_table(pods: Sequence[Obj], now: float, *, wide: bool) -> str:
         row = [
             pod_role(pod),
             str(meta.get("name", "?")),
-            "yes" if pod_ready(pod) else "no",
-            pod_phase(pod),
+            pod_ready_count(pod),
+            pod_status(pod),
+            str(pod_restarts(pod)),
             str((pod.get("spec") or {}).get("nodeName") or "-"),
             str(status.get("podIP") or "-"),
             age(parse_time(meta.get("creationTimestamp")), now),
         ]
         if wide:
-            restarts = sum(
-                _int(c.get("restartCount"))
-                for c in status.get("containerStatuses") or []
-                if isinstance(c, Mapping)
-            )
-            row += [str(restarts), str(meta.get("uid", "-"))]
+            row += [str(meta.get("uid", "-"))]
         rows.append(row)
     return table(headers, rows)
 
@@ -333,6 +364,10 @@ def describe(bps: Obj, pods: Sequence[Obj], events: Sequence[Obj], now: float) -
         out.append("  <none> (the controller has not reported yet)")
     out.append("Pods:")
     out.append(_indent(pods_table(pods, now, wide=False)))
+    problems = cold_backup_problems(pods)
+    if problems:
+        out.append("Problems:")
+        out.extend(f"  {problem}" for problem in problems)
     out.append("Last failover:")
     failover = status.get("lastFailover")
     out.append(

@@ -1,17 +1,12 @@
 """An emulated cluster in which the BPS controller can be exercised end to end, in one process.
 
 Used by the controller's integration tests, `bpsctl`'s tests and `benchmarks/bps`. It is the
-emulated API server (`rapproxy.testing.apiserver`) with its control plane, plus one thing the
-stock status-only kubelet cannot do: hold a cold backup in its `bps-wait` init container until it
-is activated. `WaitingRuntime` runs the *real* waiter (`serve_until_activated`) on loopback for
-each cold pod; the controller is given an `activation_target` that maps the pod to that loopback
-port instead of its (unroutable, emulated) pod IP. When the waiter answers 200 and exits, the
-runtime reports the init container done and the pod Running and Ready — exactly the sequence a
-real kubelet produces.
-
-Fidelity note: the emulated kubelet only publishes `status.podIP` once a pod is initialized; a real
-kubelet publishes it as soon as the sandbox exists, i.e. while init containers run. The runtime
-writes the IP itself for a waiting pod so the controller sees what it would see in a cluster.
+emulated API server (`rapproxy.testing.apiserver`) with its control plane, whose kubelets hold a
+cold backup in its `bps-wait` init container until it is activated: their `StandInRuntime` runs
+the *real* waiter (`serve_until_activated`) on loopback for each cold pod, and the controller is
+given an `activation_target` that maps the pod to that loopback port instead of its (unroutable,
+emulated) pod IP. When the waiter answers 200 and exits, the kubelet reports the init container
+Completed and the pod Running and Ready — the sequence a real kubelet produces.
 
 Not imported by the controller: production code never depends on this module.
 """
@@ -19,41 +14,21 @@ Not imported by the controller: production code never depends on this module.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import yaml
 
-from rapproxy.bps.activation import serve_until_activated
 from rapproxy.bps.controller import BpsController
 from rapproxy.cluster.client import BACKUP_POD_SETS, ClientSettings, KubeClient
 from rapproxy.config import BpsSettings
-from rapproxy.model.bps import (
-    ANNOTATION_ACTIVATION_TOKEN,
-    API_VERSION,
-    KIND,
-    LABEL_BPS,
-    LABEL_ROLE,
-    WAITER_CONTAINER,
-    BackupPodSet,
-    ObservedPod,
-)
-from rapproxy.testing.apiserver import (
-    ControlPlane,
-    EmulatedApiServer,
-    PodHandle,
-    PodReport,
-    Registry,
-)
-from rapproxy.testing.apiserver.controlplane.kubelet import StatusReport
+from rapproxy.model.bps import API_VERSION, KIND, LABEL_BPS, LABEL_ROLE, WAITER_CONTAINER
+from rapproxy.testing.apiserver import ControlPlane, EmulatedApiServer, StandInRuntime
 from rapproxy.testing.apiserver.resources import CRDS, PODS
 
 JsonObject = dict[str, Any]
@@ -111,90 +86,6 @@ def crd_manifest() -> JsonObject:
     return fallback
 
 
-@dataclass(slots=True)
-class _Handle:
-    uid: str
-    task: asyncio.Task[None] | None = None
-
-
-@dataclass(slots=True)
-class WaitingRuntime:
-    """A `PodRuntime`: hot pods start at once (after `startup_delay`); cold pods wait in a real
-    bps-wait on 127.0.0.1 until activated, then start."""
-
-    registry: Registry
-    startup_delay: float = 0.0
-    ports: dict[str, int] = field(default_factory=dict)  # pod uid → waiter port
-    activated: dict[str, float] = field(default_factory=dict)  # pod uid → time.time()
-
-    async def start_pod(self, pod: JsonObject, pod_ip: str, report: StatusReport) -> PodHandle:
-        meta = pod["metadata"]
-        inits = (pod.get("spec") or {}).get("initContainers") or []
-        waiter = next((i for i, c in enumerate(inits) if c.get("name") == WAITER_CONTAINER), None)
-        handle = _Handle(meta["uid"])
-        if waiter is None:
-            if self.startup_delay:
-                await asyncio.sleep(self.startup_delay)
-            await report(PodReport("Running", ready=True, init_containers_done=len(inits)))
-            return handle
-        token = (meta.get("annotations") or {}).get(ANNOTATION_ACTIVATION_TOKEN, "")
-        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        handle.task = asyncio.create_task(
-            self._wait_then_start(pod, token, len(inits), report, listening),
-            name=f"bps-wait-{meta['name']}",
-        )
-        await report(PodReport("Pending", ready=False, init_containers_done=waiter))
-        port = await listening
-        self.ports[meta["uid"]] = port
-        self._publish_ip(meta["namespace"], meta["name"], meta["uid"], pod_ip)
-        return handle
-
-    async def _wait_then_start(
-        self,
-        pod: JsonObject,
-        token: str,
-        inits: int,
-        report: StatusReport,
-        listening: asyncio.Future[int],
-    ) -> None:
-        def announce(_host: str, port: int) -> None:
-            if not listening.done():
-                listening.set_result(port)
-
-        try:
-            await serve_until_activated("127.0.0.1", 0, token, on_listening=announce)
-        except BaseException as error:
-            if not listening.done():
-                listening.set_exception(error)
-            raise
-        self.activated[pod["metadata"]["uid"]] = time.time()
-        if self.startup_delay:
-            await asyncio.sleep(self.startup_delay)
-        await report(PodReport("Running", ready=True, init_containers_done=inits))
-
-    def _publish_ip(self, namespace: str, name: str, uid: str, ip: str) -> None:
-        def apply(obj: JsonObject) -> None:
-            if obj["metadata"]["uid"] != uid:
-                return
-            status = obj.setdefault("status", {})
-            status["podIP"] = ip
-            status["podIPs"] = [{"ip": ip}]
-
-        self.registry.mutate(PODS, namespace, name, apply, subresource="status")
-
-    async def stop_pod(self, handle: PodHandle, grace_seconds: float) -> None:
-        assert isinstance(handle, _Handle)
-        self.ports.pop(handle.uid, None)
-        if handle.task is not None and not handle.task.done():
-            handle.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await handle.task
-
-    def target(self, _bps: BackupPodSet, pod: ObservedPod) -> tuple[str, int] | None:
-        port = self.ports.get(pod.uid)
-        return ("127.0.0.1", port) if port is not None else None
-
-
 def set_manifest(
     name: str,
     replicas: int,
@@ -226,7 +117,7 @@ def set_manifest(
 
 
 class BpsTestbed:
-    """Emulated API server + control plane (+ `WaitingRuntime`) + a client; async context."""
+    """Emulated API server + control plane (one `StandInRuntime`) + a client; async context."""
 
     def __init__(
         self,
@@ -241,7 +132,7 @@ class BpsTestbed:
         self.startup_delay = startup_delay
         self.install_crd = install_crd
         self.api = EmulatedApiServer(control_plane=False)
-        self.runtime = WaitingRuntime(self.api.registry, startup_delay)
+        self.runtime = StandInRuntime(startup_delay=startup_delay)
         self.api.control_plane = ControlPlane(
             self.api.registry, nodes=list(nodes), runtime_factory=lambda _node: self.runtime
         )

@@ -1,6 +1,6 @@
 """The BPS controller end to end: emulated API server + control plane + real kubernetes-asyncio.
 
-Cold backups wait in a real `bps-wait` server on loopback (`rapproxy.bps.testbed.WaitingRuntime`),
+Cold backups wait in a real `bps-wait` server on loopback (the kubelets' `StandInRuntime`),
 so every conversion of a cold backup here is a real authenticated activation over HTTP.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bpsctl import render
 from rapproxy.bps.controller import BpsController
 from rapproxy.bps.status import rfc3339
 from rapproxy.bps.testbed import BpsTestbed, set_manifest, wait_for
@@ -375,3 +376,47 @@ async def test_a_primary_not_ready_past_the_grace_is_replaced() -> None:
         await wait_for(
             lambda: victim not in uids(bed, "web") and rig.settled("web", 1, 1, 0), SETTLE
         )
+
+
+COLD_TO_HOT_WITHIN = 3.0  # seconds from the spec change to the activated pod Ready as a hot backup
+
+
+async def test_a_cold_backup_stays_not_ready_until_the_controller_activates_it(rig: Rig) -> None:
+    await rig.bed.create_set(rig.client, set_manifest("web", 1, 0, 1))
+    await converge(rig, "web", 1, 0, 1)
+    (cold,) = rig.bed.roles("web")["cold-backup"]
+    uid = uids(rig.bed, "web")[cold]
+
+    def pod() -> dict[str, Any]:
+        (found,) = [p for p in rig.bed.pods("web") if p["metadata"]["name"] == cold]
+        return found
+
+    # The controller runs and sees it, yet the cold backup stays cold: held by its waiter.
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 0.5
+    while loop.time() < until:
+        now = pod()
+        assert now["status"]["phase"] == "Pending"
+        assert render.pod_status(now) == "Init:0/1" and render.pod_ready_count(now) == "0/1"
+        assert not render.pod_ready(now)
+        await asyncio.sleep(0.02)
+    assert uid not in rig.bed.runtime.activated
+
+    started = time.monotonic()
+    await rig.client.patch(
+        BACKUP_POD_SETS, "web", {"spec": {"hotBackups": 1, "coldBackups": 0}}, "default"
+    )
+
+    def hot_and_ready() -> bool:
+        now = pod()
+        return (
+            now["metadata"]["labels"][LABEL_ROLE] == "hot-backup"
+            and render.pod_status(now) == "Running"
+            and render.pod_ready(now)
+        )
+
+    took = await wait_for(hot_and_ready, COLD_TO_HOT_WITHIN)
+    assert took < COLD_TO_HOT_WITHIN
+    assert uid in rig.bed.runtime.activated  # by a real POST /activate, not by the kubelet
+    assert time.monotonic() - started < COLD_TO_HOT_WITHIN
+    await converge(rig, "web", 1, 1, 0)

@@ -122,16 +122,20 @@ async def test_status_name_shows_pods_by_role_with_node_ip_phase_readiness(
     assert result.code == 0, result.err
     lines = result.out.strip().splitlines()
     assert lines[0].startswith("BackupPodSet default/web: primaries 3/3 ready")
-    assert lines[1].split() == ["ROLE", "POD", "READY", "PHASE", "NODE", "IP", "AGE"]
+    assert lines[1].split() == [
+        *("ROLE", "POD", "READY", "STATUS", "RESTARTS", "NODE", "IP", "AGE")
+    ]
     pods = [line.split() for line in lines[2:]]
     assert [p[0] for p in pods] == ["primary"] * 3 + ["hot-backup"] * 2 + ["cold-backup"] * 2
     live = {p["metadata"]["name"]: p for p in cluster.bed.pods("web")}
-    for role, name, ready, phase, node, ip, _age in pods:
+    for role, name, ready, status, restarts, node, ip, _age in pods:
         pod = live[name]
         assert node == pod["spec"]["nodeName"]
         assert ip == pod["status"]["podIP"]
-        assert (ready, phase) == (
-            ("no", "Waiting") if role == "cold-backup" else ("yes", "Running")
+        assert restarts == "0"
+        # A cold backup is held by its bps-wait init container, as kubectl would show it.
+        assert (ready, status) == (
+            ("0/1", "Init:0/1") if role == "cold-backup" else ("1/1", "Running")
         )
 
 
@@ -170,6 +174,7 @@ async def test_failover_deletes_a_primary_and_prints_the_measured_timeline(
     assert f"failed primary:  {victim}" in text
     assert "Available" in text and "PrimariesReady" in text
     assert "PrimaryFailed" in text and "FailoverComplete" in text
+    assert "Problems:" not in text  # the cold backups are cold
 
 
 async def test_failover_refuses_a_pod_that_is_not_a_primary(cluster: Cluster) -> None:

@@ -108,8 +108,62 @@ def test_pods_sort_by_role_and_a_waiting_cold_backup_says_so() -> None:
         initContainerStatuses=[{"name": "bps-wait", "state": {"running": {}}}],
     )
     primary = pod("p", "primary", phase="Running", conditions=[{"type": "Ready", "status": "True"}])
-    lines = render.pods_table([cold, primary], NOW, wide=False).splitlines()
-    assert [line.split()[:4] for line in lines[1:]] == [
-        ["primary", "p", "yes", "Running"],
-        ["cold-backup", "c", "no", "Waiting"],
+    cold["spec"]["initContainers"] = [{"name": "bps-wait"}]
+    cold["spec"]["containers"] = primary["spec"]["containers"] = [{"name": "app"}]
+    cold["status"]["containerStatuses"] = [
+        {"name": "app", "ready": False, "state": {"waiting": {"reason": "PodInitializing"}}}
     ]
+    primary["status"]["containerStatuses"] = [
+        {"name": "app", "ready": True, "restartCount": 2, "state": {"running": {}}}
+    ]
+    lines = render.pods_table([cold, primary], NOW, wide=False).splitlines()
+    assert lines[0].split() == [
+        *("ROLE", "POD", "READY", "STATUS", "RESTARTS", "NODE", "IP", "AGE")
+    ]
+    assert [line.split()[:5] for line in lines[1:]] == [
+        ["primary", "p", "1/1", "Running", "2"],
+        ["cold-backup", "c", "0/1", "Init:0/1", "0"],
+    ]
+
+
+# -- a cold backup that is not cold -------------------------------------------------------------
+# (kubectl's STATUS/READY/RESTARTS cases are in tests/model/test_pod_columns.py)
+
+
+def cold_backup(name: str, *, activated: bool) -> dict[str, Any]:
+    """A cold-backup pod, held by its waiter or (wrongly) running without an activation."""
+    waiter = (
+        {"terminated": {"exitCode": 0, "reason": "Completed"}} if activated else {"running": {}}
+    )
+    app = {"running": {}} if activated else {"waiting": {"reason": "PodInitializing"}}
+    return {
+        "metadata": {"name": name, "labels": {"rapproxy.io/role": "cold-backup"}},
+        "spec": {"initContainers": [{"name": "bps-wait"}], "containers": [{"name": "app"}]},
+        "status": {
+            "phase": "Running" if activated else "Pending",
+            "conditions": [
+                {"type": "Initialized", "status": str(activated)},
+                {"type": "Ready", "status": str(activated)},
+            ],
+            "initContainerStatuses": [{"name": "bps-wait", "state": waiter}],
+            "containerStatuses": [{"name": "app", "state": app, "ready": activated}],
+        },
+    }
+
+
+def test_describe_flags_a_cold_backup_that_is_ready_before_activation() -> None:
+    hot, waiting = cold_backup("p", activated=True), cold_backup("q", activated=False)
+    text = render.describe(bps("web", coldBackups=2), [hot, waiting], [], NOW)
+    problems = text.split("Problems:\n", 1)[1].split("Last failover:", 1)[0].splitlines()
+    assert problems == [
+        "  cold backup p is Ready before activation (Running): "
+        "its bps-wait init container did not hold it"
+    ]
+    assert "Problems:" not in render.describe(bps("web"), [waiting], [], NOW)
+
+
+def test_describe_flags_a_cold_backup_without_a_waiter() -> None:
+    bare = cold_backup("r", activated=False)
+    bare["spec"]["initContainers"] = []
+    text = render.describe(bps("web"), [bare], [], NOW)
+    assert "cold backup r has no bps-wait init container: it runs hot" in text

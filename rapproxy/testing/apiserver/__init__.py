@@ -8,13 +8,13 @@ Start here: `EmulatedApiServer`.
 from rapproxy.testing.apiserver.controlplane import (
     ControlPlane,
     EndpointSliceController,
-    InstantRuntime,
     Kubelet,
     KubeletConfig,
     PodHandle,
     PodReport,
     PodRuntime,
     Scheduler,
+    StandInRuntime,
 )
 from rapproxy.testing.apiserver.errors import ApiError
 from rapproxy.testing.apiserver.registry import DeleteOptions, ListOptions, Registry
@@ -28,7 +28,6 @@ __all__ = [
     "DeleteOptions",
     "EmulatedApiServer",
     "EndpointSliceController",
-    "InstantRuntime",
     "Kubelet",
     "KubeletConfig",
     "ListOptions",
@@ -38,6 +37,7 @@ __all__ = [
     "Registry",
     "ResourceType",
     "Scheduler",
+    "StandInRuntime",
     "Store",
     "WatchEvent",
 ]

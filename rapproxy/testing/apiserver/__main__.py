@@ -2,6 +2,14 @@
 
 For manual use and the demo: serves on 127.0.0.1:PORT with the control plane (one kubelet per
 `--nodes` entry), writes a kubeconfig for kubectl / kubernetes-asyncio, runs until SIGINT/SIGTERM.
+
+The kubelets run no processes (`StandInRuntime`): pods are Running and Ready at once, except
+cold backups, which stay Pending in `Init:0/1` behind a stand-in `bps-wait` on 127.0.0.1 (its
+port is logged). Pod IPs (10.244.N.0/24) are not routed anywhere, so a `rapproxy run` in another
+process cannot reach those waiters at their pod IP: its activations time out and the controller
+replaces the cold backup, as it would with an unreachable pod in a cluster. In-process users
+(`rapproxy.bps.testbed`) give the controller `ControlPlane.activation_target` instead; for real
+pod networking, use the edge emulation (`rapproxy demo`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from rapproxy.model import pod_columns
 from rapproxy.testing.apiserver import discovery
 from rapproxy.testing.apiserver.errors import (
     ApiError,
@@ -46,11 +47,6 @@ JSON = "application/json"
 DEFAULT_WATCH_TIMEOUT = 1800.0
 # A few of the real server's printer columns for built-ins, so `kubectl get` is informative.
 BUILTIN_COLUMNS: dict[str, list[JsonObject]] = {
-    "v1/pods": [
-        {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "IP", "type": "string", "jsonPath": ".status.podIP", "priority": 1},
-        {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName", "priority": 1},
-    ],
     "v1/services": [
         {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
         {"name": "Cluster-IP", "type": "string", "jsonPath": ".spec.clusterIP"},
@@ -379,6 +375,8 @@ class ApiHandlers:
 
     # -- tables ---------------------------------------------------------------------------
     def _table(self, rt: ResourceType, items: list[JsonObject], rv: str) -> JsonObject:
+        if rt.key == "v1/pods":
+            return _pod_table(items, rv)
         columns = [
             {
                 "name": "Name",
@@ -605,3 +603,92 @@ def _age(timestamp: str) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h"
     return f"{seconds // 86400}d"
+
+
+# kube-apiserver v1.28 prints pods itself (pkg/printers/internalversion): these columns, the
+# STATUS and READY cells by kubectl's printPod rules, `<none>` for what a pod does not have.
+POD_COLUMNS: tuple[tuple[str, int, str], ...] = (
+    ("Name", 0, NAME_COLUMN_DESCRIPTION),
+    ("Ready", 0, "The aggregate readiness state of this pod for accepting traffic."),
+    ("Status", 0, "The aggregate status of the containers in this pod."),
+    (
+        "Restarts",
+        0,
+        "The number of times the containers in this pod have been restarted and when the last "
+        "container in this pod has restarted.",
+    ),
+    (
+        "Age",
+        0,
+        "CreationTimestamp is a timestamp representing the server time when this object "
+        "was created.",
+    ),
+    ("IP", 1, "podIP address allocated to the pod. Routable at least within the cluster."),
+    ("Node", 1, "NodeName indicates in which node this pod is scheduled."),
+    (
+        "Nominated Node",
+        1,
+        "nominatedNodeName is set when this pod preempts other pods on the node.",
+    ),
+    (
+        "Readiness Gates",
+        1,
+        "If specified, all readiness gates will be evaluated for pod readiness.",
+    ),
+)
+
+
+def _pod_table(items: list[JsonObject], rv: str) -> JsonObject:
+    rows = []
+    for pod in items:
+        meta = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        gates = spec.get("readinessGates") or []
+        if gates:
+            met = {
+                c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"
+            }
+            ready_gates = sum(1 for g in gates if g.get("conditionType") in met)
+            gates_cell = f"{ready_gates}/{len(gates)}"
+        else:
+            gates_cell = "<none>"
+        cells: list[Any] = [
+            meta.get("name"),
+            pod_columns.ready_column(pod),
+            pod_columns.status_column(pod),
+            str(pod_columns.restarts(pod)),
+            _age(meta.get("creationTimestamp") or ""),
+            status.get("podIP") or "<none>",
+            spec.get("nodeName") or "<none>",
+            status.get("nominatedNodeName") or "<none>",
+            gates_cell,
+        ]
+        partial = {k: v for k, v in meta.items() if k != "managedFields"}
+        rows.append(
+            {
+                "cells": cells,
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": partial,
+                },
+            }
+        )
+    columns = [
+        {
+            "name": name,
+            "type": "string",
+            "format": "name" if name == "Name" else "",
+            "description": description,
+            "priority": priority,
+        }
+        for name, priority, description in POD_COLUMNS
+    ]
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv},
+        "columnDefinitions": columns,
+        "rows": rows,
+    }

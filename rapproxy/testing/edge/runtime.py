@@ -107,7 +107,12 @@ class _Status:
         self.ready: dict[int, bool] = dict.fromkeys(range(mains), False)
         self.exit_code: int | None = None
         self.message = ""
-        self.restarts = 0
+        self.restarts = 0  # the main containers'
+        # The current init container: its restarts, last failed exit, and whether the runtime
+        # is backing off before starting it again (CrashLoopBackOff in the status).
+        self.init_restarts = 0
+        self.init_exit_code: int | None = None
+        self.init_backoff: float | None = None
         self._last: PodReport | None = None
 
     async def publish(self) -> None:
@@ -118,6 +123,10 @@ class _Status:
             restart_count=self.restarts,
             exit_code=self.exit_code,
             message=self.message,
+            init_restarts=self.init_restarts,
+            init_exit_code=self.init_exit_code,
+            init_backoff=self.init_backoff is not None,
+            backoff_seconds=self.init_backoff or 0.0,
         )
         if current != self._last:
             self._last = current
@@ -203,6 +212,7 @@ class ProcessRuntime:
                 if not await self._run_init(handle, plan, container, status):
                     return
                 status.inits_done += 1
+                status.init_restarts, status.init_exit_code = 0, None
                 await status.publish()
             status.phase = "Running"
             await status.publish()
@@ -229,22 +239,25 @@ class ProcessRuntime:
     async def _run_init(
         self, handle: ProcessPodHandle, plan: PodPlan, container: ContainerPlan, status: _Status
     ) -> bool:
-        attempts = 0
         while True:
             process = await self._spawn(handle, container)
+            status.init_backoff = None
+            await status.publish()  # running (again)
             code = await process.wait()
             if code == 0:
                 return True
+            status.init_exit_code = code
             if not should_retry_init(plan.restart_policy):
                 status.phase, status.exit_code = "Failed", code
                 status.message = f"init container {container.name} exited with {code}"
                 handle.failure = status.message
                 await status.publish()
                 return False
-            status.restarts += 1
+            delay = backoff_seconds(status.init_restarts, self.backoff_base, self.backoff_cap)
+            status.init_backoff = delay
             await status.publish()
-            await asyncio.sleep(backoff_seconds(attempts, self.backoff_base, self.backoff_cap))
-            attempts += 1
+            await asyncio.sleep(delay)
+            status.init_restarts += 1
 
     async def _run_main(
         self,

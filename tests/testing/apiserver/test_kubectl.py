@@ -99,3 +99,56 @@ async def test_kubectl_apply_get_and_delete_against_the_emulated_cluster(tmp_pat
         )
         assert code == 0, err
         assert api.store.get(NAMESPACES, "", "smoke") is None
+
+
+COLD_POD = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cold
+  annotations: {rapproxy.io/activation-token: t0ken}
+spec:
+  initContainers:
+  - name: bps-wait
+    image: rapproxy:1
+    command: [rapproxy, bps-wait, --port, "9901"]
+    env:
+    - name: RAPPROXY_ACTIVATION_TOKEN
+      valueFrom: {fieldRef: {fieldPath: "metadata.annotations['rapproxy.io/activation-token']"}}
+  containers:
+  - {name: app, image: app:1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hot}
+spec:
+  containers:
+  - {name: app, image: app:1}
+"""
+
+
+async def test_kubectl_get_pods_shows_a_cold_backup_held_in_its_init_container(
+    tmp_path: Path,
+) -> None:
+    async with EmulatedApiServer(nodes=["node-a"]) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        manifest = tmp_path / "pods.yaml"
+        manifest.write_text(COLD_POD)
+        code, _, err = await _kubectl(kubeconfig, "apply", "-f", str(manifest))
+        assert code == 0, err
+
+        async def table() -> dict[str, list[str]] | None:
+            code, out, _ = await _kubectl(kubeconfig, "get", "pods", "-o", "wide")
+            lines = [line.split() for line in out.splitlines()]
+            if code != 0 or len(lines) != 3:
+                return None
+            rows = {row[0]: row for row in lines[1:]}
+            return rows if rows["hot"][2] == "Running" and rows["cold"][2] != "Pending" else None
+
+        rows = await eventually(table, within=10)
+        header = (await _kubectl(kubeconfig, "get", "pods"))[1].splitlines()[0].split()
+        assert header == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+        assert rows["cold"][1:4] == ["0/1", "Init:0/1", "0"]
+        assert rows["hot"][1:4] == ["1/1", "Running", "0"]
+        assert rows["cold"][5].startswith("10.244.")  # the IP while init containers run
+        assert rows["cold"][6] == "node-a"

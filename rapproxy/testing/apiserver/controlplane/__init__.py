@@ -2,37 +2,34 @@
 
 Each component is a separately startable asyncio object that talks to the `Registry` directly
 (same semantics as the HTTP API, without the round trip). `ControlPlane` bundles them for the
-common case: one scheduler, one EndpointSlice controller and one status-only kubelet per node,
-node N getting pod CIDR 10.244.N.0/24 and node IP 10.250.0.N+1.
+common case: one scheduler, one EndpointSlice controller and one kubelet per node, node N getting
+pod CIDR 10.244.N.0/24 and node IP 10.250.0.N+1. `activation_target` finds a cold backup's
+stand-in waiter on whichever node runs it (see `standin.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from rapproxy.model.bps import BackupPodSet, ObservedPod
 from rapproxy.testing.apiserver.controlplane.endpointslices import EndpointSliceController
-from rapproxy.testing.apiserver.controlplane.kubelet import (
-    InstantRuntime,
-    Kubelet,
-    KubeletConfig,
-    PodHandle,
-    PodReport,
-    PodRuntime,
-    StatusReport,
-)
+from rapproxy.testing.apiserver.controlplane.kubelet import Kubelet, KubeletConfig
+from rapproxy.testing.apiserver.controlplane.podstatus import PodReport
+from rapproxy.testing.apiserver.controlplane.runtime import PodHandle, PodRuntime, StatusReport
 from rapproxy.testing.apiserver.controlplane.scheduler import Scheduler
+from rapproxy.testing.apiserver.controlplane.standin import StandInRuntime
 from rapproxy.testing.apiserver.registry import Registry
 
 __all__ = [
     "ControlPlane",
     "EndpointSliceController",
-    "InstantRuntime",
     "Kubelet",
     "KubeletConfig",
     "PodHandle",
     "PodReport",
     "PodRuntime",
     "Scheduler",
+    "StandInRuntime",
     "StatusReport",
     "node_config",
 ]
@@ -80,6 +77,17 @@ class ControlPlane:
         kubelet = Kubelet(self.registry, cfg, runtime)
         self.kubelets.append(kubelet)
         return kubelet
+
+    def activation_target(self, bps: BackupPodSet, pod: ObservedPod) -> tuple[str, int] | None:
+        """Where a cold backup's stand-in waiter listens, on any node (a controller's
+        `activation_target`); None if no `StandInRuntime` runs one for it."""
+        for kubelet in self.kubelets:
+            runtime = kubelet.runtime
+            if isinstance(runtime, StandInRuntime):
+                found = runtime.target(bps, pod)
+                if found is not None:
+                    return found
+        return None
 
     async def start(self) -> None:
         for kubelet in self.kubelets:

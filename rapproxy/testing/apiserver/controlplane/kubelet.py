@@ -1,13 +1,17 @@
-"""A status-only kubelet per node (like KWOK), with a hook to run pods for real.
+"""A kubelet per node that drives pod status (like KWOK), with a hook to run pods for real.
 
 For its node, the kubelet keeps the Node object registered and Ready (and its Lease in
-`kube-node-lease` renewed), and drives every pod bound to it: Pending → init containers completed
-in order → Running with Ready=True and a pod IP from the node's pod CIDR (e.g. 10.244.1.0/24) —
-then, when the pod gets a deletionTimestamp, stops it and finishes the delete with grace 0.
+`kube-node-lease` renewed), and drives every pod bound to it as a v1.28 kubelet would: Pending
+with a pod IP from the node's pod CIDR (e.g. 10.244.1.0/24) as soon as the "sandbox" exists →
+init containers one at a time, each holding the pod in `Init:i/n` until it exits 0 → Running,
+Ready once the runtime says so — then, when the pod gets a deletionTimestamp, stops it and
+finishes the delete with grace 0. The status shapes are `podstatus.render_status`'s.
 
-What "running a pod" means is delegated to a `PodRuntime`. The default `InstantRuntime` does
-nothing and reports success at once; a later runtime can start real processes in a network
-namespace and report readiness and exits through the `StatusReport` callback.
+What "running a pod" means is delegated to a `PodRuntime`. The default `StandInRuntime`
+(`standin.py`) starts no processes: init containers complete at once, except a cold backup's
+`bps-wait`, which it stands in for with the real waiter, so the pod stays Pending until someone
+activates it. The process runtime (`rapproxy.testing.edge.runtime`) starts real processes in a
+network namespace and reports readiness and exits through the same `StatusReport` callback.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from rapproxy.testing.apiserver import defaults
+from rapproxy.testing.apiserver.controlplane.podstatus import PodReport, render_status
+from rapproxy.testing.apiserver.controlplane.runtime import PodHandle, PodRuntime
+from rapproxy.testing.apiserver.controlplane.standin import StandInRuntime
 from rapproxy.testing.apiserver.errors import ApiError
 from rapproxy.testing.apiserver.registry import DeleteOptions, Registry
 from rapproxy.testing.apiserver.resources import LEASES, NODES, PODS, ResourceType
@@ -29,137 +35,6 @@ from rapproxy.testing.apiserver.store import WatchEvent
 JsonObject = dict[str, Any]
 PodKey = tuple[str, str]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class PodReport:
-    """What a runtime says about a pod: phase, readiness, init progress, exit."""
-
-    phase: str  # Pending | Running | Succeeded | Failed
-    ready: bool
-    init_containers_done: int = 0
-    restart_count: int = 0
-    exit_code: int | None = None
-    message: str = ""
-
-
-StatusReport = Callable[[PodReport], Awaitable[None]]
-
-
-class PodHandle(Protocol):
-    """Whatever a runtime needs to find its pod again (a process group, a netns, ...)."""
-
-
-class PodRuntime(Protocol):
-    """How pods on a node are run. Implementations must be cancellation-safe."""
-
-    async def start_pod(self, pod: JsonObject, pod_ip: str, report: StatusReport) -> PodHandle:
-        """Start the pod (init containers first, in order) and report progress via `report`."""
-        ...
-
-    async def stop_pod(self, handle: PodHandle, grace_seconds: float) -> None:
-        """Stop the pod: SIGTERM, wait up to `grace_seconds`, then kill."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class InstantHandle:
-    namespace: str
-    name: str
-
-
-class InstantRuntime:
-    """The KWOK-like default: init containers complete and the pod is Ready immediately.
-
-    `termination_delay` (capped by the pod's grace period) keeps a deleted pod around in its
-    terminating state for a while, so watchers can observe it.
-    """
-
-    def __init__(self, termination_delay: float = 0.0) -> None:
-        self.termination_delay = termination_delay
-
-    async def start_pod(self, pod: JsonObject, pod_ip: str, report: StatusReport) -> PodHandle:
-        inits = len((pod.get("spec") or {}).get("initContainers") or [])
-        await report(PodReport("Running", ready=True, init_containers_done=inits))
-        return InstantHandle(pod["metadata"]["namespace"], pod["metadata"]["name"])
-
-    async def stop_pod(self, handle: PodHandle, grace_seconds: float) -> None:
-        delay = min(self.termination_delay, grace_seconds)
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-def _container_statuses(pod: JsonObject, report: PodReport, now: str) -> JsonObject:
-    spec = pod.get("spec") or {}
-    inits = spec.get("initContainers") or []
-    init_statuses = []
-    for i, c in enumerate(inits):
-        done = i < report.init_containers_done
-        state: JsonObject = (
-            {
-                "terminated": {
-                    "exitCode": 0,
-                    "reason": "Completed",
-                    "startedAt": now,
-                    "finishedAt": now,
-                }
-            }
-            if done
-            else (
-                {"running": {"startedAt": now}}
-                if i == report.init_containers_done
-                else {"waiting": {"reason": "PodInitializing"}}
-            )
-        )
-        init_statuses.append(
-            {
-                "name": c["name"],
-                "state": state,
-                "lastState": {},
-                "ready": done,
-                "restartCount": 0,
-                "image": c.get("image", ""),
-                "imageID": "",
-                "started": not done and i == report.init_containers_done,
-            }
-        )
-    initialized = report.init_containers_done >= len(inits)
-    statuses = []
-    for c in spec.get("containers") or []:
-        if report.phase in ("Succeeded", "Failed"):
-            code = (
-                report.exit_code
-                if report.exit_code is not None
-                else (0 if report.phase == "Succeeded" else 1)
-            )
-            state = {
-                "terminated": {
-                    "exitCode": code,
-                    "reason": "Completed" if code == 0 else "Error",
-                    "startedAt": now,
-                    "finishedAt": now,
-                }
-            }
-        elif initialized and report.phase == "Running":
-            state = {"running": {"startedAt": now}}
-        else:
-            state = {"waiting": {"reason": "PodInitializing"}}
-        statuses.append(
-            {
-                "name": c["name"],
-                "state": state,
-                "lastState": {},
-                "ready": report.ready,
-                "restartCount": report.restart_count,
-                "image": c.get("image", ""),
-                "imageID": "",
-                "started": "running" in state,
-            }
-        )
-    out: JsonObject = {"containerStatuses": statuses}
-    if inits:
-        out["initContainerStatuses"] = init_statuses
-    return out
 
 
 @dataclass(slots=True)
@@ -190,7 +65,7 @@ class Kubelet:
         self.registry = registry
         self.store = registry.store
         self.config = config
-        self.runtime: PodRuntime = runtime or InstantRuntime()
+        self.runtime: PodRuntime = runtime or StandInRuntime()
         network = ipaddress.ip_network(config.pod_cidr)
         self._free_ips = [str(ip) for ip in list(network.hosts())[1:]]
         self._pods: dict[PodKey, _PodState] = {}
@@ -401,49 +276,13 @@ class Kubelet:
 
     def _write_status(self, key: PodKey, uid: str, ip: str, report: PodReport) -> None:
         now = defaults.now_rfc3339()
-        cfg = self.config
 
         def apply(pod: JsonObject) -> None:
             if pod["metadata"]["uid"] != uid:
                 return
-            status = pod.setdefault("status", {})
-            inits = len((pod.get("spec") or {}).get("initContainers") or [])
-            initialized = report.init_containers_done >= inits
-            status["phase"] = report.phase
-            status["hostIP"] = cfg.node_ip
-            status["hostIPs"] = [{"ip": cfg.node_ip}]
-            status.setdefault("startTime", now)
-            if report.phase != "Pending" or initialized:
-                status["podIP"] = ip
-                status["podIPs"] = [{"ip": ip}]
-            ready = report.ready and report.phase == "Running"
-            wanted = {
-                "Initialized": initialized,
-                "Ready": ready,
-                "ContainersReady": ready,
-                "PodScheduled": True,
-            }
-            conditions = {c["type"]: c for c in status.get("conditions") or []}
-            for kind, value in wanted.items():
-                text = "True" if value else "False"
-                current = conditions.get(kind)
-                if current is None or current.get("status") != text:
-                    conditions[kind] = {
-                        "type": kind,
-                        "status": text,
-                        "lastProbeTime": None,
-                        "lastTransitionTime": now,
-                    }
-            status["conditions"] = [
-                conditions[k] for k in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
-            ]
-            previous = {c["name"]: c for c in status.get("containerStatuses") or []}
-            fresh = _container_statuses(pod, report, now)
-            for c in fresh["containerStatuses"]:
-                old = previous.get(c["name"])
-                if old is not None and set(old.get("state", {})) == set(c["state"]):
-                    c["state"] = old["state"]  # keep startedAt stable
-            status.update(fresh)
+            pod["status"] = render_status(
+                pod, report, pod_ip=ip, host_ip=self.config.node_ip, now=now
+            )
 
         try:
             self.registry.mutate(PODS, key[0], key[1], apply, subresource="status")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rapproxy.testing.apiserver import EmulatedApiServer
-from rapproxy.testing.apiserver.controlplane import InstantRuntime
+from rapproxy.testing.apiserver.controlplane import StandInRuntime
 from rapproxy.testing.apiserver.registry import DeleteOptions
 from rapproxy.testing.apiserver.resources import ENDPOINT_SLICES, PODS, SERVICES
 
@@ -67,7 +67,7 @@ async def test_service_with_running_pods_gets_a_slice_of_ready_endpoints() -> No
 
 async def test_deleted_pod_is_terminating_then_removed_and_service_delete_removes_slice() -> None:
     async with EmulatedApiServer(nodes=["node-a"]) as api:
-        api.control_plane.kubelets[0].runtime = InstantRuntime(termination_delay=0.5)  # type: ignore[union-attr]
+        api.control_plane.kubelets[0].runtime = StandInRuntime(termination_delay=0.5)  # type: ignore[union-attr]
         api.registry.create(SERVICES, "default", SERVICE)
         api.registry.create(PODS, "default", _pod("web-1"))
         await eventually(

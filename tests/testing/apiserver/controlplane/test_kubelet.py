@@ -7,9 +7,9 @@ from typing import Any
 
 from rapproxy.testing.apiserver import EmulatedApiServer
 from rapproxy.testing.apiserver.controlplane import (
-    InstantRuntime,
     KubeletConfig,
     PodReport,
+    StandInRuntime,
     StatusReport,
 )
 from rapproxy.testing.apiserver.registry import DeleteOptions
@@ -65,7 +65,7 @@ async def test_pods_run_with_an_ip_from_the_node_cidr_after_init_containers() ->
 
 
 async def test_graceful_delete_is_finished_by_the_kubelet_after_the_pod_stops() -> None:
-    runtime = InstantRuntime(termination_delay=0.3)
+    runtime = StandInRuntime(termination_delay=0.3)
     async with EmulatedApiServer(nodes=["node-a"]) as api:
         assert api.control_plane is not None
         api.control_plane.kubelets[0].runtime = runtime

@@ -140,7 +140,12 @@ async def serve(listen_port: int, backend_port: int, loop_name: str) -> None:
             pass
 
         def first_response(
-            self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
+            self,
+            service: str,
+            backend: Backend,
+            connect_seconds: float,
+            response_seconds: float,
+            queued: int | None = None,
         ) -> None:
             pass
 

@@ -102,6 +102,9 @@ class Balancer:
         self._active: defaultdict[EndpointKey, int] = defaultdict(int)
         # Of those, the ones awaiting a response: what queues at the pod (see `first_response`).
         self._awaiting: defaultdict[EndpointKey, int] = defaultdict(int)
+        # Per endpoint with requests awaiting a response: when it last made progress (answered
+        # one, or was handed work while idle). See `stalled_for`.
+        self._progress_at: dict[EndpointKey, float] = {}
         self.selections: defaultdict[Placement, int] = defaultdict(int)
         # The snapshot the state reflects; None until the first update, or after one failed.
         self.table: ServiceTable | None = None
@@ -249,6 +252,7 @@ class Balancer:
             self.active_connections,
             self.signals,
             self.requests_in_flight,
+            self.stalled_for,
         )
         choice = state.policy.choose(candidates, context)
         if choice is None:
@@ -272,26 +276,41 @@ class Balancer:
 
     def connection_opened(
         self, endpoint: EndpointKey, connect_seconds: float | None = None, now: float = 0.0
-    ) -> None:
+    ) -> int:
         """A dial succeeded (after `connect_seconds`, when the caller measured it).
 
         The connection counts as open, and as a request in flight until it is answered
-        (`first_response`, `response_started`) or closed.
+        (`first_response`, `response_started`) or closed. Returns the requests in flight to
+        the endpoint now, this one included: the queue it joins, which its latency sample is
+        filed under (`first_response`).
         """
         self._active[endpoint] += 1
-        self._awaiting[endpoint] += 1
+        self._begin_request(endpoint, now)
         self._outliers.record_success(endpoint)
         if connect_seconds is not None and endpoint in self._endpoint_refs:
             self.signals.connected(endpoint, connect_seconds, now)
+        return self._awaiting[endpoint]
 
     def first_response(
-        self, endpoint: EndpointKey, connect_seconds: float, response_seconds: float, now: float
+        self,
+        endpoint: EndpointKey,
+        connect_seconds: float,
+        response_seconds: float,
+        now: float,
+        queued: int | None = None,
     ) -> None:
         """The first byte of a response arrived `response_seconds` after the request left.
 
-        Fed to the endpoint's signals with the requests in flight now (this one included), and
-        this request is answered. An address no service holds any more (removed while the
-        connection was open) is not recorded: nothing would prune it.
+        Fed to the endpoint's signals under `queued`, the requests in flight when this one was
+        sent (what `connection_opened` returned; without it, those in flight now, this one
+        included), and this request is answered. An address no service holds any more
+        (removed while the connection was open) is not recorded: nothing would prune it.
+
+        Why the queue it joined and not the one at its answer: the policy asks what a request
+        joining a queue of `n` will wait. The two differ most for a pod that stalls: the
+        request answered last, alone in flight, is the one that waited out the stall behind
+        the others, and filed under one in flight it made the pod's unloaded level look two
+        or three times slower than its mean (seen in the edge grid: 30-40 ms against 16 ms).
 
         Why requests in flight and not open connections: with one connection per request, the
         pod answers, then closes; the client has its response and opens the next connection
@@ -300,24 +319,49 @@ class Balancer:
         client on an idle pod was priced at twice its service time and spilled.
         """
         if endpoint in self._endpoint_refs:
-            in_flight = self._awaiting.get(endpoint, 0)
+            in_flight = queued if queued is not None else self._awaiting.get(endpoint, 0)
             self.signals.responded(endpoint, connect_seconds, response_seconds, in_flight, now)
-        _decrement(self._awaiting, endpoint)
+        self._answer(endpoint, now)
 
-    def response_started(self, endpoint: EndpointKey) -> None:
+    def response_started(self, endpoint: EndpointKey, now: float) -> None:
         """A response began that is not timed (a later request on the connection, or a server
         that spoke first): that request is answered."""
-        _decrement(self._awaiting, endpoint)
+        self._answer(endpoint, now)
 
-    def request_started(self, endpoint: EndpointKey) -> None:
+    def request_started(self, endpoint: EndpointKey, now: float) -> None:
         """An answered connection sent more: a request in flight again (keep-alive)."""
-        self._awaiting[endpoint] += 1
+        self._begin_request(endpoint, now)
 
     def connection_closed(self, endpoint: EndpointKey, awaiting: bool = True) -> None:
         """A connection ended; `awaiting`: its last request was still unanswered."""
         _decrement(self._active, endpoint)
         if awaiting:
-            _decrement(self._awaiting, endpoint)
+            self._answer(endpoint, None)
+
+    def _begin_request(self, endpoint: EndpointKey, now: float) -> None:
+        awaiting = self._awaiting
+        if endpoint not in awaiting:  # idle until now: its clock of progress starts here
+            self._progress_at[endpoint] = now
+        awaiting[endpoint] += 1
+
+    def _answer(self, endpoint: EndpointKey, now: float | None) -> None:
+        """A request stopped awaiting its response (`now`: answered then; None: closed)."""
+        _decrement(self._awaiting, endpoint)
+        if endpoint not in self._awaiting:
+            self._progress_at.pop(endpoint, None)
+        elif now is not None:
+            self._progress_at[endpoint] = now
+
+    def stalled_for(self, endpoint: Endpoint, now: float) -> float:
+        """Seconds `endpoint` has had requests of ours awaiting a response without answering
+        any (0 with none awaiting).
+
+        A pod that keeps up answers one of its queue every service time; one stalled (CPU quota
+        spent, a GC pause, a lock) answers none, whatever its averages say. The relay sees this
+        at once and at no cost, while a latency figure shows it only when the stall is over.
+        """
+        since = self._progress_at.get(key_of(endpoint))
+        return 0.0 if since is None else max(0.0, now - since)
 
     def active_connection_counts(self) -> dict[str, int]:
         """`ip:port` → open connections, as peers read it from the telemetry endpoint."""
@@ -361,6 +405,7 @@ class Balancer:
                     self.active_connections,
                     self.signals,
                     self.requests_in_flight,
+                    self.stalled_for,
                 )
                 services[str(name)]["decision"] = explain(
                     state.categorized.cluster, now, self.where.node_name, context

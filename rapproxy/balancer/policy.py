@@ -48,6 +48,8 @@ class SelectionContext:
     signals: EndpointSignals | None = None  # what the relay measured per endpoint
     # Connections awaiting a response, per endpoint (None: count open connections instead).
     requests_in_flight: Callable[[Endpoint], int] | None = None
+    # Seconds an endpoint has had requests awaiting a response without answering any, at `now`.
+    stalled_for: Callable[[Endpoint, float], float] | None = None
 
 
 class Policy(Protocol):

@@ -9,8 +9,8 @@ for the next connection, at no extra cost and with no delay:
   (the peer kernel answers the SYN, however busy the pod is);
 * **server time**, from the request's first byte sent upstream to the first response byte,
   less this connection's connect time: what the pod took, its queue included;
-* the proxy's own **connections in flight** to the endpoint (kept by the `Balancer`), at the
-  moment each server time is measured.
+* the proxy's own **requests in flight** to the endpoint (kept by the `Balancer`) when the
+  request was sent: the queue it joined, itself included.
 
 **Latency against load.** Server times are kept per in-flight level (buckets 1, 2, 3-4, 5-8,
 ... 65+), each a moving average of the server time and of the in-flight count it was measured

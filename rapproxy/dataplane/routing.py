@@ -51,21 +51,28 @@ class BackendSelector(Protocol):
 
     def connection_opened(
         self, service: str, backend: Backend, connect_seconds: float | None = None
-    ) -> None:
+    ) -> int | None:
         """A relay to `backend` is established (active-connection accounting).
 
         It counts as open, and as a request in flight until answered (`first_response`,
         `response_started`) or closed. `connect_seconds`: how long the dial took (TCP; None
-        where nothing was dialled).
+        where nothing was dialled). Returns the requests in flight to `backend` with this one
+        (the queue it joins), where the selector counts them; the relay hands it back with
+        `first_response`.
         """
         ...
 
     def first_response(
-        self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
+        self,
+        service: str,
+        backend: Backend,
+        connect_seconds: float,
+        response_seconds: float,
+        queued: int | None = None,
     ) -> None:
         """The first byte from `backend` came `response_seconds` after the request's first byte
         went to it (TCP, once per connection): the balancer's latency signal. The connection's
-        request is answered."""
+        request is answered. `queued`: what `connection_opened` returned for it."""
         ...
 
     def response_started(self, service: str, backend: Backend) -> None:

@@ -418,6 +418,7 @@ class _TcpRelay:
         "finished",
         "idle_ticks",
         "opened",
+        "queued",
         "registered",
         "request_at",
         "server",
@@ -443,6 +444,7 @@ class _TcpRelay:
         self.finished = False
         self.idle_ticks = 0
         self.connect_seconds = 0.0  # how long the successful dial took
+        self.queued: int | None = None  # requests in flight to the backend when it was opened
         self.request_at = 0.0  # loop time the request's first byte went upstream
 
     def accepted(self) -> None:
@@ -579,7 +581,9 @@ class _TcpRelay:
         if client.closing:
             upstream.close()
             return
-        self.server.selector.connection_opened(cast(str, self.service), backend, connect_seconds)
+        self.queued = self.server.selector.connection_opened(
+            cast(str, self.service), backend, connect_seconds
+        )
         self.opened = True
         self.awaiting = True
         self.connect_seconds = connect_seconds
@@ -665,7 +669,11 @@ class _TcpRelay:
         try:
             if timed:
                 server.selector.first_response(
-                    service, backend, self.connect_seconds, server.loop.time() - self.request_at
+                    service,
+                    backend,
+                    self.connect_seconds,
+                    server.loop.time() - self.request_at,
+                    self.queued,
                 )
             else:
                 server.selector.response_started(service, backend)

@@ -470,21 +470,28 @@ class Proxier:
 
     def connection_opened(
         self, service: str, backend: Backend, connect_seconds: float | None = None
-    ) -> None:
-        self.balancer.connection_opened((backend.ip, backend.port), connect_seconds, self._clock())
+    ) -> int:
+        return self.balancer.connection_opened(
+            (backend.ip, backend.port), connect_seconds, self._clock()
+        )
 
     def first_response(
-        self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
+        self,
+        service: str,
+        backend: Backend,
+        connect_seconds: float,
+        response_seconds: float,
+        queued: int | None = None,
     ) -> None:
         self.balancer.first_response(
-            (backend.ip, backend.port), connect_seconds, response_seconds, self._clock()
+            (backend.ip, backend.port), connect_seconds, response_seconds, self._clock(), queued
         )
 
     def response_started(self, service: str, backend: Backend) -> None:
-        self.balancer.response_started((backend.ip, backend.port))
+        self.balancer.response_started((backend.ip, backend.port), self._clock())
 
     def request_started(self, service: str, backend: Backend) -> None:
-        self.balancer.request_started((backend.ip, backend.port))
+        self.balancer.request_started((backend.ip, backend.port), self._clock())
 
     def connection_closed(self, service: str, backend: Backend, awaiting: bool = True) -> None:
         self.balancer.connection_closed((backend.ip, backend.port), awaiting)

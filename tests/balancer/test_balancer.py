@@ -345,15 +345,48 @@ def test_requests_in_flight_count_connections_awaiting_an_answer_not_open_ones()
     # The latency sample is filed at the requests in flight when it came, itself included.
     assert b.signals.records[one].curve[0][0] == 2.0
     # Keep-alive: the answered connection's next request, and its (untimed) answer.
-    b.request_started(one)
+    b.request_started(one, 1.0)
     assert b.requests_in_flight(ep(1)) == 2
-    b.response_started(one)
+    b.response_started(one, 1.0)
     b.connection_closed(one, awaiting=False)
     assert b.requests_in_flight(ep(1)) == 1 and b.active_connections(ep(1)) == 1
     b.connection_closed(one)  # closed unanswered: its request ends with it
     b.connection_closed(one)  # an extra close never goes negative
     assert b.requests_in_flight(ep(1)) == 0 and b.active_connections(ep(1)) == 0
     assert b.describe(0.0)["requests_in_flight"] == {}
+
+
+def test_a_latency_sample_is_filed_under_the_queue_its_request_joined() -> None:
+    b = balancer((port(), (ep(1), ep(2))))
+    one = key_of(ep(1))
+    assert b.connection_opened(one, 0.001, 1.0) == 1
+    assert b.connection_opened(one, 0.001, 1.0) == 2  # joins a queue of one: two in flight
+    # The second is answered first (no FIFO promised); each is filed where it joined, not at
+    # the in-flight count when the answer came.
+    b.first_response(one, 0.001, 0.030, 1.1, queued=2)
+    b.first_response(one, 0.001, 0.090, 1.2, queued=1)
+    curve = dict(b.signals.records[one].curve)
+    assert curve == {1.0: pytest.approx(0.089), 2.0: pytest.approx(0.029)}
+
+
+def test_stalled_for_counts_from_the_last_answer_while_requests_await_one() -> None:
+    b = balancer((port(), (ep(1), ep(2))))
+    one = key_of(ep(1))
+    assert b.stalled_for(ep(1), 5.0) == 0.0  # nothing asked of it: not stalled, however long
+    b.connection_opened(one, 0.001, 1.0)
+    b.connection_opened(one, 0.001, 1.5)
+    # Work since 1.0 and no answer: stalled from when it was handed work while idle.
+    assert b.stalled_for(ep(1), 1.75) == 0.75
+    b.first_response(one, 0.001, 0.9, 1.9)
+    assert b.stalled_for(ep(1), 2.0) == pytest.approx(0.1)  # one answered: progress at 1.9
+    b.first_response(one, 0.001, 0.5, 2.0)
+    assert b.stalled_for(ep(1), 9.0) == 0.0  # idle again
+    # Keep-alive: an answered connection's next request starts the clock again.
+    b.request_started(one, 10.0)
+    assert b.stalled_for(ep(1), 10.25) == 0.25
+    b.connection_closed(one)  # closed unanswered: no request awaits, so no stall
+    assert b.stalled_for(ep(1), 11.0) == 0.0
+    assert b.stalled_for(ep(2), 11.0) == 0.0
 
 
 def test_least_connections_uses_the_balancers_active_counts() -> None:

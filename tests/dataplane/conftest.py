@@ -84,7 +84,12 @@ class ListSelector:
         self.awaiting[backend] += 1
 
     def first_response(
-        self, service: str, backend: Backend, connect_seconds: float, response_seconds: float
+        self,
+        service: str,
+        backend: Backend,
+        connect_seconds: float,
+        response_seconds: float,
+        queued: int | None = None,
     ) -> None:
         self.responses.append((backend, connect_seconds, response_seconds))
         self.awaiting[backend] -= 1

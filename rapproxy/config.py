@@ -135,8 +135,8 @@ class RapSettings:
     )
     spill_margin: float = _doc(
         "Policy rap: the local endpoints' expected cost must exceed the best remote's by this "
-        "fraction before traffic spills, and fall below it by as much before it all returns "
-        "(hysteresis).",
+        "fraction before traffic spills; it all returns once the local queue has drained and "
+        "its cost is back within this fraction.",
         default=0.25,
     )
     latency_rise: float = _doc(
@@ -148,6 +148,13 @@ class RapSettings:
     latency_fall: float = _doc(
         "Policy rap: weight of a measured connect or service time below the running average.",
         default=0.05,
+    )
+    spill_needs_overload: bool = _doc(
+        "Policy rap: spill only while the local node is overloaded by its telemetry "
+        "(overloadThreshold/exitThreshold); a queue on a node with CPU to spare is the "
+        "clients' concurrency, which a remote pod would queue as well, a round trip further. "
+        "false: the local queue's cost alone decides.",
+        default=True,
     )
     signal_hold: float = _doc(
         "Policy rap: seconds an endpoint's own measurements are trusted as they are; after "

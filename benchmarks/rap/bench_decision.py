@@ -95,8 +95,9 @@ def policy_case(
 
 
 def cost_case(spilling: bool, count: int) -> tuple[float, Callable[[], object]]:
-    """The default policy: every endpoint measured, the local ten idle or queueing."""
-    endpoints, tracker = build(0.3)
+    """The default policy: every endpoint measured, the local ten idle or queueing (on a node
+    telemetry calls overloaded: elsewhere the policy never prices a remote)."""
+    endpoints, tracker = build(0.9 if spilling else 0.3)
     now = time.monotonic()
     signals = EndpointSignals(hold=3600.0)
     rng = random.Random(3)
@@ -115,8 +116,17 @@ def cost_case(spilling: bool, count: int) -> tuple[float, Callable[[], object]]:
     def count_of(endpoint: Endpoint) -> int:
         return active.get((endpoint.ip, endpoint.port), 0)
 
+    # As the Balancer keeps it: when each endpoint with requests awaiting an answer last answered.
+    progress_at = {key: now - 0.001 for key, n in active.items() if n}
+
+    def stalled_for(endpoint: Endpoint, at: float) -> float:
+        since = progress_at.get((endpoint.ip, endpoint.port))
+        return 0.0 if since is None else max(0.0, at - since)
+
     policy = CostRapPolicy(tracker.snapshot, RapSettings(), random.Random(1))
-    context = SelectionContext(NAME, "192.0.2.1", now, Locality(LOCAL), count_of, signals)
+    context = SelectionContext(
+        NAME, "192.0.2.1", now, Locality(LOCAL), count_of, signals, stalled_for=stalled_for
+    )
 
     def decide() -> object:
         return policy.choose(endpoints, context)

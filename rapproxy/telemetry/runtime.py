@@ -47,6 +47,7 @@ def rap_settings(config: RapproxyConfiguration) -> RapSettings:
         latency_rise=rap.latency_rise,
         latency_fall=rap.latency_fall,
         signal_hold=rap.signal_hold,
+        spill_needs_overload=rap.spill_needs_overload,
         spill_recovery=rap.spill_recovery,
         poll_timeout=min(0.5, rap.telemetry_interval),
     )

@@ -6,6 +6,7 @@ times and first-response times as the relay would, and checks where new connecti
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from rapproxy.balancer.balancer import Balancer, key_of
 from rapproxy.balancer.categorize import Locality
 from rapproxy.balancer.policy import Choice, Placement, SelectionContext
 from rapproxy.balancer.rap import UtilizationRapPolicy, rap_policy_factory
-from rapproxy.balancer.rap_cost import CostRapPolicy
+from rapproxy.balancer.rap_cost import CostRapPolicy, RegimeChange
 from rapproxy.balancer.signals import EndpointSignals
 from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.service import LbPolicy, ServicePort, ServicePortName
@@ -41,6 +42,8 @@ class Node:
             self.settings.latency_rise, self.settings.latency_fall, self.settings.signal_hold
         )
         self.active: Counter[Endpoint] = Counter()
+        # When an endpoint with requests awaiting an answer last answered one (see stalled_for).
+        self.progress_at: dict[Endpoint, float] = {}
         self.policy = CostRapPolicy(self.view, self.settings, random.Random(seed))
 
     def view(self) -> TelemetryView:
@@ -66,8 +69,18 @@ class Node:
 
     def context(self, now: float = NOW) -> SelectionContext:
         return SelectionContext(
-            NAME, "192.0.2.1", now, Locality(LOCAL), lambda e: self.active[e], self.signals
+            NAME,
+            "192.0.2.1",
+            now,
+            Locality(LOCAL),
+            lambda e: self.active[e],
+            self.signals,
+            stalled_for=self.stalled_for,
         )
+
+    def stalled_for(self, endpoint: Endpoint, now: float) -> float:
+        since = self.progress_at.get(endpoint)
+        return 0.0 if since is None or not self.active[endpoint] else max(0.0, now - since)
 
     def choose(self, candidates: Sequence[Endpoint], now: float = NOW) -> Choice:
         choice = self.policy.choose(candidates, self.context(now))
@@ -94,8 +107,9 @@ FAR = endpoint("n2")
 ALL = (LOCAL_EP, NEAR, FAR)
 
 
-def edge(local_cpu: float = 0.3) -> Node:
-    """Local pod measured at 4 ms per request; n1 is 20 ms away, n2 40 ms."""
+def edge(local_cpu: float = 0.9) -> Node:
+    """Local pod measured at 4 ms per request on an overloaded node (by default); n1 is 20 ms
+    away, n2 40 ms."""
     node = Node()
     node.telemetry(LOCAL, local_cpu).telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
     return node.measure(LOCAL_EP, 0.1 * MS, 4 * MS)
@@ -114,6 +128,63 @@ def test_a_busy_local_pod_that_keeps_up_stays_local_whatever_its_cpu_figure() ->
         assert choice.placement is Placement.LOCAL
         node.active[choice.endpoint] -= 1  # completes before the next one
     assert node.policy.regime_changes == 0
+
+
+def test_a_queue_on_a_node_with_cpu_to_spare_stays_local() -> None:
+    # 40 connections queue on the local pod (160 ms against a 44 ms remote), but telemetry says
+    # the node has CPU to spare: the queue is the clients' own concurrency, and a remote pod
+    # would only queue it a round trip further. Nothing spills, and no remote is even priced.
+    node = edge(local_cpu=0.3)
+    assert not node.view().nodes[LOCAL].overloaded
+    choices = node.open(ALL, 40)
+    assert all(c.placement is Placement.LOCAL for c in choices)
+    assert not node.policy.spilling
+    assert {math.isnan(entry[5]) for entry in node.policy._recent} == {True}
+
+
+def test_the_same_queue_spills_when_the_switch_is_off() -> None:
+    node = Node(RapSettings(spill_needs_overload=False))
+    node.telemetry(LOCAL, 0.3).telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
+    node.measure(LOCAL_EP, 0.1 * MS, 4 * MS)
+    assert placements(node.open(ALL, 40))[Placement.REMOTE] > 0
+
+
+def test_without_local_telemetry_the_queue_alone_decides() -> None:
+    # Nothing fresh known of the local node (its collector is failing): the queue is all there
+    # is to go by, so it spills as if the gate were off.
+    node = Node()
+    node.telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
+    node.measure(LOCAL_EP, 0.1 * MS, 4 * MS)
+    assert placements(node.open(ALL, 40))[Placement.REMOTE] > 0
+
+
+def test_spilling_stops_at_once_when_the_local_node_is_no_longer_overloaded() -> None:
+    node = edge()
+    node.open(ALL, 40)
+    assert node.policy.spilling
+    later = NOW + 1.0
+    node.telemetry(LOCAL, 0.5, at=later)  # below the exit threshold: healthy again
+    node.telemetry("n1", 0.3, 20 * MS, at=later).telemetry("n2", 0.3, 40 * MS, at=later)
+    choice = node.choose(ALL, later)  # the queue is still there: 40 in flight
+    assert choice.placement is Placement.LOCAL
+    assert not node.policy.spilling and node.policy.last_change is RegimeChange.RETURN
+
+
+def test_a_stalled_local_pod_loses_new_connections_once_the_stall_costs_a_round_trip() -> None:
+    # The local pod answers in 4 ms and has two requests of ours in flight. It stops answering
+    # (a CPU quota spent): for a while nothing says so but the time since its last answer.
+    node = edge()
+    node.measure(NEAR, 20 * MS, 4 * MS).measure(FAR, 40 * MS, 4 * MS)
+    node.active[LOCAL_EP] = 2
+    node.progress_at[LOCAL_EP] = NOW
+    assert node.choose(ALL, NOW + 5 * MS).placement is Placement.LOCAL  # a short gap: normal
+    # 60 ms without an answer: the new connection would wait that out at least, which costs
+    # more than n1's two 20 ms round trips and its 4 ms pod.
+    late = node.choose(ALL, NOW + 60 * MS)
+    assert late.placement is Placement.REMOTE and late.endpoint == NEAR
+    # The pod answers again: the stall is over, and its curve prices it once more.
+    node.progress_at[LOCAL_EP] = NOW + 61 * MS
+    assert node.choose(ALL, NOW + 62 * MS).placement is Placement.LOCAL
 
 
 def test_the_same_busy_node_spills_under_the_utilization_variants() -> None:
@@ -173,7 +244,7 @@ def flapping_stream(settings: RapSettings, queue: int, decisions: int = 2000) ->
     """Local cost wobbling around the spill threshold, decision by decision, with `queue`
     connections in flight locally (0: the queue drains between decisions)."""
     node = Node(settings)
-    node.telemetry(LOCAL, 0.5).telemetry("n1", 0.3, 20 * MS)
+    node.telemetry(LOCAL, 0.9).telemetry("n1", 0.3, 20 * MS)
     rng = random.Random(5)
     node.active[LOCAL_EP] = queue
     for _ in range(decisions):
@@ -226,7 +297,7 @@ def test_a_stalled_local_pod_is_tried_again_once_its_figures_go_stale() -> None:
     hold = node.settings.signal_hold
     later = NOW + 6 * hold
     node.measure(NEAR, 20 * MS, 4 * MS, now=later)
-    node.telemetry(LOCAL, 0.3, at=later).telemetry("n1", 0.3, 20 * MS, at=later)
+    node.telemetry(LOCAL, 0.9, at=later).telemetry("n1", 0.3, 20 * MS, at=later)
     node.telemetry("n2", 0.3, 40 * MS, at=later)
     choices = [node.choose(ALL, later) for _ in range(20)]
     assert Counter(c.placement for c in choices)[Placement.LOCAL] == 20
@@ -239,7 +310,7 @@ def test_a_remote_measured_slow_on_an_overloaded_node_is_not_forgiven_by_time_al
     node.measure(FAR, 40 * MS, 4 * MS)
     later = NOW + 6 * node.settings.signal_hold  # ... and nothing has been heard of it since
     node.measure(FAR, 40 * MS, 4 * MS, now=later)
-    node.telemetry(LOCAL, 0.3, at=later).telemetry("n2", 0.3, 40 * MS, at=later)
+    node.telemetry(LOCAL, 0.9, at=later).telemetry("n2", 0.3, 40 * MS, at=later)
 
     still_overloaded = node.telemetry("n1", 0.99, 20 * MS, at=later)
     landed = Counter(c.endpoint for c in still_overloaded.open(ALL, 10, now=later))
@@ -351,7 +422,7 @@ def test_explain_shows_each_endpoints_signals_and_why_the_last_choices_went_ther
 def test_within_the_balancer_the_relays_reports_steer_the_policy() -> None:
     settings = RapSettings()
     tracker = TelemetryTracker(LOCAL, settings)
-    tracker.record_local(NodeStats(LOCAL, 0.3, 0.1, NOW))
+    tracker.record_local(NodeStats(LOCAL, 0.9, 0.1, NOW))
     tracker.record_peer("n1", NodeStats("n1", 0.3, 0.1, NOW), 20 * MS)
     balancer = Balancer(
         Locality(LOCAL), policy_factory=rap_policy_factory(tracker.snapshot, settings)
@@ -388,7 +459,7 @@ def test_a_sequential_client_stays_local_while_its_answered_connections_close() 
     # 22 ms) and the client would spill to the peer.
     settings = RapSettings()
     tracker = TelemetryTracker(LOCAL, settings)
-    tracker.record_local(NodeStats(LOCAL, 0.3, 0.1, NOW))
+    tracker.record_local(NodeStats(LOCAL, 0.9, 0.1, NOW))
     tracker.record_peer("n1", NodeStats("n1", 0.3, 0.1, NOW), 1 * MS)
     balancer = Balancer(
         Locality(LOCAL), policy_factory=rap_policy_factory(tracker.snapshot, settings)
@@ -422,13 +493,13 @@ def test_the_spill_pool_ranks_nodes_by_what_was_measured_of_them() -> None:
     # telemetry, measured slow); with nothing measured it would take n1.
     settings = RapSettings(top_k=1)
     node = Node(settings)
-    node.telemetry(LOCAL, 0.3).telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
+    node.telemetry(LOCAL, 0.9).telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
     node.measure(LOCAL_EP, 0.1 * MS, 4 * MS)
     node.active[LOCAL_EP] = 50
     unmeasured = {c.endpoint for c in node.open(ALL, 10)}
     assert unmeasured == {NEAR}
     node = Node(settings)
-    node.telemetry(LOCAL, 0.3).telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
+    node.telemetry(LOCAL, 0.9).telemetry("n1", 0.3, 20 * MS).telemetry("n2", 0.3, 40 * MS)
     node.measure(LOCAL_EP, 0.1 * MS, 4 * MS)
     node.measure(NEAR, 20 * MS, 200 * MS).measure(FAR, 40 * MS, 4 * MS)
     node.active[LOCAL_EP] = 50

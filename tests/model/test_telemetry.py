@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rapproxy.model.telemetry import (
+    RTT_FLOOR_SAMPLES,
     InvalidSettings,
     InvalidTelemetry,
     NodeStats,
@@ -99,6 +100,23 @@ def test_rtt_is_an_ewma_of_poll_round_trips() -> None:
     tracker.record_peer("n1", NodeStats("n1", 0.1, 0.1, 1.0), 0.030)
     assert tracker.snapshot().nodes["n1"].rtt == pytest.approx(0.020)
     assert tracker.snapshot().nodes["n1"].rtt_sample_count == 2
+
+
+def test_rtt_floor_is_the_smallest_of_the_recent_polls_and_forgets_older_ones() -> None:
+    # Polls answered by a busy peer take far longer than the network: the floor keeps the
+    # network's part. A floor older than the window gives way, so a path that got slower is
+    # believed within RTT_FLOOR_SAMPLES polls.
+    tracker = TelemetryTracker("n0")
+    samples = [0.003, 0.025, 0.018] + [0.030] * (RTT_FLOOR_SAMPLES - 3)
+    for at, sample in enumerate(samples):
+        tracker.record_peer("n1", NodeStats("n1", 0.1, 0.1, float(at)), sample)
+    peer = tracker.snapshot().nodes["n1"]
+    assert peer.rtt_floor == 0.003
+    assert peer.rtt is not None and peer.rtt > 0.02
+    tracker.record_peer("n1", NodeStats("n1", 0.1, 0.1, 20.0), 0.030)  # 0.003 leaves the window
+    assert tracker.snapshot().nodes["n1"].rtt_floor == 0.018
+    tracker.record_failure("n1", "timeout")  # a failed poll keeps the window
+    assert tracker.snapshot().nodes["n1"].rtt_floor == 0.018
 
 
 def test_overload_hysteresis_enters_at_threshold_and_leaves_below_exit() -> None:

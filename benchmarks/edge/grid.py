@@ -104,13 +104,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def grid_cells(
-    scales: Sequence[float], levels: Sequence[int], remote_scale: float | None
+    scales: Sequence[float],
+    levels: Sequence[int],
+    remote_scale: float | None,
+    only_states: Sequence[str] | None = None,
 ) -> list[Cell]:
+    """The cells in run order; `only_states` (keys of STATES) keeps a subset, for trials."""
     cells = []
     for scale in scales:
         states = [HEALTHY, "node-1 overloaded"]
         if remote_scale is not None and math.isclose(scale, remote_scale):
             states.append("node-2 overloaded")
+        if only_states is not None:
+            states = [state for state in states if state in only_states]
         cells += [Cell(scale, c, state) for state in states for c in levels]
     return cells
 

@@ -360,6 +360,18 @@ def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def states_of(text: str | None) -> list[str] | None:
+    """`healthy,node-1` → the grid's state names; None: every state."""
+    if text is None:
+        return None
+    names = {"healthy": "healthy", "node-1": "node-1 overloaded", "node-2": "node-2 overloaded"}
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in names]
+    if unknown or not chosen:
+        raise SystemExit(f"--states: {unknown or 'none'} not among {', '.join(names)}")
+    return [names[v] for v in chosen]
+
+
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -379,6 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="grid: the delay scale that also gets a node-2-overloaded row (-1: none)",
+    )
+    parser.add_argument(
+        "--states",
+        default=None,
+        help="grid: comma-separated subset of healthy,node-1,node-2 (default: all)",
     )
     parser.add_argument(
         "--quick",
@@ -478,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cells = grid_cells([1.0], [2, 32], None)
             else:
                 remote = args.remote_scale if args.remote_scale >= 0 else None
-                cells = grid_cells(args.scales, args.levels, remote)
+                cells = grid_cells(args.scales, args.levels, remote, states_of(args.states))
             grid_results = asyncio.run(grid(options, cells, rounds, progress))
             text = grid_markdown(grid_results, env, options, rounds)
             heatmap(grid_results, stem.with_suffix(".png"))

@@ -182,22 +182,50 @@ async def started_cluster(
 
 async def test_rap_spills_only_while_the_local_pod_queues_then_returns(tmp_path: Path) -> None:
     # The default policy, with real queueing: every pod spends 20 ms of CPU per request and
-    # serves one at a time. No CPU figure is injected: the queue is the only signal.
+    # serves one at a time. Node-1's CPU verdict comes from its load file (a real node's from
+    # its cgroup): spilling needs the node short of CPU *and* a queue that costs more than a
+    # round trip to a peer.
     async with started_cluster(tmp_path, (), work_ms=(20.0, 20.0, 20.0)) as cluster:
-        # One request at a time: node-1's pod is busy but nobody waits for it, and a peer's
-        # would cost the same plus a round trip. Everything local.
+        # One request at a time: nobody waits for node-1's pod, and a peer's would cost the
+        # same plus a round trip. Everything local.
         spread = await cluster.spread_becomes(lambda s: s == Counter({"b1": 40}))
         assert spread == Counter({"b1": 40})
 
-        # Sixteen clients at once: a queue forms in front of node-1's pod, and a queue costs
-        # more than the round trip to a peer. Traffic spills, while node-1 keeps busy.
+        # Sixteen clients on a node whose CPU figure says it has room: the queue is the
+        # clients' own, and a peer's pod would queue them as well. Nothing spills.
+        names = await cluster.nodes[0].call(probes.concurrent_backend_names, SERVICE_URL, 16, 2.0)
+        assert Counter(names) == Counter({"b1": len(names)}), Counter(names)
+
+        # The node is short of CPU now. One client at a time still keeps up: all local.
+        cluster.set_load(1, 0.95)
+        await overloaded_becomes(cluster.nodes[0], True)
+        spread = await cluster.spread_becomes(lambda s: s == Counter({"b1": 40}))
+        assert spread == Counter({"b1": 40})
+
+        # Sixteen clients at once: a queue forms in front of node-1's pod, and it costs more
+        # than the round trip to a peer. Traffic spills, while node-1 keeps busy.
         names = await cluster.nodes[0].call(probes.concurrent_backend_names, SERVICE_URL, 16, 3.0)
         served = Counter(names)
         assert served[""] == 0, f"requests failed under load: {served}"
         assert served["b2"] + served["b3"] > served["b1"] > 0, served
 
-        # Load gone, the queue drains: back to all local.
+        # Load gone, the queue drains: back to all local, though the node is still short of CPU.
         await cluster.spread_becomes(lambda s: s == Counter({"b1": 40}))
+        decision = await web_decision(cluster.nodes[0])
+        assert decision["local_overloaded"] is True and decision["decision"] == "local", decision
+
+
+async def web_decision(node: Namespace) -> dict[str, Any]:
+    """The rap policy's explanation for Service web in the node's `/debug/state`."""
+    services = (await debug_state(node))["services"]
+    return next(v["decision"] for k, v in services.items() if "default/web" in k)
+
+
+async def overloaded_becomes(node: Namespace, overloaded: bool, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while (await web_decision(node)).get("local_overloaded") is not overloaded:
+        assert time.monotonic() < deadline, f"node never seen overloaded={overloaded}"
+        await asyncio.sleep(0.05)
 
 
 async def test_spill_over_follows_the_injected_load(cluster: Cluster) -> None:

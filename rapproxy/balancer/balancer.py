@@ -346,6 +346,9 @@ class Balancer:
 
     def _answer(self, endpoint: EndpointKey, now: float | None) -> None:
         """A request stopped awaiting its response (`now`: answered then; None: closed)."""
+        since = self._progress_at.get(endpoint)
+        if now is not None and since is not None and endpoint in self._endpoint_refs:
+            self.signals.silence_ended(endpoint, max(0.0, now - since))
         _decrement(self._awaiting, endpoint)
         if endpoint not in self._awaiting:
             self._progress_at.pop(endpoint, None)

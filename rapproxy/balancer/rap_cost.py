@@ -19,10 +19,13 @@ one for the request); `server_time` reads the endpoint's measured latency-agains
 merely open: see `Balancer.first_response`) plus the new one, an exact and current count, so a
 queue shows in the cost the moment it forms. A **stall** shows at once too: an endpoint with
 requests of ours awaiting a response that has answered none of them for `s` seconds
-(`Balancer.stalled_for`) costs at least `s` plus one request's share of its curve, whatever
-the curve says. A pod whose CPU quota is spent stops answering for tens of milliseconds; its
-averages learn that only from the requests caught in the stall, once it is over, while the
-time since its last answer says so while it happens. An endpoint without fresh figures of
+(`Balancer.stalled_for`) costs at least what is left of that silence, plus one request's share
+of its curve, whatever the curve says. What is left is read from the endpoint's own recent
+silences (`EndpointSignal.residual`): a pod throttled by its CPU quota, silent for 85 ms of
+every 100, has far to go 5 ms into a silence and little 75 ms in, so new connections leave
+early in a stall and stay late in one; a silence longer than any on record is expected to last
+as long again. Its averages learn of a stall only from the requests caught in it, once it is
+over; the silence says so while it happens. An endpoint without fresh figures of
 its own falls back to priors: the node's telemetry round trip, and the smallest unloaded
 service time measured among the service's endpoints, per connection in flight (multiplied by
 `OVERLOADED_PENALTY` when telemetry says the node is overloaded). Own figures older than
@@ -198,12 +201,17 @@ class CostRapPolicy:
         stalled = context.stalled_for
         if not plan.may_spill and plan.local:
             # Whatever the local queue costs, a node with CPU to spare keeps its traffic (see
-            # `spill_needs_overload`): nothing to price but the local endpoints.
+            # `spill_needs_overload`): nothing to price but the local endpoints, and a lone one
+            # not even that (the healthy node's common case, on every connection).
             if self.spilling:
                 self._change(RegimeChange.RETURN)
-            local_endpoint, local_cost = self._cheapest_local(
-                plan, signals, active, stalled=stalled, now=now
-            )
+            local_endpoint: Endpoint | None
+            if len(plan.local) == 1:
+                local_endpoint, local_cost = plan.local[0], math.nan
+            else:
+                local_endpoint, local_cost = self._cheapest_local(
+                    plan, signals, active, stalled=stalled, now=now
+                )
             return self._record(
                 now,
                 local_endpoint,
@@ -417,11 +425,12 @@ class CostRapPolicy:
                 else:
                     server = _blend(measured, server, age, hold)
         if stalled is not None:
-            stall = stalled(endpoint, now)
-            if stall > 0.0:
-                # Requests of ours have waited `stall` with none answered: whatever the curve
-                # says, the new one waits out at least that much more, then its own turn.
-                server = max(server, stall + server / in_flight)
+            silent = stalled(endpoint, now)
+            if silent > 0.0:
+                # Requests of ours have had no answer for `silent` seconds: whatever the curve
+                # says, the new one waits out what is left of that silence, then its turn.
+                rest = record.residual(silent) if record is not None else silent
+                server = max(server, rest + server / in_flight)
         return 2.0 * rtt + server
 
     # -- per-snapshot work --------------------------------------------------------------------

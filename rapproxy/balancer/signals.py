@@ -45,6 +45,8 @@ Pure: every method takes the time. Records are per endpoint address and are drop
 
 from __future__ import annotations
 
+import bisect
+import collections
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,6 +55,7 @@ from typing import Any
 EndpointKey = tuple[str, int]
 LEVELS = 8  # in-flight levels: 1, 2, 3-4, 5-8, 9-16, 17-32, 33-64, 65+
 MEMORY = 0.5  # s: a figure this long without a sample gives the next one 63 % of its weight
+GAPS = 64  # silences (times between answers while requests await one) kept per endpoint
 
 
 def level_of(in_flight: int) -> int:
@@ -77,6 +80,25 @@ class EndpointSignal:
     # (in flight, server time) of the levels measured within `hold` of the last sample,
     # ordered by in flight: what `server_time` reads. Rebuilt on each sample.
     curve: tuple[tuple[float, float], ...] = ()
+    # The last GAPS silences, in arrival order and sorted (what `residual` reads).
+    gaps: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=GAPS))
+    gaps_sorted: list[float] = field(default_factory=list)
+
+    def residual(self, age: float) -> float:
+        """Expected further wait for an answer, `age` seconds into a silence.
+
+        Read from this endpoint's own silences: the mean of `gap - age` over those that lasted
+        longer than `age`. A pod throttled by its CPU quota goes silent for most of every
+        period; its history says the silence has far to go when it has just begun, and
+        little when it is nearly over, so a connection is sent away early in a stall and
+        kept late in one, instead of the other way round. Longer than any silence seen:
+        as long again (nothing known says it ends sooner).
+        """
+        ordered = self.gaps_sorted
+        longer = ordered[bisect.bisect_right(ordered, age) :]
+        if not longer:
+            return age
+        return sum(longer) / len(longer) - age
 
     def server_time(self, in_flight: int) -> float:
         """Predicted server time with `in_flight` connections open (the new one included)."""
@@ -189,6 +211,17 @@ class EndpointSignals:
                 if record.level_at[i] >= horizon
             )
         )
+
+    def silence_ended(self, key: EndpointKey, gap: float) -> None:
+        """An endpoint with requests awaiting an answer answered after `gap` seconds of
+        silence (since its previous answer, or since it was handed work while idle)."""
+        record = self._record(key)
+        gaps = record.gaps
+        ordered = record.gaps_sorted
+        if len(gaps) == GAPS:
+            del ordered[bisect.bisect_left(ordered, gaps[0])]
+        gaps.append(gap)
+        bisect.insort(ordered, gap)
 
     def forget(self, keys: Iterable[EndpointKey]) -> None:
         for key in keys:

@@ -356,6 +356,19 @@ def test_requests_in_flight_count_connections_awaiting_an_answer_not_open_ones()
     assert b.describe(0.0)["requests_in_flight"] == {}
 
 
+def test_every_answer_ends_a_silence_of_the_endpoint() -> None:
+    b = balancer((port(), (ep(1), ep(2))))
+    one = key_of(ep(1))
+    b.connection_opened(one, 0.001, 1.0)  # handed work while idle: the silence starts here
+    b.connection_opened(one, 0.001, 1.01)
+    b.first_response(one, 0.001, 0.05, 1.05)
+    b.first_response(one, 0.001, 0.09, 1.08)
+    b.connection_opened(one, 0.001, 2.0)
+    b.connection_closed(one)  # closed unanswered: no answer, no silence measured
+    record = b.signals.records[one]
+    assert list(record.gaps) == [pytest.approx(0.05), pytest.approx(0.03)]
+
+
 def test_a_latency_sample_is_filed_under_the_queue_its_request_joined() -> None:
     b = balancer((port(), (ep(1), ep(2))))
     one = key_of(ep(1))

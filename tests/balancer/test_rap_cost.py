@@ -187,6 +187,23 @@ def test_a_stalled_local_pod_loses_new_connections_once_the_stall_costs_a_round_
     assert node.choose(ALL, NOW + 62 * MS).placement is Placement.LOCAL
 
 
+def test_a_pod_known_to_stall_loses_connections_early_in_a_silence_and_keeps_them_late() -> None:
+    # The local pod's history: answers 1 ms apart, and an 85 ms silence every 100 ms (its CPU
+    # quota). n1's pod costs two 20 ms round trips and 4 ms.
+    node = edge()
+    node.measure(NEAR, 20 * MS, 4 * MS).measure(FAR, 40 * MS, 4 * MS)
+    for _ in range(3):
+        for _ in range(15):
+            node.signals.silence_ended(key_of(LOCAL_EP), 1 * MS)
+        node.signals.silence_ended(key_of(LOCAL_EP), 85 * MS)
+    node.active[LOCAL_EP] = 2
+    node.progress_at[LOCAL_EP] = NOW
+    # 10 ms into a silence: 75 ms more to wait, against 44 ms at n1. Away.
+    assert node.choose(ALL, NOW + 10 * MS).placement is Placement.REMOTE
+    # 80 ms in: the quota is about to come back, 5 ms to go. Local again.
+    assert node.choose(ALL, NOW + 80 * MS).placement is Placement.LOCAL
+
+
 def test_the_same_busy_node_spills_under_the_utilization_variants() -> None:
     node = edge(local_cpu=0.99)
     for _ in range(3):  # three overloaded samples: the gradual share is down to about a third

@@ -8,7 +8,7 @@ import pytest
 
 from rapproxy.balancer.balancer import Balancer
 from rapproxy.balancer.categorize import Locality
-from rapproxy.balancer.signals import EndpointSignals, level_of
+from rapproxy.balancer.signals import GAPS, EndpointSignals, level_of
 from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.service import ServicePort, ServicePortName
 from rapproxy.model.table import ServiceEntry, ServiceTable
@@ -144,3 +144,43 @@ def test_the_balancer_drops_signals_of_endpoints_no_service_holds() -> None:
     # A late report about the removed endpoint (a connection that outlived it) is not kept.
     balancer.first_response(("10.0.0.2", 8080), 0.001, 0.002, 1.0)
     assert balancer.signals.get(("10.0.0.2", 8080)) is None
+
+
+def throttled_pod(signals: EndpointSignals, periods: int = 3) -> None:
+    """A pod throttled by its CPU quota: per 100 ms, fifteen answers 1 ms apart, then an
+    85 ms silence."""
+    for _ in range(periods):
+        for _ in range(15):
+            signals.silence_ended(KEY, 1 * MS)
+        signals.silence_ended(KEY, 85 * MS)
+
+
+def test_a_silence_is_long_to_go_when_it_begins_and_short_when_nearly_over() -> None:
+    signals = EndpointSignals()
+    throttled_pod(signals)
+    record = signals.get(KEY)
+    assert record is not None
+    # Just after an answer most silences end within a millisecond; one in sixteen lasts 85 ms.
+    assert record.residual(0.0) == pytest.approx((15 * 1 + 85) / 16 * MS)
+    # 5 ms into a silence it can only be a stall: 80 ms to go.
+    assert record.residual(5 * MS) == pytest.approx(80 * MS)
+    # 75 ms in, nearly over.
+    assert record.residual(75 * MS) == pytest.approx(10 * MS)
+
+
+def test_a_silence_longer_than_any_seen_is_expected_to_last_as_long_again() -> None:
+    signals = EndpointSignals()
+    throttled_pod(signals)
+    record = signals.get(KEY)
+    assert record is not None and record.residual(120 * MS) == pytest.approx(120 * MS)
+
+
+def test_only_the_latest_silences_count() -> None:
+    signals = EndpointSignals()
+    throttled_pod(signals, periods=2)
+    for _ in range(GAPS):  # the pod is no longer throttled
+        signals.silence_ended(KEY, 1 * MS)
+    record = signals.get(KEY)
+    assert record is not None
+    assert len(record.gaps_sorted) == GAPS and max(record.gaps_sorted) == 1 * MS
+    assert record.residual(5 * MS) == pytest.approx(5 * MS)  # no stall on record any more

@@ -29,6 +29,7 @@ class PolicyRun:
     p50_ms: float
     p99_ms: float
     local_share: float | None  # of the connections node-1's rapproxy placed; None: unknown
+    round_rates: tuple[float, ...] = ()  # req/s of every round when it ran several (this: median)
 
     @property
     def rate(self) -> float:
@@ -77,7 +78,7 @@ def comparison_table(runs: Sequence[PolicyRun]) -> str:
     same phase (the paper's baselines: kube-proxy's spreading, and staying on the node), and
     against the best static policy of the phase (what an adaptive policy must not lose to)."""
     headers = [
-        *("PHASE", "POLICY", "REQ/S", "P50 MS", "P99 MS", "ERRORS", "LOCAL"),
+        *("PHASE", "POLICY", "REQ/S", "ROUNDS", "P50 MS", "P99 MS", "ERRORS", "LOCAL"),
         *("VS RR", "VS LOCAL-ONLY", "VS BEST STATIC"),
     ]
 
@@ -89,7 +90,8 @@ def comparison_table(runs: Sequence[PolicyRun]) -> str:
         best = best_static(runs, run.phase)
         if best is None or best.rate <= 0:
             return "-"
-        return f"{run.rate / best.rate:.2f}x ({best.policy})"
+        text = f"{run.rate / best.rate:.2f}x ({best.policy})"
+        return text + " level" if is_level(run, best) else text
 
     rows = []
     for run in runs:
@@ -98,6 +100,7 @@ def comparison_table(runs: Sequence[PolicyRun]) -> str:
                 run.phase,
                 run.policy,
                 f"{run.rate:.0f}",
+                "/".join(f"{r:.0f}" for r in run.round_rates) or "-",
                 f"{run.p50_ms:.1f}",
                 f"{run.p99_ms:.1f}",
                 str(run.errors),
@@ -112,7 +115,21 @@ def comparison_table(runs: Sequence[PolicyRun]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
         for line in [headers, *rows]
     ]
-    return "\n".join(lines) + f"\n({CLOSED_LOOP_NOTE})\n"
+    note = (
+        "level: below the best static policy, but above that policy's own slowest round "
+        "(the rounds' noise)"
+    )
+    return "\n".join(lines) + f"\n({CLOSED_LOOP_NOTE})\n({note})\n"
+
+
+def is_level(run: PolicyRun, best: PolicyRun) -> bool:
+    """Slower than `best` by less than `best`'s own rounds differ among themselves."""
+    return (
+        run.policy not in STATIC_POLICIES
+        and run.rate < best.rate
+        and bool(best.round_rates)
+        and run.rate >= min(best.round_rates)
+    )
 
 
 def failover_text(failover: FailoverResult) -> str:

@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ async def run_scenario(options: DemoOptions, progress: Progress) -> DemoResults:
         "delays_ms": {f"{a}-{b}": ms for (a, b), ms in options.delays_ms().items()},
         "delay_scale": options.delay_scale,
         "duration_s_per_policy": options.duration,
+        "rounds": options.rounds,
         "connections": options.connections,
         "backend_work_ms": options.work_ms,
         "client": "wrk from node-1's host network to ClusterIP 10.96.0.10:80, Connection: close",
@@ -118,17 +120,33 @@ def placement(demo: DemoCluster) -> str:
 async def compare(
     demo: DemoCluster, options: DemoOptions, progress: Progress, phase: str, lua: Path
 ) -> list[PolicyRun]:
-    runs = []
-    for policy in options.policies:
-        with progress.step(f"{phase}: {policy:<11} wrk {options.duration:g} s"):
-            run = await measure(demo, options, phase, policy, lua)
-        local = "n/a" if run.local_share is None else f"{run.local_share * 100:.0f} % local"
-        progress.say(
-            f"  {run.rate:7.0f} req/s  p50 {run.p50_ms:6.1f} ms  p99 {run.p99_ms:6.1f} ms  "
-            f"{run.errors} errors  {local}"
-        )
-        runs.append(run)
-    return runs
+    """Every policy `options.rounds` times, interleaved and in a rotated order each round (no
+    policy always first, after a quiet pause, or last); per policy its median round by req/s,
+    carrying every round's req/s."""
+    policies = list(options.policies)
+    measured: dict[str, list[PolicyRun]] = {policy: [] for policy in policies}
+    for index in range(options.rounds):
+        shift = index % len(policies)
+        label = f" round {index + 1}/{options.rounds}" if options.rounds > 1 else ""
+        for policy in policies[shift:] + policies[:shift]:
+            with progress.step(f"{phase}:{label} {policy:<11} wrk {options.duration:g} s"):
+                run = await measure(demo, options, phase, policy, lua)
+            local = "n/a" if run.local_share is None else f"{run.local_share * 100:.0f} % local"
+            progress.say(
+                f"  {run.rate:7.0f} req/s  p50 {run.p50_ms:6.1f} ms  p99 {run.p99_ms:6.1f} ms  "
+                f"{run.errors} errors  {local}"
+            )
+            measured[policy].append(run)
+    return [median_round(measured[policy]) for policy in policies]
+
+
+def median_round(runs: list[PolicyRun]) -> PolicyRun:
+    """The median run by req/s (the lower one of an even count), with every round's rate."""
+    ordered = sorted(runs, key=lambda r: r.rate)
+    median = ordered[(len(ordered) - 1) // 2]
+    if len(runs) == 1:
+        return median
+    return replace(median, round_rates=tuple(round(r.rate, 1) for r in runs))
 
 
 async def measure(

@@ -15,12 +15,14 @@ def test_defaults_scale_the_first_authors_matrix_and_compare_every_policy() -> N
         ("node-1", "node-3"): 20.0,
         ("node-2", "node-3"): 7.5,
     }
-    assert (options.duration, options.overload, options.failover) == (10.0, True, True)
+    assert (options.duration, options.rounds) == (5.0, 3)
+    assert (options.overload, options.failover) == (True, True)
 
 
 def test_quick_shortens_the_load_unless_a_duration_is_given() -> None:
-    assert parse_options(["--quick"]).duration == 3.0
+    assert (parse_options(["--quick"]).duration, parse_options(["--quick"]).rounds) == (3.0, 1)
     assert parse_options(["--quick", "--duration", "5"]).duration == 5.0
+    assert parse_options(["--quick", "--rounds", "2"]).rounds == 2
 
 
 def test_policies_subset_and_phase_switches() -> None:
@@ -33,6 +35,7 @@ def test_policies_subset_and_phase_switches() -> None:
     ("argv", "message"),
     [
         (["--duration", "0.5"], "--duration: 0.5 s is outside 1..600"),
+        (["--rounds", "0"], "--rounds: 0 is outside 1..9"),
         (["--delay-scale", "-1"], "--delay-scale: -1 is outside 0..50"),
         (["--connections", "0"], "--connections: 0 is outside 1..512"),
         (["--node-cpus", "0"], "--node-cpus: 0 is outside 0.05..64"),

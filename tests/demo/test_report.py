@@ -29,7 +29,7 @@ def test_table_gives_rates_and_ratios_against_baselines_of_the_same_phase() -> N
     lines = comparison_table(RUNS).splitlines()
     rap, rr, overloaded = lines[1].split(), lines[2].split(), lines[3].split()
     # VS RR, VS LOCAL-ONLY, VS BEST STATIC (the best static here is round-robin itself)
-    assert rap[:3] == ["healthy", "rap", "1500"] and rap[-4:] == [
+    assert rap[:4] == ["healthy", "rap", "1500", "-"] and rap[-4:] == [
         "3.00x",
         "-",
         "3.00x",
@@ -37,7 +37,21 @@ def test_table_gives_rates_and_ratios_against_baselines_of_the_same_phase() -> N
     ]
     assert rr[-4:] == ["1.00x", "-", "1.00x", "(round-robin)"]  # no local-only run here
     assert overloaded[-3:] == ["-", "-", "-"]  # no baseline at all in that phase
-    assert "closed-loop" in lines[-1]
+    assert "closed-loop" in lines[-2]
+
+
+def test_a_policy_within_the_best_static_policys_own_round_spread_is_level() -> None:
+    runs = (
+        PolicyRun("healthy", "rap", 970, 1.0, 0, 2.0, 5.0, 1.0, (980.0, 970.0, 940.0)),
+        PolicyRun("healthy", "local-only", 1000, 1.0, 0, 2.0, 5.0, 1.0, (1000.0, 1020.0, 960.0)),
+        PolicyRun("overloaded", "rap", 900, 1.0, 0, 2.0, 5.0, 0.2, (900.0, 910.0, 890.0)),
+        PolicyRun("overloaded", "least-conn", 1000, 1.0, 0, 2.0, 5.0, 0.2, (990.0, 1000.0, 1010.0)),
+    )
+    lines = comparison_table(runs).splitlines()
+    assert lines[1].split()[3] == "980/970/940"
+    assert lines[1].endswith("0.97x (local-only) level")  # 970 >= local-only's slowest, 960
+    assert lines[3].endswith("0.90x (least-conn)")  # 900 < 990: a real loss, not noise
+    assert lines[2].endswith("1.00x (local-only)")  # a static policy is never called level
 
 
 def test_summary_shows_the_failover_figures_beside_the_paper() -> None:

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -141,6 +142,9 @@ class Proxier:
                 dial_timeouts=proxy.dial_timeouts,
                 idle_timeout=proxy.idle_timeout,
                 max_connections=proxy.max_connections,
+                # The fallback when no predecessor hands its listener over (see handover): a
+                # successor can still bind beside a running instance.
+                reuse_port=True,
             ),
             stats=self.stats,
         )
@@ -171,10 +175,16 @@ class Proxier:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, listen: Sequence[tuple[str, int]] | None = None) -> None:
+    async def start(
+        self,
+        listen: Sequence[tuple[str, int]] | None = None,
+        *,
+        inherited: Mapping[tuple[str, int], socket.socket] | None = None,
+    ) -> None:
+        """Open the TCP listener; `inherited` holds listening sockets a predecessor handed over."""
         if listen is None:
             listen = [(self.config.proxy.listen_address, self.config.proxy.tcp_port)]
-        await self.tcp.start(listen)
+        await self.tcp.start(listen, inherited=inherited)
 
     async def aclose(self) -> None:
         await self.tcp.aclose()

@@ -1,0 +1,192 @@
+"""A rolling update of the proxy, for real: a second `rapproxy run` takes over, the first drains.
+
+Topology (network namespaces made here, joined by veths; no default routes):
+
+    client 10.0.0.2 ──veth── 10.0.0.1 node (two rapproxy processes, iptables) 10.1.1.1 ──veth── b1
+
+While an open-loop load of short connections runs through the ClusterIP, and long keep-alive
+connections opened before the update keep asking, a new rapproxy starts on the node (it takes the
+listening sockets over), then the old one gets SIGTERM. Every short connection must succeed —
+none refused, none reset — and the long ones must keep being answered until the old process's
+drain deadline, when it resets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rapproxy.testing import probes
+from rapproxy.testing.connload import OK, RESET, SURVIVED, LoadReport, LoadSpec, run_load
+from rapproxy.testing.netns import Namespace
+
+pytestmark = pytest.mark.root
+
+RAPPROXY = str(Path(sys.executable).with_name("rapproxy"))
+DRAIN = 3.0
+
+OBJECTS = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.1.1.2], nodeName: node}
+"""
+
+
+@dataclass
+class Node:
+    client: Namespace
+    node: Namespace
+    tmp_path: Path
+    daemons: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+    async def start_daemon(self, *extra: str) -> tuple[asyncio.subprocess.Process, Path]:
+        log = self.tmp_path / f"rapproxy-{len(self.daemons)}.log"
+        with log.open("wb") as output:
+            daemon = await self.node.spawn(
+                [
+                    RAPPROXY,
+                    "run",
+                    "--objects",
+                    str(self.tmp_path / "objects.yaml"),
+                    "--node-name",
+                    "node",
+                    "--set",
+                    "iptables.minSyncPeriod=0.05",
+                    "--set",
+                    f"proxy.drainTimeout={DRAIN}",
+                    *extra,
+                ],
+                stdout=output,
+                stderr=output,
+            )
+        self.daemons.append(daemon)
+        return daemon, log
+
+    async def rapproxy_rules(self) -> list[str]:
+        saved = await self.node.exec(["iptables-save", "-t", "nat"])
+        return [line for line in saved.stdout.splitlines() if "RAPPROXY" in line]
+
+
+def log_text(log: Path) -> str:
+    return log.read_text(errors="replace")
+
+
+def exists(path: Path) -> bool:
+    return path.exists()
+
+
+async def wait_for_line(log: Path, text: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while text not in log_text(log):
+        assert time.monotonic() < deadline, (
+            f"{text!r} not logged within {within} s:\n" + (log_text(log)[-3000:])
+        )
+        await asyncio.sleep(0.05)
+
+
+async def wait_for_file(path: Path, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not exists(path):
+        assert time.monotonic() < deadline, f"{path} did not appear within {within} s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[Node]:
+    namespaces: list[Namespace] = []
+    try:
+        for tag in ("client", "node", "b1"):
+            namespaces.append(await Namespace.create(tag))
+        client, node, b1 = namespaces
+        await client.add_veth_peer(node, "10.0.0.2", "10.0.0.1")
+        await node.add_veth_peer(b1, "10.1.1.1", "10.1.1.2")
+        await client.add_route("10.96.0.0/16", via="10.0.0.1")
+        await node.add_local_route("10.96.0.0/16")
+        ready = tmp_path / "b1.ready"
+        await b1.spawn(
+            [
+                sys.executable,
+                "-m",
+                "rapproxy.testing.backend",
+                "--name",
+                "b1",
+                "--http",
+                "0.0.0.0:8080",
+                "--ready-file",
+                str(ready),
+            ]
+        )
+        await wait_for_file(ready, 10)
+        (tmp_path / "objects.yaml").write_text(OBJECTS)
+        yield Node(client, node, tmp_path)
+    finally:
+        for namespace in namespaces:
+            await namespace.aclose()
+
+
+async def test_new_instance_takes_over_while_the_old_drains_losing_no_connection(
+    world: Node,
+) -> None:
+    old, _old_log = await world.start_daemon()
+    await world.client.call(probes.wait_http, "http://10.96.0.10/", 20.0)
+
+    ready = world.tmp_path / "load.ready"
+    spec = LoadSpec(
+        "10.96.0.10", 80, rate=100, seconds=14, long_connections=2, ready_file=str(ready)
+    )
+    load = asyncio.create_task(world.client.call(run_load, spec))
+    await wait_for_file(ready, 10)  # the long connections are open, on the old process
+
+    _new, new_log = await world.start_daemon()
+    await wait_for_line(new_log, "took over 3 listening socket(s)", 20)
+    terminated = time.time()
+    old.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(old.wait(), DRAIN + 10) == 0
+    exited = time.time()
+    assert await world.rapproxy_rules(), "a handover never removes the rules"
+
+    report: LoadReport = await asyncio.wait_for(load, 60)
+    counts = report.counts()
+    assert counts == {OK: sum(counts.values())}, f"outcomes {dict(counts)}"
+    assert report.counts(since=exited)[OK] >= 100, "the new instance serves after the old left"
+    for long in report.long:
+        assert long.outcome == RESET, "the drain deadline ends the old process's connections"
+        assert long.last_answer is not None and long.last_answer >= terminated + DRAIN - 0.5, (
+            f"answered until {long.last_answer - terminated:.2f} s after SIGTERM, drain {DRAIN} s"
+        )
+        assert long.ended <= exited + 1.0
+
+
+async def test_a_second_instance_without_a_predecessor_to_take_over_from_serves_alone(
+    world: Node,
+) -> None:
+    # The fallback: with handover off, the new instance binds beside the old (SO_REUSEPORT).
+    old, _log = await world.start_daemon("--set", "proxy.handoverSocket=disabled")
+    await world.client.call(probes.wait_http, "http://10.96.0.10/", 20.0)
+    _new, new_log = await world.start_daemon("--set", "proxy.handoverSocket=disabled")
+    await wait_for_line(new_log, "rapproxy on node node", 20)
+    old.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(old.wait(), DRAIN + 10) == 0
+    report: LoadReport = await world.client.call(
+        run_load, LoadSpec("10.96.0.10", 80, rate=50, seconds=1, long_connections=1)
+    )
+    assert report.counts() == {OK: 50}
+    assert [long.outcome for long in report.long] == [SURVIVED]

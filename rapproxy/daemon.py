@@ -167,15 +167,13 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
     tcp_inherited = inherited.pop(listener_name("tcp", *listen), None)
     health_inherited = inherited.pop(listener_name("healthz", health_host, health_port), None)
     metrics_inherited = inherited.pop(listener_name("metrics", metrics_host, metrics_port), None)
+    udp_inherited = {n: inherited.pop(n) for n in list(inherited) if n.startswith("udp ")}
     for name, unused in inherited.items():
         log.info("not using the handed-over %s: this configuration does not listen there", name)
         unused.close()
 
     def offer() -> dict[str, int]:
-        offered = {
-            listener_name("tcp", host, port): fd
-            for (host, port), fd in proxier.tcp.listening_descriptors().items()
-        }
+        offered = proxier.listening_descriptors()
         for kind, server in (("healthz", health_server), ("metrics", metrics_server)):
             fd = server.listening_descriptor()
             if fd is not None:
@@ -186,7 +184,7 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
 
     def stop_serving() -> None:
         """Drain, step one: take no new connection; a successor holding the sockets takes them."""
-        proxier.tcp.stop_accepting()
+        proxier.stop_accepting()
         health_server.stop_listening()
         metrics_server.stop_listening()
 
@@ -202,7 +200,10 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signalled)
     try:
-        await proxier.start(inherited={listen: tcp_inherited} if tcp_inherited else None)
+        await proxier.start(
+            inherited={listen: tcp_inherited} if tcp_inherited else None,
+            inherited_udp=udp_inherited,
+        )
         await health_server.start(health_inherited)
         await metrics_server.start(metrics_inherited)
         if handover is not None:
@@ -263,9 +264,9 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
 async def _drain(proxier: Proxier, seconds: float, cut: asyncio.Event) -> None:
     """Let the relays this process holds finish, for up to `seconds` or until `cut` is set.
 
-    Rules are not touched: they send the node's traffic to the shared listener, which a successor
-    keeps serving. UDP service sockets stay open meanwhile, so flows still pointed here by
-    conntrack keep their replies until the drain ends.
+    Rules are not touched: they send the node's traffic to the shared sockets, which a successor
+    keeps serving. UDP service sockets stay open (not read) meanwhile, so the flows open here
+    still get their replies until the drain ends.
     """
     if not proxier.tcp.active_connections:
         return

@@ -11,14 +11,17 @@ when the old one stops accepting and closes its descriptor, the socket lives on 
 nothing queued is lost. SO_REUSEPORT stays set on the listeners as the fallback when there is no
 one to take over from (a predecessor that crashed mid-handover): then a fresh bind still works.
 
-Protocol (version 1), one exchange per connection, on an abstract unix socket by default (scoped
-to the network namespace, which for the DaemonSet is the host's: no hostPath needed):
+Protocol (version 1), one exchange per connection over a SOCK_SEQPACKET unix socket (records keep
+their boundaries, so a header is never read in pieces), abstract by default (scoped to the network
+namespace, which for the DaemonSet is the host's: no hostPath needed):
 
 1. the successor connects;
 2. the running instance checks that the peer runs as its own uid (SO_PEERCRED): anyone who gets
    these sockets receives the node's Service traffic;
-3. it sends one message, a JSON header `{"version": 1, "sockets": ["tcp 0.0.0.0:15001", ...]}`
-   carrying the descriptors, in that order, as SCM_RIGHTS ancillary data;
+3. it sends records, each a JSON header `{"version": 1, "sockets": ["tcp 0.0.0.0:15001", ...],
+   "more": false}` carrying those descriptors, in that order, as SCM_RIGHTS ancillary data; at
+   most `PER_MESSAGE` per record (the kernel takes 253), `more` on all but the last — a node with
+   hundreds of UDP Services has a socket for each;
 4. it closes its own handover listener, then the connection. The successor reads until EOF, so
    when it binds the handover address for the next update, the predecessor has released it.
 
@@ -43,8 +46,10 @@ from collections.abc import Callable, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-MAX_SOCKETS = 64
-"""More than a node proxy ever listens on (TCP per family, two HTTP servers); SCM_MAX_FD is 253."""
+PER_MESSAGE = 128
+"""Descriptors per record: below the kernel's SCM_MAX_FD (253), and a header of a few KiB."""
+MAX_SOCKETS = 8192
+"""Far more than a node proxy holds (a TCP listener per family, two HTTP, one per UDP port)."""
 _MAX_HEADER = 64 * 1024
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -66,17 +71,30 @@ def listener_name(kind: str, host: str, port: int) -> str:
     return f"{kind} {shown}:{port}"
 
 
-def encode_offer(names: Sequence[str]) -> bytes:
-    """The header sent with the descriptors, in the same order as `names`."""
+def encode_offer(names: Sequence[str]) -> list[tuple[bytes, list[str]]]:
+    """The records to send: each header with the names whose descriptors go with it, in order."""
     if len(names) > MAX_SOCKETS:
-        raise HandoverError(f"{len(names)} sockets to pass; at most {MAX_SOCKETS} fit one message")
+        raise HandoverError(f"{len(names)} sockets to pass; at most {MAX_SOCKETS}")
     if len(set(names)) != len(names):
         raise HandoverError(f"duplicate socket names in {list(names)!r}")
-    return json.dumps({"version": PROTOCOL_VERSION, "sockets": list(names)}).encode()
+    batches = [list(names[i : i + PER_MESSAGE]) for i in range(0, len(names), PER_MESSAGE)]
+    batches = batches or [[]]
+    return [
+        (
+            json.dumps(
+                {"version": PROTOCOL_VERSION, "sockets": batch, "more": i < len(batches) - 1}
+            ).encode(),
+            batch,
+        )
+        for i, batch in enumerate(batches)
+    ]
 
 
-def decode_offer(header: bytes, descriptors: int) -> list[str]:
-    """The socket names of a received header; `descriptors` is how many arrived with it."""
+def decode_offer(header: bytes, descriptors: int) -> tuple[list[str], bool]:
+    """The socket names of a received header, and whether more records follow.
+
+    `descriptors` is how many descriptors arrived with the header.
+    """
     try:
         message = json.loads(header)
     except ValueError as error:
@@ -93,7 +111,10 @@ def decode_offer(header: bytes, descriptors: int) -> list[str]:
         raise HandoverError(f"sockets: duplicate names in {names!r}")
     if len(names) != descriptors:
         raise HandoverError(f"sockets: {len(names)} names but {descriptors} descriptors arrived")
-    return names
+    more = message.get("more", False)
+    if not isinstance(more, bool):
+        raise HandoverError(f"more: must be true or false, got {more!r}")
+    return names, more
 
 
 def unix_address(address: str) -> str:
@@ -108,7 +129,7 @@ def take_over(address: str, timeout: float = 5.0) -> dict[str, socket.socket]:
     anything. Whatever goes wrong after connecting is logged and yields {}; descriptors received
     with a bad header are closed, never leaked.
     """
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.settimeout(timeout)
     try:
         try:
@@ -118,31 +139,33 @@ def take_over(address: str, timeout: float = 5.0) -> dict[str, socket.socket]:
         except OSError as error:
             log.warning("handover: cannot reach %s (%s); binding fresh sockets", address, error)
             return {}
+        owned: list[socket.socket] = []  # every descriptor received, closed if anything fails
+        received: dict[str, socket.socket] = {}
         try:
-            header, fds, flags, _addr = socket.recv_fds(conn, _MAX_HEADER, MAX_SOCKETS)
-        except OSError as error:
-            log.warning("handover: no answer from %s (%s); binding fresh sockets", address, error)
-            return {}
-        sockets = [socket.socket(fileno=fd) for fd in fds]
-        try:
-            if flags & socket.MSG_CTRUNC:
-                raise HandoverError("more descriptors than fit the control buffer")
-            names = decode_offer(header, len(sockets))
-            _read_until_eof(conn)
+            more = True
+            while more:
+                header, fds, flags, _addr = socket.recv_fds(conn, _MAX_HEADER, PER_MESSAGE)
+                sockets = [socket.socket(fileno=fd) for fd in fds]
+                owned.extend(sockets)
+                if not header:
+                    raise HandoverError("the predecessor closed the connection mid-offer")
+                if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                    raise HandoverError("a record did not fit the receive buffers")
+                names, more = decode_offer(header, len(sockets))
+                for name, sock in zip(names, sockets, strict=True):
+                    if name in received:
+                        raise HandoverError(f"sockets: {name!r} offered twice")
+                    received[name] = sock
+            if conn.recv(1):
+                raise HandoverError("data after the last record")
         except (HandoverError, OSError) as error:
-            for sock in sockets:
+            for sock in owned:
                 sock.close()
             log.warning("handover from %s failed (%s); binding fresh sockets", address, error)
             return {}
-        return dict(zip(names, sockets, strict=True))
+        return received
     finally:
         conn.close()
-
-
-def _read_until_eof(conn: socket.socket) -> None:
-    """The predecessor closes the connection only after releasing the handover address."""
-    while conn.recv(4096):
-        pass
 
 
 class HandoverServer:
@@ -167,7 +190,7 @@ class HandoverServer:
         return self._listener is not None
 
     async def start(self) -> None:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             if not self.address.startswith("@"):
                 _remove_stale_socket_file(self.address)
@@ -211,9 +234,10 @@ class HandoverServer:
         names = list(offered)
         conn.setblocking(True)
         conn.settimeout(self.send_timeout)
-        # One small message; blocking with a timeout on a fresh unix socket cannot stall the loop
-        # for longer than that, and it happens once per process lifetime.
-        socket.send_fds(conn, [encode_offer(names)], [offered[n] for n in names])
+        # A few small records; blocking with a timeout on a fresh unix socket cannot stall the
+        # loop for longer than that, and it happens once per process lifetime.
+        for header, batch in encode_offer(names):
+            socket.send_fds(conn, [header], [offered[n] for n in batch])
         self._close_listener()  # before the connection: the successor binds the address on EOF
         self.handed_over.set()
         log.info("handed %d listening socket(s) over to pid %d: %s", len(names), pid, names)

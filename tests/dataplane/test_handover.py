@@ -17,6 +17,7 @@ import pytest
 
 from rapproxy.dataplane.handover import (
     MAX_SOCKETS,
+    PER_MESSAGE,
     HandoverError,
     HandoverServer,
     decode_offer,
@@ -32,7 +33,18 @@ from rapproxy.dataplane.handover import (
 def test_header_round_trips_names_in_order() -> None:
     names = [listener_name("tcp", "0.0.0.0", 15001), listener_name("healthz", "::", 10256)]
     assert names == ["tcp 0.0.0.0:15001", "healthz [::]:10256"]
-    assert decode_offer(encode_offer(names), descriptors=2) == names
+    ((header, batch),) = encode_offer(names)
+    assert batch == names
+    assert decode_offer(header, descriptors=2) == (names, False)
+
+
+def test_many_sockets_go_in_records_the_kernel_accepts() -> None:
+    names = [f"udp default/dns-{i}:53" for i in range(2 * PER_MESSAGE + 1)]
+    records = encode_offer(names)
+    assert [len(batch) for _header, batch in records] == [PER_MESSAGE, PER_MESSAGE, 1]
+    decoded = [decode_offer(header, len(batch)) for header, batch in records]
+    assert [more for _names, more in decoded] == [True, True, False]
+    assert [name for names, _more in decoded for name in names] == names
 
 
 @pytest.mark.parametrize(
@@ -45,6 +57,7 @@ def test_header_round_trips_names_in_order() -> None:
         (b'{"version": 1, "sockets": [""]}', 1, "sockets: must be a list"),
         (b'{"version": 1, "sockets": ["a", "a"]}', 2, "duplicate"),
         (b'{"version": 1, "sockets": ["a", "b"]}', 1, "2 names but 1 descriptors"),
+        (b'{"version": 1, "sockets": [], "more": 1}', 0, "more: must be true or false"),
     ],
 )
 def test_a_bad_header_is_rejected_saying_why(header: bytes, descriptors: int, message: str) -> None:
@@ -54,7 +67,7 @@ def test_a_bad_header_is_rejected_saying_why(header: bytes, descriptors: int, me
 
 def test_an_offer_too_large_for_one_message_is_refused() -> None:
     with pytest.raises(HandoverError, match="at most"):
-        encode_offer([f"tcp 10.0.0.{i}:1" for i in range(MAX_SOCKETS + 1)])
+        encode_offer([f"udp default/s{i}:53" for i in range(MAX_SOCKETS + 1)])
 
 
 def test_at_names_are_abstract_addresses_and_paths_stay_paths() -> None:
@@ -131,7 +144,7 @@ async def test_a_socket_file_left_by_a_crash_is_replaced(
     tmp_path: Path, listener: socket.socket
 ) -> None:
     path = tmp_path / "handover.sock"
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stale.bind(str(path))
     stale.close()  # the file stays, nobody accepts on it
     assert take_over(str(path), timeout=1.0) == {}
@@ -152,7 +165,7 @@ async def test_a_socket_file_left_by_a_crash_is_replaced(
 async def test_garbage_from_a_predecessor_is_ignored_and_its_descriptors_closed(
     address: str, listener: socket.socket
 ) -> None:
-    rogue = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    rogue = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     rogue.bind(unix_address(address))
     rogue.listen(1)
     rogue.setblocking(False)
@@ -172,3 +185,24 @@ async def test_garbage_from_a_predecessor_is_ignored_and_its_descriptors_closed(
     finally:
         rogue.close()
     assert len(os.listdir("/proc/self/fd")) == before - 1, "received descriptor closed"
+
+
+async def test_hundreds_of_sockets_arrive_each_under_its_own_name(address: str) -> None:
+    udp = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2 * PER_MESSAGE + 3)]
+    try:
+        for sock in udp:
+            sock.bind(("127.0.0.1", 0))
+        by_name = {f"udp default/s{i}:53": sock for i, sock in enumerate(udp)}
+        server = HandoverServer(address, lambda: {n: s.fileno() for n, s in by_name.items()})
+        await server.start()
+        try:
+            taken = await asyncio.to_thread(take_over, address, 5.0)
+        finally:
+            await server.aclose()
+        assert list(taken) == list(by_name)
+        for name, sock in taken.items():
+            with sock:
+                assert sock.getsockname() == by_name[name].getsockname()
+    finally:
+        for sock in udp:
+            sock.close()

@@ -47,6 +47,21 @@ addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints:
 - {addresses: [10.1.1.2], nodeName: node}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: default}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: default, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: [10.1.1.2], nodeName: node}
 """
 
 
@@ -130,6 +145,8 @@ async def world(tmp_path: Path) -> AsyncIterator[Node]:
                 "b1",
                 "--http",
                 "0.0.0.0:8080",
+                "--udp",
+                "0.0.0.0:5353",
                 "--ready-file",
                 str(ready),
             ]
@@ -155,13 +172,18 @@ async def test_new_instance_takes_over_while_the_old_drains_losing_no_connection
     load = asyncio.create_task(world.client.call(run_load, spec))
     await wait_for_file(ready, 10)  # the long connections are open, on the old process
 
+    rules = await world.rapproxy_rules()
     _new, new_log = await world.start_daemon()
-    await wait_for_line(new_log, "took over 3 listening socket(s)", 20)
+    # TCP listener, healthz, metrics, and the UDP service port's socket.
+    await wait_for_line(new_log, "took over 4 listening socket(s)", 20)
+    await wait_for_line(new_log, "rapproxy on node node", 20)
     terminated = time.time()
     old.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(old.wait(), DRAIN + 10) == 0
     exited = time.time()
-    assert await world.rapproxy_rules(), "a handover never removes the rules"
+    reply = await world.client.call(probes.udp_ask, "10.96.0.11", 53, b"after", 3.0)
+    assert reply == b"b1:er", "the new instance reads the UDP socket it took over"
+    assert await world.rapproxy_rules() == rules, "the rules stayed, the UDP port too"
 
     report: LoadReport = await asyncio.wait_for(load, 60)
     counts = report.counts()

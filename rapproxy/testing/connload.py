@@ -57,6 +57,9 @@ class LoadSpec:
     """Short connections allowed open at once; a start beyond it is recorded as `skipped`."""
     ready_file: str | None = None
     """Written once every long connection has had its first answer (a start signal for tests)."""
+    stop_file: str | None = None
+    """When this file exists, no more connections are started (checked before each): for a load
+    that must last until an event the caller waits for; `seconds` stays the upper bound."""
     path: str = "/"
 
     def __post_init__(self) -> None:
@@ -77,6 +80,7 @@ class Attempt:
     started: float  # wall clock (time.time()), comparable across processes
     outcome: str
     seconds: float  # from start to outcome
+    backend: str = ""  # who answered: the response's X-Backend header (testing.backend sets it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,34 +156,41 @@ class _BadResponse(Exception):
     """The server answered something other than HTTP 200."""
 
 
-async def _read_response(reader: asyncio.StreamReader) -> None:
+async def _read_response(reader: asyncio.StreamReader) -> str:
+    """Read one 200 response whole; returns its X-Backend header ("" when absent)."""
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
         raise _BadResponse(head[:64])
     length = 0
+    backend = ""
     for line in head.split(b"\r\n")[1:]:
         key, _, value = line.partition(b":")
-        if key.strip().lower() == b"content-length":
+        name = key.strip().lower()
+        if name == b"content-length":
             length = int(value)
+        elif name == b"x-backend":
+            backend = value.strip().decode(errors="replace")
     await reader.readexactly(length)
+    return backend
 
 
-async def _short(spec: LoadSpec) -> str:
+async def _short(spec: LoadSpec) -> tuple[str, str]:
+    """(outcome, backend) of one connection with one request."""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(spec.connect_timeout):
             reader, writer = await asyncio.open_connection(spec.host, spec.port)
         writer.write(f"GET {spec.path} HTTP/1.0\r\nHost: {spec.host}\r\n\r\n".encode())
         async with asyncio.timeout(spec.response_timeout):
-            await _read_response(reader)
+            backend = await _read_response(reader)
             if await reader.read(1):
                 raise _BadResponse(b"more than one response")
     except Exception as error:
-        return classify(error)
+        return classify(error), ""
     finally:
         if writer is not None:
             writer.close()
-    return OK
+    return OK, backend
 
 
 async def _long(spec: LoadSpec, until: float, first_answer: asyncio.Event) -> LongConnection:
@@ -215,6 +226,10 @@ def _mark_ready(path: str) -> None:
     Path(path).write_text("ready\n")
 
 
+def _exists(path: str) -> bool:
+    return Path(path).exists()
+
+
 async def run_load_async(spec: LoadSpec) -> LoadReport:
     loop = asyncio.get_running_loop()
     started = time.time()
@@ -230,8 +245,8 @@ async def run_load_async(spec: LoadSpec) -> LoadReport:
 
     async def one(at: float) -> None:
         begun = loop.time()
-        outcome = await _short(spec)
-        attempts.append(Attempt(at, outcome, loop.time() - begun))
+        outcome, backend = await _short(spec)
+        attempts.append(Attempt(at, outcome, loop.time() - begun, backend))
 
     total = int(spec.rate * spec.seconds)
     origin = loop.time()
@@ -242,6 +257,8 @@ async def run_load_async(spec: LoadSpec) -> LoadReport:
         if delay > 0:
             await asyncio.sleep(delay)  # the open loop's schedule
         at = wall_origin + index / spec.rate
+        if spec.stop_file is not None and _exists(spec.stop_file):
+            break
         if len(in_flight) >= spec.max_in_flight:
             attempts.append(Attempt(at, SKIPPED, 0.0))
             continue

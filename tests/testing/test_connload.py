@@ -94,6 +94,7 @@ async def test_every_connection_to_a_live_backend_is_ok_and_long_ones_survive(
     spec = LoadSpec("127.0.0.1", backend_port, rate=200, seconds=0.5, long_connections=2)
     report = await run_load_async(spec)
     assert report.counts() == {OK: 100}
+    assert {a.backend for a in report.attempts} == {"b1"}, "who answered, from X-Backend"
     assert [c.outcome for c in report.long] == [SURVIVED, SURVIVED]
     assert all(c.answered >= 2 for c in report.long)
 
@@ -133,3 +134,12 @@ async def test_resets_and_wrong_answers_are_counted_as_such() -> None:
     counts = report.counts()
     assert set(counts) == {RESET, BAD_RESPONSE}
     assert sum(counts.values()) == 40
+
+
+async def test_a_stop_file_ends_the_load_before_its_time(backend_port: int, tmp_path) -> None:
+    stop = tmp_path / "stop"
+    stop.write_text("")  # already there: not one connection may start
+    spec = LoadSpec("127.0.0.1", backend_port, rate=100, seconds=30, stop_file=str(stop))
+    async with asyncio.timeout(5):  # instead of the 30 s the spec allows
+        report = await run_load_async(spec)
+    assert report.counts() == {}

@@ -200,9 +200,13 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signalled)
     try:
+        # A listener taken over is shared with the predecessor, which keeps serving it: accept
+        # only once the first sync has given the balancer its Services, or the connections
+        # accepted meanwhile would find nothing to route to and be reset.
         await proxier.start(
             inherited={listen: tcp_inherited} if tcp_inherited else None,
             inherited_udp=udp_inherited,
+            accept=tcp_inherited is None,
         )
         await health_server.start(health_inherited)
         await metrics_server.start(metrics_inherited)
@@ -227,6 +231,8 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
             for source_run in sources:
                 tasks.create_task(source_run())
             tasks.create_task(_sync_when_ready(runner, ready), name="sync-runner")
+            if tcp_inherited is not None:
+                tasks.create_task(_accept_after_first_sync(runner, proxier), name="accept")
             if client is not None and config.bps.enabled:
                 # Leader-elected: every node campaigns, one reconciles; cancelling the group on
                 # shutdown releases the Lease (before client.close() below) for a fast handover.
@@ -287,6 +293,12 @@ async def _drain(proxier: Proxier, seconds: float, cut: asyncio.Event) -> None:
         " (second signal)" if cut.is_set() else "",
         proxier.tcp.active_connections,
     )
+
+
+async def _accept_after_first_sync(runner: BoundedRunner, proxier: Proxier) -> None:
+    await runner.first_run_done.wait()
+    await proxier.tcp.start_accepting()
+    log.info("first sync done: accepting on the listener taken over")
 
 
 async def _sync_when_ready(runner: BoundedRunner, ready: Sequence[asyncio.Event]) -> None:

@@ -807,11 +807,16 @@ class TcpRelayServer:
         listen: Sequence[tuple[str, int]],
         *,
         inherited: Mapping[tuple[str, int], socket.socket] | None = None,
+        accept: bool = True,
     ) -> None:
         """Listen on each (host, port); port 0 lets the kernel choose.
 
         An address in `inherited` is served with that already listening socket (a predecessor's,
-        see `handover`) instead of a fresh bind; this server owns it from then on.
+        see `handover`) instead of a fresh bind; this server owns it from then on. With
+        `accept=False` nothing is accepted until `start_accepting()` (and a fresh socket does
+        not even listen until then): a successor that takes a listener over must not accept
+        connections it cannot route yet; meanwhile they wait in the shared queue for whichever
+        process accepts them.
         """
         if self._servers:
             raise RuntimeError("TcpRelayServer.start() called twice")
@@ -828,6 +833,7 @@ class TcpRelayServer:
                         functools.partial(self._new_client, sock.family),
                         sock=sock,
                         backlog=self.settings.backlog,
+                        start_serving=accept,
                     )
                 except BaseException:
                     sock.close()
@@ -870,6 +876,13 @@ class TcpRelayServer:
                 name = sock.getsockname()
                 bound[(name[0], name[1])] = sock.fileno()
         return bound
+
+    async def start_accepting(self) -> None:
+        """Accept on listeners started with `accept=False` (a no-op for the others)."""
+        if self.closing or not self.accepting:
+            return
+        for server in self._servers:
+            await server.start_serving()
 
     def stop_accepting(self) -> None:
         """Close the listeners, keep every relay: the first step of a drain.

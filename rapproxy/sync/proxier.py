@@ -195,14 +195,16 @@ class Proxier:
         *,
         inherited: Mapping[tuple[str, int], socket.socket] | None = None,
         inherited_udp: Mapping[str, socket.socket] | None = None,
+        accept: bool = True,
     ) -> None:
         """Open the TCP listener. `inherited` holds the listening sockets a predecessor handed
         over, `inherited_udp` its UDP service sockets by `udp_socket_name`: the first sync serves
-        each on its old port (the rules stay the same) and closes those no longer wanted."""
+        each on its old port (the rules stay the same) and closes those no longer wanted.
+        `accept=False`: accept no TCP connection before `tcp.start_accepting()`."""
         if listen is None:
             listen = [(self.config.proxy.listen_address, self.config.proxy.tcp_port)]
         self._inherited_udp = dict(inherited_udp or {})
-        await self.tcp.start(listen, inherited=inherited)
+        await self.tcp.start(listen, inherited=inherited, accept=accept)
 
     def listening_descriptors(self) -> dict[str, int]:
         """Every socket a successor should take over, by handover name, while serving."""

@@ -707,3 +707,28 @@ async def test_a_listener_passed_in_is_served_instead_of_a_fresh_bind(
         writer.close()
     finally:
         await server.aclose()
+
+
+async def test_a_listener_taken_over_without_accepting_leaves_connections_queued_until_told(
+    echo_backend, make_selector, eventually
+) -> None:
+    backend = await echo_backend()
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    inherited.bind(("127.0.0.1", 0))
+    inherited.listen(16)  # the predecessor's listener: already listening
+    address = inherited.getsockname()
+    server = TcpRelayServer(
+        make_selector([backend]), destination=fixed_destination("10.96.0.10", 80)
+    )
+    await server.start([address], inherited={address: inherited}, accept=False)
+    try:
+        reader, writer = await connect(address)  # completes: the kernel queues it
+        writer.write(b"waiting")
+        await asyncio.sleep(0.1)  # long enough for an accept that should not happen
+        assert server.active_connections == 0
+        await server.start_accepting()
+        assert await reader.readexactly(7) == b"waiting"
+        writer.close()
+        await eventually(lambda: server.active_connections == 0, what="relay to finish")
+    finally:
+        await server.aclose()

@@ -176,7 +176,7 @@ async def test_new_instance_takes_over_while_the_old_drains_losing_no_connection
     _new, new_log = await world.start_daemon()
     # TCP listener, healthz, metrics, and the UDP service port's socket.
     await wait_for_line(new_log, "took over 4 listening socket(s)", 20)
-    await wait_for_line(new_log, "rapproxy on node node", 20)
+    await wait_for_line(new_log, "first sync done: accepting on the listener taken over", 20)
     terminated = time.time()
     old.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(old.wait(), DRAIN + 10) == 0

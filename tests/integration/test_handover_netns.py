@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rapproxy.testing import probes
+from rapproxy.testing.apiserver import EmulatedApiServer
+from rapproxy.testing.apiserver.resources import ENDPOINT_SLICES, SERVICES
 from rapproxy.testing.connload import OK, RESET, SURVIVED, LoadReport, LoadSpec, run_load
 from rapproxy.testing.netns import Namespace
 
@@ -31,6 +34,7 @@ pytestmark = pytest.mark.root
 
 RAPPROXY = str(Path(sys.executable).with_name("rapproxy"))
 DRAIN = 3.0
+STARTUP = 60.0  # a process start on a 2-core box shared with benchmarks can take many seconds
 
 OBJECTS = """
 apiVersion: v1
@@ -70,6 +74,7 @@ class Node:
     client: Namespace
     node: Namespace
     tmp_path: Path
+    source: list[str]  # --objects FILE, or --kubeconfig FILE of an emulated API server
     daemons: list[asyncio.subprocess.Process] = field(default_factory=list)
 
     async def start_daemon(self, *extra: str) -> tuple[asyncio.subprocess.Process, Path]:
@@ -79,14 +84,19 @@ class Node:
                 [
                     RAPPROXY,
                     "run",
-                    "--objects",
-                    str(self.tmp_path / "objects.yaml"),
+                    *self.source,
                     "--node-name",
                     "node",
                     "--set",
                     "iptables.minSyncPeriod=0.05",
                     "--set",
                     f"proxy.drainTimeout={DRAIN}",
+                    # One dial attempt with a patient timeout: the default first attempt gives
+                    # up after 250 ms, and a backend starved of CPU by other jobs on the box
+                    # can leave its accept queue full that long; the client would see a reset
+                    # that has nothing to do with the handover.
+                    "--set",
+                    "proxy.dialTimeouts=[10.0]",
                     *extra,
                 ],
                 stdout=output,
@@ -124,8 +134,10 @@ async def wait_for_file(path: Path, within: float) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[Node]:
+@pytest.fixture(params=["objects", "api"])
+async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Node]:
+    """The node, its Services from a file or from an emulated API server (whose lists take a
+    while: a successor must not accept before its first sync)."""
     namespaces: list[Namespace] = []
     try:
         for tag in ("client", "node", "b1"):
@@ -153,7 +165,19 @@ async def world(tmp_path: Path) -> AsyncIterator[Node]:
         )
         await wait_for_file(ready, 10)
         (tmp_path / "objects.yaml").write_text(OBJECTS)
-        yield Node(client, node, tmp_path)
+        if request.param == "objects":
+            yield Node(client, node, tmp_path, ["--objects", str(tmp_path / "objects.yaml")])
+            return
+        api = EmulatedApiServer(socket_factory=node.socket, bookmark_interval=1.0)
+        await api.start()
+        try:
+            for obj in yaml.safe_load_all(OBJECTS):
+                resource = SERVICES if obj["kind"] == "Service" else ENDPOINT_SLICES
+                api.registry.create(resource, "default", obj)
+            kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+            yield Node(client, node, tmp_path, ["--kubeconfig", str(kubeconfig)])
+        finally:
+            await api.stop()
     finally:
         for namespace in namespaces:
             await namespace.aclose()
@@ -163,31 +187,60 @@ async def test_new_instance_takes_over_while_the_old_drains_losing_no_connection
     world: Node,
 ) -> None:
     old, _old_log = await world.start_daemon()
-    await world.client.call(probes.wait_http, "http://10.96.0.10/", 20.0)
+    await world.client.call(probes.wait_http, "http://10.96.0.10/", STARTUP)
 
-    ready = world.tmp_path / "load.ready"
+    ready, stop = world.tmp_path / "load.ready", world.tmp_path / "load.stop"
     spec = LoadSpec(
-        "10.96.0.10", 80, rate=100, seconds=14, long_connections=2, ready_file=str(ready)
+        "10.96.0.10",
+        80,
+        rate=100,
+        seconds=3 * STARTUP,  # an upper bound: the stop file ends it
+        # Patient clients: on a box starved by other jobs a connection may wait seconds for
+        # the CPU, which is not what this test is about. A lost queue shows as refused/reset.
+        connect_timeout=10.0,
+        response_timeout=10.0,
+        long_connections=2,
+        ready_file=str(ready),
+        stop_file=str(stop),
     )
     load = asyncio.create_task(world.client.call(run_load, spec))
     await wait_for_file(ready, 10)  # the long connections are open, on the old process
 
     rules = await world.rapproxy_rules()
+    started = time.time()
     _new, new_log = await world.start_daemon()
     # TCP listener, healthz, metrics, and the UDP service port's socket.
-    await wait_for_line(new_log, "took over 4 listening socket(s)", 20)
-    await wait_for_line(new_log, "first sync done: accepting on the listener taken over", 20)
+    await wait_for_line(new_log, "took over 4 listening socket(s)", STARTUP)
+    await wait_for_line(new_log, "first sync done: accepting on the listener taken over", STARTUP)
     terminated = time.time()
     old.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(old.wait(), DRAIN + 10) == 0
     exited = time.time()
+    assert await world.rapproxy_rules() == rules, "the rules stayed, the UDP port too"
+    await asyncio.sleep(2.0)  # two more seconds of load, served by the new instance alone
+    stop.write_text("")
+    report: LoadReport = await asyncio.wait_for(load, 60)
+    # After the load: the client namespace's worker ran it and is free again.
     reply = await world.client.call(probes.udp_ask, "10.96.0.11", 53, b"after", 3.0)
     assert reply == b"b1:er", "the new instance reads the UDP socket it took over"
-    assert await world.rapproxy_rules() == rules, "the rules stayed, the UDP port too"
 
-    report: LoadReport = await asyncio.wait_for(load, 60)
+    deadline = terminated + DRAIN
+    failures = [
+        (round(a.started - terminated, 2), a.outcome, round(a.seconds, 2))
+        for a in report.attempts
+        # The only failures a handover may cause: connections the old process still held at its
+        # drain deadline, reset there (longer than the deadline, for a loaded box).
+        if a.outcome != OK
+        and not (
+            a.outcome == RESET and a.started < terminated <= deadline - 0.5 <= a.started + a.seconds
+        )
+    ]
     counts = report.counts()
-    assert counts == {OK: sum(counts.values())}, f"outcomes {dict(counts)}"
+    assert not failures, (
+        f"outcomes {dict(counts)}; new instance started {started - terminated:.2f} s and the old "
+        f"exited {exited - terminated:.2f} s from SIGTERM; failures (start from SIGTERM, outcome, "
+        f"seconds): {failures[:10]} ... {failures[-10:]}"
+    )
     assert report.counts(since=exited)[OK] >= 100, "the new instance serves after the old left"
     for long in report.long:
         assert long.outcome == RESET, "the drain deadline ends the old process's connections"
@@ -202,9 +255,9 @@ async def test_a_second_instance_without_a_predecessor_to_take_over_from_serves_
 ) -> None:
     # The fallback: with handover off, the new instance binds beside the old (SO_REUSEPORT).
     old, _log = await world.start_daemon("--set", "proxy.handoverSocket=disabled")
-    await world.client.call(probes.wait_http, "http://10.96.0.10/", 20.0)
+    await world.client.call(probes.wait_http, "http://10.96.0.10/", STARTUP)
     _new, new_log = await world.start_daemon("--set", "proxy.handoverSocket=disabled")
-    await wait_for_line(new_log, "rapproxy on node node", 20)
+    await wait_for_line(new_log, "rapproxy on node node", STARTUP)
     old.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(old.wait(), DRAIN + 10) == 0
     report: LoadReport = await world.client.call(

@@ -334,9 +334,12 @@ class Proxier:
             targets = list(written.values())
             kernel = list(written_kernel.values())
             for runner in self.iptables:
-                await runner.sync(
-                    targets, self.rule_config, repair_jumps=repair_jumps, kernel=kernel
-                )
+                if kernel:
+                    await runner.sync(
+                        targets, self.rule_config, repair_jumps=repair_jumps, kernel=kernel
+                    )
+                else:  # the runner's userspace-only call, unchanged
+                    await runner.sync(targets, self.rule_config, repair_jumps=repair_jumps)
 
         writing = asyncio.create_task(write(), name="rules-write")
         try:

@@ -17,6 +17,7 @@ Pure: parsing takes text and mappings, never reads files or the environment itse
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import math
 import re
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from rapproxy.model.service import LbPolicy
+from rapproxy.model.service import DataplaneMode, LbPolicy
 
 API_VERSION = "rapproxy.io/v1alpha1"
 KIND = "RapproxyConfiguration"
@@ -118,6 +119,39 @@ class ProxySettings:
     lb_policy: LbPolicy = _doc(
         "Default balancing policy; a Service overrides it with annotation rapproxy.io/lb-policy.",
         default=LbPolicy.RAP,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DataplaneSettings:
+    mode: DataplaneMode = _doc(
+        "Default data plane of a Service: 'userspace' (the relay, every RAP policy) or "
+        "'kernel' (DNAT in iptables, probabilities from RAP's telemetry weights); a Service "
+        "overrides it with annotation rapproxy.io/dataplane.",
+        default=DataplaneMode.USERSPACE,
+    )
+    weight_period: float = _doc(
+        "Kernel mode: seconds between recomputations of the endpoint weights from telemetry.",
+        default=1.0,
+    )
+    weight_threshold: float = _doc(
+        "Kernel mode: a Service's probabilities are rewritten only when some endpoint's share "
+        "moved by more than this (0..1); endpoint changes are always written.",
+        default=0.05,
+    )
+    masquerade_all: bool = _doc(
+        "Kernel mode: SNAT every connection to a Service (kube-proxy's masqueradeAll).",
+        default=False,
+    )
+    cluster_cidrs: tuple[str, ...] = _doc(
+        "Kernel mode: pod CIDRs; connections to a ClusterIP from outside them are SNATed "
+        "(kube-proxy's clusterCIDR). Empty: only hairpin and external-Cluster traffic is.",
+        default=(),
+    )
+    masquerade_bit: int = _doc(
+        "Kernel mode: the fwmark bit (0-31) that asks for SNAT in rapproxy's POSTROUTING chain "
+        "(kube-proxy's masqueradeBit).",
+        default=14,
     )
 
 
@@ -252,6 +286,9 @@ class RapproxyConfiguration:
     )
     iptables: IptablesSettings = _doc("Rule sync settings.", default_factory=IptablesSettings)
     proxy: ProxySettings = _doc("Data plane settings.", default_factory=ProxySettings)
+    dataplane: DataplaneSettings = _doc(
+        "Userspace or kernel forwarding.", default_factory=DataplaneSettings
+    )
     rap: RapSettings = _doc("RAP policy and telemetry settings.", default_factory=RapSettings)
     bps: BpsSettings = _doc("BackupPodSet controller settings.", default_factory=BpsSettings)
     logging: LoggingSettings = _doc("Logging.", default_factory=LoggingSettings)
@@ -337,11 +374,11 @@ def _convert(value: object, hint: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: {value!r} is not a string")
         return value
-    if isinstance(hint, type) and issubclass(hint, LbPolicy):
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
         try:
-            return LbPolicy(str(value))
+            return hint(str(value))
         except ValueError:
-            allowed = ", ".join(p.value for p in LbPolicy)
+            allowed = ", ".join(p.value for p in hint)
             raise ConfigError(f"{path}: {value!r} is not one of {allowed}") from None
     if origin is tuple:
         (item_hint, _ellipsis) = typing.get_args(hint)
@@ -556,6 +593,7 @@ def validate(config: RapproxyConfiguration) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"iptables.nodePortAddresses[{i}]: {cidr!r} is not a CIDR") from None
+    _validate_dataplane(config.dataplane)
     rap = config.rap
     for name, value in (
         ("rap.overloadThreshold", rap.overload_threshold),
@@ -617,6 +655,21 @@ def validate(config: RapproxyConfiguration) -> None:
         )
 
 
+def _validate_dataplane(dataplane: DataplaneSettings) -> None:
+    _positive(dataplane.weight_period, "dataplane.weightPeriod")
+    if not 0 <= dataplane.weight_threshold <= 1:
+        raise ConfigError(
+            f"dataplane.weightThreshold: {dataplane.weight_threshold} must be in [0, 1]"
+        )
+    if not 0 <= dataplane.masquerade_bit <= 31:
+        raise ConfigError(f"dataplane.masqueradeBit: {dataplane.masquerade_bit} must be 0-31")
+    for i, cidr in enumerate(dataplane.cluster_cidrs):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"dataplane.clusterCidrs[{i}]: {cidr!r} is not a CIDR") from None
+
+
 def _positive(value: float, path: str) -> None:
     if value <= 0:
         raise ConfigError(f"{path}: {value} must be greater than 0")
@@ -634,7 +687,7 @@ def to_mapping(config: Any) -> dict[str, Any]:
             out[camel(f.name)] = to_mapping(value)
         elif isinstance(value, tuple):
             out[camel(f.name)] = list(value)
-        elif isinstance(value, LbPolicy):
+        elif isinstance(value, enum.StrEnum):
             out[camel(f.name)] = value.value
         else:
             out[camel(f.name)] = value
@@ -663,7 +716,7 @@ def reference_rows(
             ", ".join(str(v) for v in value)
             if isinstance(value, tuple)
             else value.value
-            if isinstance(value, LbPolicy)
+            if isinstance(value, enum.StrEnum)
             else value
         )
         rows.append((path, f"`{shown}`" if shown != "" else '`""`', f.metadata.get("doc", "")))

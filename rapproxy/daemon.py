@@ -99,7 +99,13 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
     runners = await iptables_runners(options.exec_prefix) if options.intercept else []
     rap = RapRuntime(config, node_name)
     proxier = Proxier(
-        config, node_name, iptables=runners, netns=options.netns, policy_factory=rap.policy_factory
+        config,
+        node_name,
+        iptables=runners,
+        netns=options.netns,
+        policy_factory=rap.policy_factory,
+        telemetry=rap.tracker.snapshot,
+        rap_settings=rap.settings,
     )
     proxier.extra_state["rap"] = rap.describe
     runner = BoundedRunner(
@@ -111,6 +117,8 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
             retry_interval=config.iptables.retry_period,
         ),
     )
+
+    proxier.request_sync = runner.request
 
     def changed() -> None:
         proxier.note_change()
@@ -233,6 +241,7 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
             tasks.create_task(_sync_when_ready(runner, ready), name="sync-runner")
             if tcp_inherited is not None:
                 tasks.create_task(_accept_after_first_sync(runner, proxier), name="accept")
+            tasks.create_task(proxier.run_weights(), name="kernel-weights")
             if client is not None and config.bps.enabled:
                 # Leader-elected: every node campaigns, one reconciles; cancelling the group on
                 # shutdown releases the Lease (before client.close() below) for a fast handover.

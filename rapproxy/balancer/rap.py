@@ -58,6 +58,7 @@ from rapproxy.model.service import LbPolicy
 from rapproxy.model.telemetry import RapSettings, TelemetryView
 
 __all__ = [
+    "NodeShares",
     "RapDecision",
     "RapSettings",
     "UtilizationRapPolicy",
@@ -374,6 +375,49 @@ def _make_plan(
         return plan(RapDecision.LOCAL, scores=scores)
     decision = RapDecision.SPILL if local and local_share > 0 else RapDecision.REMOTE
     return plan(decision, tuple(top), tuple(cumulative), scores)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeShares:
+    """`rap-aimd`'s decision for a candidate list as fractions, for a data plane that cannot ask
+    per connection (the kernel fast path, balancer/kernel_weights.py).
+
+    `local_share` of new connections go to the local node's endpoints; the rest is split over
+    `remote` (node → relative weight, the score-weighted top nodes). `spread_evenly` means no
+    telemetry or every node overloaded: every candidate gets the same share.
+    """
+
+    decision: RapDecision
+    local_share: float
+    remote: tuple[tuple[str | None, float], ...]
+
+    @property
+    def spread_evenly(self) -> bool:
+        return self.decision in (RapDecision.ROUND_ROBIN, RapDecision.FALLBACK)
+
+
+def node_shares(
+    candidates: Sequence[Endpoint],
+    view: TelemetryView,
+    local_node: str,
+    now: float,
+    settings: RapSettings,
+) -> NodeShares:
+    """The split `UtilizationRapPolicy` (rap-aimd) would draw from, as numbers."""
+    plan = _make_plan(candidates, view, local_node, now, settings, switch=False)
+    weights: list[float] = []
+    previous = 0.0
+    for bound in plan.cumulative:
+        weights.append(bound - previous)
+        previous = bound
+    remote = tuple(zip(plan.top_nodes, weights, strict=True))
+    if plan.decision is RapDecision.LOCAL:
+        return NodeShares(plan.decision, 1.0, ())
+    if plan.decision is RapDecision.REMOTE:
+        return NodeShares(plan.decision, 0.0, remote)
+    if plan.decision is RapDecision.SPILL:
+        return NodeShares(plan.decision, plan.local_share, remote)
+    return NodeShares(plan.decision, 0.0, ())
 
 
 def _scores(nodes: Sequence[str], view: TelemetryView, settings: RapSettings) -> dict[str, float]:

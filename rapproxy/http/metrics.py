@@ -8,7 +8,7 @@ carry service names, never client addresses (unbounded cardinality, and personal
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -98,6 +98,36 @@ class _LiveCollector(Collector):
         yield rejected
 
 
+KernelWeightRows = Callable[[], Sequence[tuple[str, str, float, float | None]]]
+
+
+class _KernelCollector(Collector):
+    """Kernel-mode weights in force, read from the Proxier on each scrape (no stale labels)."""
+
+    def __init__(self, rows: KernelWeightRows) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[Metric]:
+        weight = GaugeMetricFamily(
+            "rapproxy_kernel_endpoint_weight",
+            "Kernel mode: the share of new connections the rules in force give an endpoint.",
+            labels=["service", "endpoint"],
+        )
+        changed = GaugeMetricFamily(
+            "rapproxy_kernel_weights_last_change_timestamp_seconds",
+            "Kernel mode: Unix time the Service's weights were last written.",
+            labels=["service"],
+        )
+        seen: set[str] = set()
+        for service, endpoint, share, changed_at in self._rows():
+            weight.add_metric([service, endpoint], share)
+            if changed_at is not None and service not in seen:
+                seen.add(service)
+                changed.add_metric([service], changed_at)
+        yield weight
+        yield changed
+
+
 @dataclass
 class ProxyMetrics:
     """Every metric the daemon exports, in one registry of its own (no global state)."""
@@ -147,6 +177,11 @@ class ProxyMetrics:
         self.service_ports = Gauge(
             "rapproxy_service_ports", "Service ports proxied.", ["protocol"], registry=r
         )
+        self.kernel_weight_writes = Counter(
+            "rapproxy_kernel_weight_writes",
+            "Kernel mode: transactions that rewrote only the weighted chains of moved Services.",
+            registry=r,
+        )
 
     def watch_live(
         self,
@@ -154,3 +189,6 @@ class ProxyMetrics:
         selections: Callable[[], Mapping[str, int]],
     ) -> None:
         self.registry.register(_LiveCollector(relay_stats, selections))
+
+    def watch_kernel(self, rows: KernelWeightRows) -> None:
+        self.registry.register(_KernelCollector(rows))

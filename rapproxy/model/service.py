@@ -23,6 +23,7 @@ MAX_AFFINITY_TIMEOUT_SECONDS = 86400
 LABEL_SERVICE_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 LABEL_HEADLESS = "service.kubernetes.io/headless"
 ANNOTATION_LB_POLICY = "rapproxy.io/lb-policy"
+ANNOTATION_DATAPLANE = "rapproxy.io/dataplane"
 
 
 class L4Protocol(enum.StrEnum):
@@ -41,6 +42,18 @@ class LbPolicy(enum.StrEnum):
     LEAST_CONN = "least-conn"
     RANDOM = "random"
     LOCAL_ONLY = "local-only"
+
+
+class DataplaneMode(enum.StrEnum):
+    """Who forwards a Service's connections: the userspace relay, or the kernel (DNAT).
+
+    Chosen per Service with the `rapproxy.io/dataplane` annotation; `dataplane.mode` in the
+    configuration is the default. In kernel mode the RAP weights become DNAT probabilities
+    (rules/kernel.py, balancer/kernel_weights.py).
+    """
+
+    USERSPACE = "userspace"
+    KERNEL = "kernel"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -64,8 +77,8 @@ class ServicePortName:
 class ServicePort:
     """One port of a Service, with every address that must be redirected to the proxy.
 
-    `affinity_timeout_seconds` is None when session affinity is off. `lb_policy` is None when the
-    Service does not ask for one (the configured default applies). Addresses are normalized text
+    `affinity_timeout_seconds` is None when session affinity is off. `lb_policy` and `dataplane`
+    are None when the Service does not ask for one (the configured default applies). Addresses are normalized text
     (`ipaddress` canonical form) so they compare and render predictably.
     """
 
@@ -82,6 +95,7 @@ class ServicePort:
     traffic_distribution: str | None = None
     lb_policy: LbPolicy | None = None
     service_type: str = "ClusterIP"
+    dataplane: DataplaneMode | None = None
 
     @property
     def protocol(self) -> L4Protocol:
@@ -162,6 +176,7 @@ def parse_service(obj: Mapping[str, Any]) -> ParsedService:
     if traffic_distribution is not None and not isinstance(traffic_distribution, str):
         raise InvalidObject("Service", key, "spec.trafficDistribution", "must be a string")
     lb_policy = _lb_policy(meta, key)
+    dataplane = _dataplane(meta, key)
 
     raw_ports = _list(spec, "ports", key)
     if not raw_ports:
@@ -216,6 +231,7 @@ def parse_service(obj: Mapping[str, Any]) -> ParsedService:
                 traffic_distribution=traffic_distribution,
                 lb_policy=lb_policy,
                 service_type=service_type,
+                dataplane=dataplane,
             )
         )
     return ParsedService(namespace, name, tuple(ports), tuple(notes))
@@ -311,6 +327,25 @@ def _lb_policy(meta: Mapping[str, Any], key: str) -> LbPolicy | None:
             "Service",
             key,
             f"metadata.annotations[{ANNOTATION_LB_POLICY}]",
+            f"{value!r}: one of {allowed}",
+        ) from None
+
+
+def _dataplane(meta: Mapping[str, Any], key: str) -> DataplaneMode | None:
+    annotations = meta.get("annotations") or {}
+    if not isinstance(annotations, Mapping):
+        raise InvalidObject("Service", key, "metadata.annotations", "must be an object")
+    value = annotations.get(ANNOTATION_DATAPLANE)
+    if value is None:
+        return None
+    try:
+        return DataplaneMode(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in DataplaneMode)
+        raise InvalidObject(
+            "Service",
+            key,
+            f"metadata.annotations[{ANNOTATION_DATAPLANE}]",
             f"{value!r}: one of {allowed}",
         ) from None
 

@@ -12,6 +12,11 @@ Startup repair needs no special mode: the first `sync` (with `repair_jumps=True`
 declares rapproxy's chains — which creates or flushes them, so leftovers of a crashed run are
 simply rewritten — and, from an `iptables-save` taken just before, fixes the jumps in the same
 transaction. `cleanup` removes everything, including what older versions left.
+
+Kernel-mode Services ride along in the same transaction. The runner remembers which kernel chains
+it wrote, so the next sync deletes the ones no longer wanted without reading the table, and
+whether POSTROUTING's jump is in place: a sync that needs it added or removed reads the table
+and repairs, whatever the caller asked. `update_weights` rewrites only weighted chains.
 """
 
 from __future__ import annotations
@@ -21,14 +26,14 @@ import re
 from collections.abc import Sequence
 
 from rapproxy.rules.backend import IptablesTools
+from rapproxy.rules.kernel import KernelTarget, render_weight_update
 from rapproxy.rules.render import (
     Family,
     RedirectTarget,
     RuleConfig,
     render_cleanup,
     render_jumps,
-    render_rules,
-    render_rules_and_repair,
+    render_sync,
 )
 
 _FAILED_LINE = re.compile(r"line:? (\d+) failed")
@@ -73,6 +78,10 @@ class IptablesRunner:
         # The chains' text as last written by `sync`, so an unchanged sync costs a render and no
         # subprocess; forgotten whenever the kernel state may differ from it.
         self._last_rules: str | None = None
+        # The kernel chains the last sync declared (deleted when no longer wanted), and whether
+        # POSTROUTING jumps to ours (None: unknown, the next sync reads the table).
+        self._kernel_chains: tuple[str, ...] = ()
+        self._kernel_jump: bool | None = None
 
     @property
     def family(self) -> Family:
@@ -99,8 +108,9 @@ class IptablesRunner:
         config: RuleConfig,
         *,
         repair_jumps: bool = True,
+        kernel: Sequence[KernelTarget] = (),
     ) -> bool:
-        """Rewrite rapproxy's chains to exactly `targets`, in one transaction.
+        """Rewrite rapproxy's chains to exactly `targets` and `kernel`, in one transaction.
 
         With `repair_jumps` the nat table is read first, the jumps from PREROUTING/OUTPUT are
         repaired in the same transaction and the chains are always rewritten (do it at startup
@@ -112,20 +122,45 @@ class IptablesRunner:
         # event loop it would stall every relayed connection, so it runs in a worker thread
         # (rendering is pure and the targets are immutable). A repairing sync renders once and
         # gets both texts: the transaction, and the chains alone for the next comparison.
+        if (self._kernel_jump is not True) if kernel else (self._kernel_jump is True):
+            # POSTROUTING's jump must be added or removed. (Unknown with no kernel Service:
+            # a leftover jump is harmless until the next periodic full sync removes it.)
+            repair_jumps = True
         saved = await self.save() if repair_jumps else None
+        previous = self._kernel_chains
 
-        def render() -> tuple[str, str]:
-            if saved is None:
-                rules = render_rules(targets, config, self.family)
-                return rules, rules
-            return render_rules_and_repair(targets, config, self.family, saved)
+        def render() -> tuple[str, str, tuple[str, ...]]:
+            rendered = render_sync(
+                targets,
+                config,
+                self.family,
+                saved_nat=saved,
+                kernel=kernel,
+                previous_chains=previous,
+            )
+            return rendered.rules, rendered.text, rendered.kernel_chains
 
-        rules, text = await asyncio.to_thread(render)
+        rules, text, chains = await asyncio.to_thread(render)
         if not repair_jumps and rules == self._last_rules:
             return False
         self._last_rules = None
         await self.restore(text)
         self._last_rules = rules
+        self._kernel_chains = chains
+        self._kernel_jump = bool(kernel)
+        return True
+
+    async def update_weights(self, kernel: Sequence[KernelTarget], config: RuleConfig) -> bool:
+        """Rewrite only the weighted chains of `kernel` (whose endpoints the last sync wrote).
+
+        One transaction; each chain is flushed and refilled inside it, so no Service is ever
+        without a path. Returns whether iptables-restore ran.
+        """
+        text = render_weight_update(kernel, config.kernel, self.family)
+        if not text:
+            return False
+        self._last_rules = None  # the kernel no longer holds what the last sync wrote
+        await self.restore(text)
         return True
 
     async def ensure_jumps(self) -> bool:
@@ -137,6 +172,8 @@ class IptablesRunner:
     async def cleanup(self) -> bool:
         """Remove every `RAPPROXY-*` chain and every jump into one; True when there was any."""
         self._last_rules = None
+        self._kernel_chains = ()
+        self._kernel_jump = None
         text = render_cleanup(await self.save())
         await self.restore(text)
         return bool(text)

@@ -37,6 +37,11 @@ node addresses inside those CIDRs, like `nodePortAddresses`.
 
 Rules are written in the canonical form `iptables-save` prints them in, so what is rendered can be
 compared line by line with what the kernel reports.
+
+Kernel-mode Services (rules/kernel.py) share these two entry chains: their rule jumps to the
+Service's own DNAT chains instead of REDIRECTing, in the same name order, in the same
+transaction. While any exists, POSTROUTING also jumps to `RAPPROXY-POSTROUTING` (SNAT of marked
+connections); the repair below treats that jump like the other two.
 """
 
 from __future__ import annotations
@@ -46,11 +51,20 @@ import itertools
 import re
 import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from rapproxy.model.addresses import parse_ip
 from rapproxy.model.service import L4Protocol, ServicePort
+from rapproxy.rules.kernel import (
+    INFRA_CHAINS,
+    KernelConfig,
+    KernelTarget,
+    infra_rules,
+    is_kernel_chain,
+    postrouting_jump_spec,
+    render_target,
+)
 
 Family = Literal[4, 6]
 
@@ -95,6 +109,7 @@ class RuleConfig:
 
     localhost_nodeports: bool = False
     node_port_cidrs: tuple[str, ...] = ()
+    kernel: KernelConfig = field(default_factory=KernelConfig)
 
     def __post_init__(self) -> None:
         for index, cidr in enumerate(self.node_port_cidrs):
@@ -119,6 +134,9 @@ def render_rules(
     config: RuleConfig,
     family: Family = 4,
     saved_nat: str | None = None,
+    *,
+    kernel: Sequence[KernelTarget] = (),
+    previous_chains: Iterable[str] = (),
 ) -> str:
     """One transaction that rewrites rapproxy's chains whole for one address family.
 
@@ -129,10 +147,16 @@ def render_rules(
     `RAPPROXY-*`, and deletes `RAPPROXY-*` chains this version no longer uses. Without it the
     jumps are left untouched (the cheap per-sync path once they are known to be in place).
 
+    `kernel` are the kernel-mode service ports; `previous_chains` the kernel chains the last
+    transaction wrote, so the ones no longer wanted are deleted without an `iptables-save`.
     Output order does not depend on the order of `targets`.
     """
-    repair = _plan_repair(parse_saved_nat(saved_nat)) if saved_nat is not None else _Repair()
-    return _transaction(_render_chains(targets, config, family), repair)
+    chains = _render_chains(targets, config, family, kernel)
+    if saved_nat is not None:
+        repair = _plan_repair(parse_saved_nat(saved_nat), chains.kernel_chains, bool(kernel))
+    else:
+        repair = _Repair()
+    return _transaction(chains, repair, previous_chains)
 
 
 def render_rules_and_repair(
@@ -140,6 +164,8 @@ def render_rules_and_repair(
     config: RuleConfig,
     family: Family,
     saved_nat: str,
+    *,
+    kernel: Sequence[KernelTarget] = (),
 ) -> tuple[str, str]:
     """`render_rules` without and with `saved_nat`, from one render of the chains.
 
@@ -147,33 +173,103 @@ def render_rules_and_repair(
     unchanged rewrite later. Rendering 10k service ports is most of a periodic resync's CPU, so
     it is not done twice.
     """
-    chains = _render_chains(targets, config, family)
-    repair = _plan_repair(parse_saved_nat(saved_nat))
+    chains = _render_chains(targets, config, family, kernel)
+    repair = _plan_repair(parse_saved_nat(saved_nat), chains.kernel_chains, bool(kernel))
     return _transaction(chains, _Repair()), _transaction(chains, repair)
 
 
-def _render_chains(targets: Sequence[RedirectTarget], config: RuleConfig, family: Family) -> str:
+@dataclass(frozen=True, slots=True)
+class RenderedSync:
+    """One sync's render: the transaction, the chains alone (to recognise an unchanged rewrite
+    later), and the kernel chains it declares (the next render's `previous_chains`)."""
+
+    text: str
+    rules: str
+    kernel_chains: tuple[str, ...]
+
+
+def render_sync(
+    targets: Sequence[RedirectTarget],
+    config: RuleConfig,
+    family: Family,
+    *,
+    saved_nat: str | None = None,
+    kernel: Sequence[KernelTarget] = (),
+    previous_chains: Iterable[str] = (),
+) -> RenderedSync:
+    """`render_rules` and `render_rules_and_repair` in one: what `IptablesRunner.sync` needs."""
+    chains = _render_chains(targets, config, family, kernel)
+    plain = _transaction(chains, _Repair(), previous_chains)
+    if saved_nat is None:
+        return RenderedSync(plain, plain, chains.kernel_chains)
+    repair = _plan_repair(parse_saved_nat(saved_nat), chains.kernel_chains, bool(kernel))
+    rules = _transaction(chains, _Repair())
+    return RenderedSync(_transaction(chains, repair), rules, chains.kernel_chains)
+
+
+@dataclass(frozen=True, slots=True)
+class _Chains:
+    text: str  # every rule of every chain we own, one per line
+    kernel_chains: tuple[str, ...]  # declared besides OWN_CHAINS: kernel mode's chains
+
+
+def _render_chains(
+    targets: Sequence[RedirectTarget],
+    config: RuleConfig,
+    family: Family,
+    kernel: Sequence[KernelTarget] = (),
+) -> _Chains:
     """The rules of our chains (no header, declarations or repair), one per line."""
     _check_family(family)
     ordered = sorted(targets, key=_name_order)
     _check_unique(ordered)
+    _check_unique_across(ordered, kernel)
+    entries: list[tuple[tuple[str, str, str, str], RedirectTarget | KernelTarget]] = [
+        (_name_order(target), target) for target in ordered
+    ]
+    entries.extend((_port_order(k.service_port), k) for k in kernel)
+    entries.sort(key=lambda entry: entry[0])
     service_rules: list[str] = []
     nodeport_rules: list[str] = []
-    for target in ordered:
-        service_rules.extend(_address_rules(target, family))
-        nodeport_rules.extend(_nodeport_rules(target, family))
-    return "\n".join([*service_rules, *_nodeport_jumps(config, family), *nodeport_rules])
+    own: list[tuple[str, tuple[str, ...]]] = []
+    if kernel:
+        own.extend(infra_rules(config.kernel))
+    for _, target in entries:
+        if isinstance(target, RedirectTarget):
+            service_rules.extend(_address_rules(target, family))
+            nodeport_rules.extend(_nodeport_rules(target, family))
+            continue
+        rendered = render_target(target, config.kernel, family)
+        service_rules.extend(rendered.service_rules)
+        nodeport_rules.extend(rendered.nodeport_rules)
+        own.extend(rendered.chains)
+    lines = [*service_rules, *_nodeport_jumps(config, family), *nodeport_rules]
+    for _, rules in own:
+        lines.extend(rules)
+    return _Chains("\n".join(lines), tuple(chain for chain, _ in own))
 
 
-def _transaction(chains: str, repair: _Repair) -> str:
+def _transaction(chains: _Chains, repair: _Repair, previous_chains: Iterable[str] = ()) -> str:
+    wanted = set(chains.kernel_chains)
+    gone = [
+        c
+        for c in dict.fromkeys(previous_chains)
+        if c not in wanted and c not in repair.stale_chains and c not in OWN_CHAINS
+    ]
+    # A chain from the previous write is deleted only if no longer wanted; the infra chains are
+    # referenced from POSTROUTING, whose jump only a repairing transaction can remove.
+    gone = [c for c in gone if c.startswith(CHAIN_PREFIX) and not _is_infra(c)]
+    stale = (*repair.stale_chains, *gone)
     lines = ["*nat"]
-    lines.extend(f":{chain} - [0:0]" for chain in OWN_CHAINS)
-    lines.extend(f":{chain} - [0:0]" for chain in repair.stale_chains)
+    lines.extend(f":{chain} - [0:0]" for chain in (*OWN_CHAINS, *chains.kernel_chains))
+    lines.extend(f":{chain} - [0:0]" for chain in stale)
     lines.extend(f"-D {chain} {spec}" for chain, spec in repair.stale_rules)
-    lines.extend(f"-X {chain}" for chain in repair.stale_chains)
-    if chains:
-        lines.append(chains)
-    lines.extend(f"-I {chain} 1 {_jump_spec()}" for chain in repair.missing_jumps)
+    # Every chain that could refer to a stale one was flushed just above, so deleting it cannot
+    # meet a reference.
+    lines.extend(f"-X {chain}" for chain in stale)
+    if chains.text:
+        lines.append(chains.text)
+    lines.extend(f"-I {chain} 1 {spec}" for chain, spec in repair.missing_jumps)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -185,7 +281,9 @@ def render_jumps(saved_nat: str) -> str:
     their rules — the live interception — are not flushed.
     """
     saved = parse_saved_nat(saved_nat)
-    repair = _plan_repair(saved)
+    # Kernel-mode chains belong to the full sync (which knows which are wanted): kept here.
+    present = tuple(chain for chain in saved.chains if is_kernel_chain(chain))
+    repair = _plan_repair(saved, present, kernel=bool(present), require_kernel_jump=False)
     # A stale chain still referenced from one of our live chains must wait for the next full
     # sync (which flushes ours first); deleting it now would fail the whole transaction.
     still_used = {_jump_target(spec) for chain, spec in saved.rules if chain in OWN_CHAINS}
@@ -197,7 +295,7 @@ def render_jumps(saved_nat: str) -> str:
     lines.extend(f":{chain} - [0:0]" for chain in (*missing_chains, *stale_chains))
     lines.extend(f"-D {chain} {spec}" for chain, spec in repair.stale_rules)
     lines.extend(f"-X {chain}" for chain in stale_chains)
-    lines.extend(f"-I {chain} 1 {_jump_spec()}" for chain in repair.missing_jumps)
+    lines.extend(f"-I {chain} 1 {spec}" for chain, spec in repair.missing_jumps)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -257,27 +355,49 @@ def comment_for(target: RedirectTarget) -> str:
 class _Repair:
     stale_chains: tuple[str, ...] = ()
     stale_rules: tuple[tuple[str, str], ...] = ()
-    missing_jumps: tuple[str, ...] = ()
+    missing_jumps: tuple[tuple[str, str], ...] = ()
 
 
-def _plan_repair(saved: SavedNat) -> _Repair:
-    canonical = _jump_spec()
+def _plan_repair(
+    saved: SavedNat,
+    kernel_chains: Iterable[str] = (),
+    kernel: bool = False,
+    *,
+    require_kernel_jump: bool = True,
+) -> _Repair:
+    """What to delete and add so exactly our jumps exist: one per (built-in chain, spec).
+
+    `kernel`: kernel-mode chains are in use, so POSTROUTING's jump belongs too (added when
+    missing only with `require_kernel_jump`).
+    """
+    wanted_chains = set(OWN_CHAINS) | set(kernel_chains)
+    wanted_jumps = [(chain, _jump_spec()) for chain in JUMP_FROM]
+    if kernel:
+        wanted_jumps.append(("POSTROUTING", postrouting_jump_spec()))
     stale_chains = tuple(
         chain
         for chain in saved.chains
-        if chain.startswith(CHAIN_PREFIX) and chain not in OWN_CHAINS
+        if chain.startswith(CHAIN_PREFIX) and chain not in wanted_chains
     )
-    kept: set[str] = set()
+    kept: set[tuple[str, str]] = set()
     stale_rules: list[tuple[str, str]] = []
     for chain, spec in saved.rules:
         if chain.startswith(CHAIN_PREFIX) or not _jump_target(spec).startswith(CHAIN_PREFIX):
             continue
-        if chain in JUMP_FROM and spec == canonical and chain not in kept:
-            kept.add(chain)
+        if (chain, spec) in wanted_jumps and (chain, spec) not in kept:
+            kept.add((chain, spec))
         else:
             stale_rules.append((chain, spec))
-    missing = tuple(chain for chain in JUMP_FROM if chain not in kept)
+    missing = tuple(
+        (chain, spec)
+        for chain, spec in wanted_jumps
+        if (chain, spec) not in kept and (require_kernel_jump or chain != "POSTROUTING")
+    )
     return _Repair(stale_chains, tuple(stale_rules), missing)
+
+
+def _is_infra(chain: str) -> bool:
+    return chain in INFRA_CHAINS
 
 
 def _jump_spec() -> str:
@@ -371,8 +491,28 @@ def _quote_comment(text: str) -> str:
 def _name_order(target: RedirectTarget) -> tuple[str, str, str, str]:
     # ServicePortName's own order, as a plain tuple: its dataclass `__lt__` builds two tuples in
     # Python per comparison, and sorting 10k targets makes 130k comparisons per render.
-    name = target.service_port.name
+    return _port_order(target.service_port)
+
+
+def _port_order(port: ServicePort) -> tuple[str, str, str, str]:
+    name = port.name
     return (name.namespace, name.name, name.port, name.protocol)
+
+
+def _check_unique_across(
+    redirects: Sequence[RedirectTarget], kernel: Sequence[KernelTarget]
+) -> None:
+    names = {target.service_port.name for target in redirects}
+    seen: set[object] = set()
+    for target in kernel:
+        name = target.service_port.name
+        if name in names or name in seen:
+            raise RenderError(
+                f"{name.namespace}/{name.name}:{name.port}/{name.protocol.value}: listed twice"
+            )
+        seen.add(name)
+        if not 0 < target.fallback_port < 65536:
+            raise RenderError(f"{name}: fallback_port {target.fallback_port} is not a port")
 
 
 def _check_family(family: int) -> None:

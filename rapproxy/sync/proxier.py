@@ -27,6 +27,16 @@ change needs. What a change needs beyond memory — a rule for a new or changed 
 UDP socket — is done by the next sync, which the runner was asked for when the change was
 recorded; programming latency and /healthz staleness count until then.
 
+Kernel-mode Services (`dataplane.mode`, annotation `rapproxy.io/dataplane`) are forwarded by
+DNAT rules instead of the relay (rules/kernel.py). Their rules name their endpoints, so for them
+an endpoint change is a rules change; their probabilities are RAP's weights
+(balancer/kernel_weights.py), recomputed every `dataplane.weightPeriod` by `refresh_weights`,
+which rewrites only the weighted chains of the Services whose weights moved by more than
+`dataplane.weightThreshold`, in one transaction. Every rules write (sync or weights) holds
+`_rules_lock`, so the two never interleave and the kernel always holds what was last written.
+A kernel Service's UDP socket and the TCP listener stay: they are its fallback when a traffic
+policy leaves it no endpoint, and what makes a switch back to userspace mode instant.
+
 The Proxier is also the relay's `BackendSelector`: the relay asks it, per new connection, which
 service an intercepted destination is and which backend to dial — answered from the in-memory
 snapshot and the Balancer, never from the API.
@@ -44,7 +54,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rapproxy.balancer.balancer import Balancer, PolicyFactory
-from rapproxy.balancer.categorize import Locality
+from rapproxy.balancer.categorize import Locality, categorize
+from rapproxy.balancer.kernel_weights import (
+    KernelWeights,
+    kernel_weights,
+    uniform_weights,
+    weights_moved,
+)
 from rapproxy.balancer.signals import EndpointSignals
 from rapproxy.config import RapproxyConfiguration, parse_port_range
 from rapproxy.dataplane.handover import listener_name
@@ -54,16 +70,25 @@ from rapproxy.dataplane.tcp import TcpRelayServer, TcpRelaySettings
 from rapproxy.dataplane.udp import UdpRelaySettings, UdpServicePort
 from rapproxy.http.health import HealthState
 from rapproxy.http.metrics import ProxyMetrics
-from rapproxy.model.service import L4Protocol, ServicePort, ServicePortName
+from rapproxy.model.service import (
+    DataplaneMode,
+    L4Protocol,
+    LbPolicy,
+    ServicePort,
+    ServicePortName,
+)
 from rapproxy.model.table import Destination, ServiceEntry, ServiceTable
+from rapproxy.model.telemetry import RapSettings, TelemetryView
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.conntrack import delete_udp_entries
+from rapproxy.rules.kernel import KernelConfig, KernelTarget, WeightedEndpoint
 from rapproxy.rules.render import RedirectTarget, RuleConfig
 from rapproxy.sync.tracker import ChangeTracker, TableChange
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_SUFFIX = " (external)"
+_RAP_POLICIES = (LbPolicy.RAP, LbPolicy.RAP_AIMD, LbPolicy.RAP_SWITCH)
 
 
 class PortRangeExhausted(RuntimeError):
@@ -125,12 +150,17 @@ class Proxier:
         netns: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        telemetry: Callable[[], TelemetryView] | None = None,
+        rap_settings: RapSettings | None = None,
     ) -> None:
         self.config = config
         self.node_name = node_name
         self._clock = clock
         self._wall_clock = wall_clock
         self._netns = netns
+        self._telemetry = telemetry
+        self._rap_settings = rap_settings or RapSettings()
+        self._locality = Locality(node_name, zone)
         self.tracker = ChangeTracker(config.service_proxy_name, clock=wall_clock)
         self.balancer = Balancer(
             Locality(node_name, zone),
@@ -145,9 +175,18 @@ class Proxier:
         self.stats = RelayStats()
         self.metrics = metrics or ProxyMetrics()
         self.metrics.watch_live(self.stats.snapshot, self._selection_counts)
+        self.metrics.watch_kernel(self._kernel_weight_rows)
         self.health = HealthState(sync_period=config.iptables.sync_period)
         self.iptables = list(iptables)
-        self.rule_config = RuleConfig(node_port_cidrs=config.iptables.node_port_addresses)
+        dataplane = config.dataplane
+        self.rule_config = RuleConfig(
+            node_port_cidrs=config.iptables.node_port_addresses,
+            kernel=KernelConfig(
+                masquerade_all=dataplane.masquerade_all,
+                cluster_cidrs=dataplane.cluster_cidrs,
+                masquerade_bit=dataplane.masquerade_bit,
+            ),
+        )
         proxy = config.proxy
         self.tcp = TcpRelayServer(
             self,
@@ -179,6 +218,16 @@ class Proxier:
         self._port_counts: Counter[L4Protocol] = Counter()
         self._targets: dict[ServicePortName, RedirectTarget] = {}  # desired redirects
         self._applied_targets: dict[ServicePortName, RedirectTarget] | None = None  # in the kernel
+        # Kernel mode: the entries of kernel-mode service ports, their desired and written rules,
+        # the weights in force and when they last changed (wall clock).
+        self._kernel_wanted: dict[ServicePortName, ServiceEntry] = {}
+        self._kernel: dict[ServicePortName, KernelTarget] = {}
+        self._applied_kernel: dict[ServicePortName, KernelTarget] | None = None
+        self._weights: dict[ServicePortName, KernelWeights] = {}
+        self._weights_changed_at: dict[ServicePortName, float] = {}
+        self._rules_lock = asyncio.Lock()
+        # Asked for when a weight change cannot be written alone (its endpoints changed too).
+        self.request_sync: Callable[[], None] | None = None
         self._last_full_sync = -float("inf")
         self._change_noted = asyncio.Event()  # set by note_change; wakes `_absorb` mid-write
         # When the oldest change applied to memory mid-write, but not yet to rules or UDP
@@ -264,12 +313,25 @@ class Proxier:
         self._apply_to_memory(change, forget_all_stale_stats=full)
         stale_udp = await self._reconcile_udp()
         self._refresh_udp_targets()
-        if self.iptables and (full or self._targets != self._applied_targets):
-            written = dict(self._targets)
-            await self._write_rules_absorbing(written, repair_jumps=full)
-            self._applied_targets = written
-        elif not self.iptables:
-            self._applied_targets = dict(self._targets)
+        async with self._rules_lock:
+            previous_targets = self._applied_targets or {}
+            previous_kernel = self._applied_kernel or {}
+            if self.iptables and (
+                full
+                or self._targets != self._applied_targets
+                or self._kernel != self._applied_kernel
+            ):
+                written = dict(self._targets)
+                written_kernel = dict(self._kernel)
+                await self._write_rules_absorbing(written, written_kernel, repair_jumps=full)
+                self._applied_targets = written
+                self._applied_kernel = written_kernel
+            elif not self.iptables:
+                self._applied_targets = dict(self._targets)
+                self._applied_kernel = dict(self._kernel)
+            stale_udp.extend(
+                _stale_kernel_udp(previous_targets, previous_kernel, self._applied_kernel or {})
+            )
         if full:
             self._last_full_sync = started
         for address, port in stale_udp:
@@ -316,21 +378,31 @@ class Proxier:
         self._derive(change, forget_all_stale_stats=forget_all_stale_stats)
 
     async def _write_rules_absorbing(
-        self, written: dict[ServicePortName, RedirectTarget], *, repair_jumps: bool
+        self,
+        written: dict[ServicePortName, RedirectTarget],
+        written_kernel: dict[ServicePortName, KernelTarget],
+        *,
+        repair_jumps: bool,
     ) -> None:
         """Write `written` to every family's rules; meanwhile `_absorb` what gets recorded."""
 
         async def write() -> None:
             targets = list(written.values())
+            kernel = list(written_kernel.values())
             for runner in self.iptables:
-                await runner.sync(targets, self.rule_config, repair_jumps=repair_jumps)
+                if kernel:
+                    await runner.sync(
+                        targets, self.rule_config, repair_jumps=repair_jumps, kernel=kernel
+                    )
+                else:  # the runner's userspace-only call, unchanged
+                    await runner.sync(targets, self.rule_config, repair_jumps=repair_jumps)
 
         writing = asyncio.create_task(write(), name="rules-write")
         try:
             while True:
                 self._change_noted.clear()
                 if self.tracker.pending:
-                    self._absorb(written)
+                    self._absorb(written, written_kernel)
                 if writing.done():
                     break
                 noted = asyncio.create_task(self._change_noted.wait())
@@ -346,7 +418,11 @@ class Proxier:
                 writing.exception()  # retrieved, so never logged as lost; raised just below
         await writing  # its error, if any, fails the sync; the runner retries
 
-    def _absorb(self, written: dict[ServicePortName, RedirectTarget]) -> None:
+    def _absorb(
+        self,
+        written: dict[ServicePortName, RedirectTarget],
+        written_kernel: dict[ServicePortName, KernelTarget],
+    ) -> None:
         """Apply the changes recorded since the rules write began to memory, now.
 
         That finishes an endpoint change. One that also changes what the rules or the UDP
@@ -356,7 +432,11 @@ class Proxier:
         change = self.tracker.take_change()
         self._apply_to_memory(change, forget_all_stale_stats=False)
         self._refresh_udp_targets()
-        finished = self._targets == written and self._udp_wanted.keys() == self.udp.keys()
+        finished = (
+            self._targets == written
+            and self._kernel == written_kernel
+            and self._udp_wanted.keys() == self.udp.keys()
+        )
         if not finished:
             self._unfinished_since = _earliest(self._unfinished_since, queued_at)
         elif queued_at is not None and change.services:
@@ -408,6 +488,7 @@ class Proxier:
             self._port_counts[name.protocol] -= 1
             self._udp_wanted.pop(name, None)
             self._targets.pop(name, None)
+            self._forget_kernel(name)
             for external in (False, True):
                 key = self._route_keys.pop((name, external), None)
                 if key is not None:
@@ -422,7 +503,17 @@ class Proxier:
                     key += "/UDP"
                 self._routes[key] = Destination(name, external)
                 self._route_keys[(name, external)] = key
+        kernel_mode = (new.port.dataplane or self.config.dataplane.mode) is DataplaneMode.KERNEL
+        if kernel_mode:
+            self._kernel_wanted[name] = new
+            self._kernel.pop(name, None)  # rebuilt below (TCP) or once its socket is open (UDP)
+        else:
+            self._forget_kernel(name)
         if name.protocol is L4Protocol.TCP:
+            if kernel_mode:
+                self._targets.pop(name, None)
+                self._refresh_kernel(name, self.config.proxy.tcp_port)
+                return
             target = RedirectTarget(new.port, self.config.proxy.tcp_port)
             if self._targets.get(name) != target:
                 self._targets[name] = target
@@ -435,10 +526,152 @@ class Proxier:
             relay = self.udp.get(name)
             if relay is None:
                 self._targets.pop(name, None)
+                self._kernel.pop(name, None)
+                continue
+            if name in self._kernel_wanted:
+                self._targets.pop(name, None)
+                current = self._kernel.get(name)
+                if current is None or current.fallback_port != relay.address[1]:
+                    self._refresh_kernel(name, relay.address[1])
                 continue
             target = RedirectTarget(port, relay.address[1])
             if self._targets.get(name) != target:
                 self._targets[name] = target
+
+    # -- kernel mode ----------------------------------------------------------------------------
+
+    def _forget_kernel(self, name: ServicePortName) -> None:
+        self._kernel_wanted.pop(name, None)
+        self._kernel.pop(name, None)
+        self._weights.pop(name, None)
+        self._weights_changed_at.pop(name, None)
+
+    def _refresh_kernel(self, name: ServicePortName, fallback_port: int) -> None:
+        """(Re)build a kernel-mode service port's rules target, with freshly computed weights."""
+        entry = self._kernel_wanted[name]
+        weights = self._compute_weights(entry, self._clock())
+        if weights_moved(self._weights.get(name), weights, 0.0):
+            self._weights_changed_at[name] = self._wall_clock()
+        self._weights[name] = weights
+        self._kernel[name] = self._kernel_target(entry, weights, fallback_port)
+
+    def _compute_weights(self, entry: ServiceEntry, now: float) -> KernelWeights:
+        """RAP's shares for the cluster-wide endpoints; even ones for a non-RAP policy."""
+        candidates = categorize(entry.endpoints, self._locality).cluster
+        policy = entry.port.lb_policy or self.config.proxy.lb_policy
+        if self._telemetry is None:
+            return uniform_weights(candidates, "even (no telemetry)")
+        if policy not in _RAP_POLICIES:
+            return uniform_weights(candidates, f"even (policy {policy.value})")
+        return kernel_weights(
+            candidates, self._telemetry(), self.node_name, now, self._rap_settings
+        )
+
+    def _kernel_target(
+        self, entry: ServiceEntry, weights: KernelWeights, fallback_port: int
+    ) -> KernelTarget:
+        local = categorize(entry.endpoints, self._locality).local
+        return KernelTarget(
+            service_port=entry.port,
+            cluster=tuple(WeightedEndpoint(s.ip, s.port, s.share) for s in weights.shares),
+            local=tuple(WeightedEndpoint(e.ip, e.port, 1.0) for e in local),
+            fallback_port=fallback_port,
+        )
+
+    async def refresh_weights(self) -> int:
+        """Recompute every kernel Service's weights; write those that moved. Returns how many.
+
+        Only the weighted chains are rewritten, all in one transaction per family. A Service
+        whose rules differ from the written ones in more than weights (an endpoint change not
+        yet synced) is left to the sync, which is asked for.
+        """
+        threshold = self.config.dataplane.weight_threshold
+        async with self._rules_lock:
+            now = self._clock()
+            moved: list[ServicePortName] = []
+            for name, entry in self._kernel_wanted.items():
+                target = self._kernel.get(name)
+                if target is None:
+                    continue
+                weights = self._compute_weights(entry, now)
+                if not weights_moved(self._weights.get(name), weights, threshold):
+                    continue
+                self._weights[name] = weights
+                self._kernel[name] = self._kernel_target(entry, weights, target.fallback_port)
+                moved.append(name)
+            if not moved:
+                return 0
+            applied = self._applied_kernel
+            updates: list[KernelTarget] = []
+            needs_sync = False
+            for name in moved:
+                target = self._kernel[name]
+                written = None if applied is None else applied.get(name)
+                if written is not None and _same_paths(written, target):
+                    updates.append(target)
+                else:
+                    needs_sync = True
+            for runner in self.iptables:
+                await runner.update_weights(updates, self.rule_config)
+            if applied is not None:
+                for target in updates:
+                    applied[target.service_port.name] = target
+            changed_at = self._wall_clock()
+            for target in updates:
+                self._weights_changed_at[target.service_port.name] = changed_at
+            self.metrics.kernel_weight_writes.inc(bool(updates and self.iptables))
+        if needs_sync and self.request_sync is not None:
+            self.request_sync()
+        return len(moved)
+
+    async def run_weights(self) -> None:
+        """Every `dataplane.weightPeriod`: `refresh_weights`. Failures are logged and retried."""
+        period = self.config.dataplane.weight_period
+        while True:
+            await asyncio.sleep(period)  # a period, not a synchronisation
+            if not self._kernel_wanted:
+                continue
+            try:
+                await self.refresh_weights()
+            except Exception as error:  # one failed write must not end the loop
+                log.warning("kernel weight update failed (next period retries): %s", error)
+
+    def _kernel_weight_rows(self) -> list[tuple[str, str, float, float | None]]:
+        """(service, endpoint, share in force, last change) for the metrics exporter."""
+        applied = self._applied_kernel or {}
+        rows: list[tuple[str, str, float, float | None]] = []
+        for name, target in sorted(applied.items()):
+            total = sum(e.weight for e in target.cluster) or 1.0
+            changed = self._weights_changed_at.get(name)
+            for endpoint in target.cluster:
+                address = (
+                    f"[{endpoint.ip}]:{endpoint.port}"
+                    if ":" in endpoint.ip
+                    else (f"{endpoint.ip}:{endpoint.port}")
+                )
+                rows.append((str(name), address, endpoint.weight / total, changed))
+        return rows
+
+    def describe_kernel(self) -> dict[str, Any]:
+        """Kernel-mode service ports: the weights written (in force), why, and since when."""
+        applied = self._applied_kernel or {}
+        out: dict[str, Any] = {}
+        for name in sorted(self._kernel_wanted):
+            target = applied.get(name)
+            weights = self._weights.get(name)
+            out[str(name)] = {
+                "written": target is not None and target == self._kernel.get(name),
+                "weights": {}
+                if target is None
+                else {f"{e.ip}:{e.port}": round(e.weight, 6) for e in target.cluster},
+                "local_endpoints": []
+                if target is None
+                else [f"{e.ip}:{e.port}" for e in target.local],
+                "decision": None if weights is None else weights.decision,
+                "local_share": None if weights is None else weights.local_share,
+                "weights_changed_at": self._weights_changed_at.get(name),
+            }
+        return out
 
     async def _reconcile_udp(self) -> list[tuple[str | None, int]]:
         """Open a socket per UDP service port, close the ones gone; return stale conntrack keys."""
@@ -585,6 +818,7 @@ class Proxier:
         state["rejected_objects"] = self.tracker.describe_errors()
         state["changes_pending"] = self.tracker.pending
         state["last_sync_error"] = self.last_sync_error
+        state["kernel"] = self.describe_kernel()
         for name, describe in self.extra_state.items():
             state[name] = describe(now)
         return state
@@ -593,6 +827,46 @@ class Proxier:
 def _earliest(*times: float | None) -> float | None:
     known = [t for t in times if t is not None]
     return min(known) if known else None
+
+
+def _same_paths(a: KernelTarget, b: KernelTarget) -> bool:
+    """Whether two targets differ at most in weights (then a weights-only write suffices)."""
+    return (
+        a.service_port == b.service_port
+        and a.local == b.local
+        and a.fallback_port == b.fallback_port
+        and [(e.ip, e.port) for e in a.cluster] == [(e.ip, e.port) for e in b.cluster]
+    )
+
+
+def _stale_kernel_udp(
+    old_targets: dict[ServicePortName, RedirectTarget],
+    old_kernel: dict[ServicePortName, KernelTarget],
+    new_kernel: dict[ServicePortName, KernelTarget],
+) -> list[tuple[str | None, int]]:
+    """UDP conntrack keys to forget after a write touching kernel-mode service ports.
+
+    A UDP flow keeps the DNAT decision of its first datagram for as long as it keeps sending, so
+    when an endpoint it may be pinned to goes away, or the port switches mode either way, the
+    service's entries are deleted and the next datagram is NATed by the current rules. All of
+    the port's flows, not only the removed endpoint's: coarser than kube-proxy (which filters by
+    the reply source), simpler, and harmless for UDP (docs/limits.md).
+    """
+    stale: list[tuple[str | None, int]] = []
+    for name, old in old_kernel.items():
+        if name.protocol is not L4Protocol.UDP:
+            continue
+        new = new_kernel.get(name)
+        endpoints_before = {(e.ip, e.port) for e in (*old.cluster, *old.local)}
+        endpoints_after = (
+            set() if new is None else {(e.ip, e.port) for e in (*new.cluster, *new.local)}
+        )
+        if new is None or not endpoints_before <= endpoints_after:
+            stale.extend(_udp_destinations(old.service_port))
+    for name in new_kernel:
+        if name.protocol is L4Protocol.UDP and name in old_targets and name not in old_kernel:
+            stale.extend(_udp_destinations(old_targets[name].service_port))
+    return stale
 
 
 def _udp_destinations(port: ServicePort) -> list[tuple[str | None, int]]:

@@ -1,0 +1,121 @@
+"""Endpoint weights for the kernel fast path: RAP's split, as probabilities the kernel can draw.
+
+In kernel mode no code runs per connection: iptables picks an endpoint with `statistic --mode
+random`. So the choice RAP makes per connection in userspace has to be expressed ahead of time as
+a share per endpoint, recomputed every period from the same telemetry (`rap-aimd`'s inputs: the
+node's gradual local share from `TelemetryTracker.local_share`, and the score-weighted split of
+the remainder over the `top_k` best remote nodes — `balancer.rap.node_shares`):
+
+* local node not overloaded (local share 1) → every new connection stays local, spread evenly
+  over the local endpoints;
+* overloaded → the local endpoints keep `local_share` between them, and the rest is split over
+  the top remote nodes in proportion to their score, then evenly inside each node. Never all of
+  it to the single best node: every proxy sees the same telemetry, and all of them moving their
+  whole spill at once would overload that node within a period (the herd RAP avoids);
+* no telemetry at all, or every node overloaded → the same share for every endpoint, which is
+  exactly kube-proxy's uniform random choice.
+
+Relay measurements (queues, latency — what the default `rap` policy decides from) do not exist
+in kernel mode; the connections never reach userspace. That is the price of the fast path, and
+why it is per Service and not the default.
+
+Pure: the caller passes candidates, a telemetry snapshot and the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rapproxy.balancer.rap import node_shares
+from rapproxy.model.endpoints import Endpoint
+from rapproxy.model.telemetry import RapSettings, TelemetryView
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointShare:
+    """The fraction of a Service's new connections one endpoint should get."""
+
+    ip: str
+    port: int
+    node: str | None
+    share: float
+
+
+@dataclass(frozen=True, slots=True)
+class KernelWeights:
+    """Every candidate's share (candidate order; shares sum to 1) and why, for /debug/state."""
+
+    shares: tuple[EndpointShare, ...]
+    decision: str
+    local_share: float
+
+    def by_address(self) -> dict[tuple[str, int], float]:
+        return {(s.ip, s.port): s.share for s in self.shares}
+
+
+def kernel_weights(
+    candidates: Sequence[Endpoint],
+    view: TelemetryView,
+    local_node: str,
+    now: float,
+    settings: RapSettings,
+) -> KernelWeights:
+    """The share of each candidate endpoint, from `rap-aimd`'s split of this telemetry."""
+    if not candidates:
+        return KernelWeights((), "no endpoints", 0.0)
+    split = node_shares(candidates, view, local_node, now, settings)
+    if split.spread_evenly:
+        even = 1.0 / len(candidates)
+        return KernelWeights(
+            tuple(_share(e, even) for e in candidates), split.decision.value, split.local_share
+        )
+    local = [e for e in candidates if e.node_name == local_node]
+    share: dict[int, float] = {}
+    if local and split.local_share > 0:
+        for endpoint in local:
+            share[id(endpoint)] = split.local_share / len(local)
+    remainder = 1.0 - (split.local_share if local else 0.0)
+    total = sum(weight for _, weight in split.remote)
+    if remainder > 0 and total > 0:
+        for node, weight in split.remote:
+            members = [e for e in candidates if e.node_name == node]
+            for endpoint in members:
+                share[id(endpoint)] = remainder * weight / total / len(members)
+    shares = tuple(_share(e, share.get(id(e), 0.0)) for e in candidates)
+    placed = sum(s.share for s in shares)
+    if placed <= 0:  # cannot happen with a consistent split; never leave a Service pathless
+        even = 1.0 / len(candidates)
+        return KernelWeights(tuple(_share(e, even) for e in candidates), "even", 1.0)
+    return KernelWeights(
+        tuple(_share_of(s, s.share / placed) for s in shares),
+        split.decision.value,
+        split.local_share,
+    )
+
+
+def uniform_weights(candidates: Sequence[Endpoint], reason: str) -> KernelWeights:
+    """The same share for every candidate (traffic policy Local, or a non-RAP policy)."""
+    if not candidates:
+        return KernelWeights((), "no endpoints", 0.0)
+    even = 1.0 / len(candidates)
+    return KernelWeights(tuple(_share(e, even) for e in candidates), reason, 1.0)
+
+
+def weights_moved(old: KernelWeights | None, new: KernelWeights, threshold: float) -> bool:
+    """Whether `new` is worth a rules write: other endpoints, or a share moved by > threshold."""
+    if old is None:
+        return True
+    before = old.by_address()
+    after = new.by_address()
+    if before.keys() != after.keys():
+        return True
+    return any(abs(after[key] - before[key]) > threshold for key in after)
+
+
+def _share(endpoint: Endpoint, share: float) -> EndpointShare:
+    return EndpointShare(endpoint.ip, endpoint.port, endpoint.node_name, share)
+
+
+def _share_of(share: EndpointShare, value: float) -> EndpointShare:
+    return EndpointShare(share.ip, share.port, share.node, value)

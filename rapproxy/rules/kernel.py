@@ -1,0 +1,479 @@
+"""The kernel fast path: nat chains that DNAT a Service's connections the way kube-proxy's iptables
+mode does, with RAP's weights as the probabilities.
+
+Pure: no I/O. rules/render.py puts these chains into the same one-transaction rewrite as the
+userspace redirects, so switching a Service between modes is one atomic swap of its entry rule
+(a REDIRECT to the proxy becomes a jump to its chain, or back) and no new connection falls between
+the two. `render_weight_update` is the cheap per-period write: only the weighted chains of the
+Services whose weights moved, each declared (flushed) and refilled in one transaction, so the
+kernel sees the old chain or the new one — never an empty one.
+
+Per Service port `X` (the hash `h` is of its name, as kube-proxy hashes; names stay ≤ 28 chars):
+
+    RAPPROXY-SERVICES  -d <clusterIP> ... --dport P  -j RAPPROXY-SVC-h   (or -SVL-h: policy Local)
+                       -d <externalIP|LB IP> ...     -j RAPPROXY-EXT-h
+    RAPPROXY-NODEPORTS ... --dport <nodePort>        -j RAPPROXY-EXT-h
+    RAPPROXY-EXT-h     externalTrafficPolicy Cluster: mark for SNAT, then -j RAPPROXY-SVC-h.
+                       Local: pod sources (clusterCidrs) and the node itself go cluster-wide (the
+                       node's own traffic SNATed), everything else -j RAPPROXY-SVL-h.
+    RAPPROXY-SVC-h     cluster-wide endpoints: [SNAT mark for sources outside clusterCidrs, or
+                       all with masqueradeAll] [ClientIP affinity: `recent --rcheck` per
+                       endpoint] then `statistic --mode random --probability p_i` per endpoint
+                       (the last unconditional), p_i = w_i / (w_i + ... + w_n), so endpoint i is
+                       taken with probability w_i / Σw: RAP's weights.
+    RAPPROXY-SVL-h     the same over this node's endpoints, evenly (no SNAT: the source is kept).
+    RAPPROXY-SEP-e     one endpoint: hairpin SNAT mark, [`recent --set`], DNAT to ip:port.
+    RAPPROXY-MARK-MASQ / RAPPROXY-POSTROUTING (from POSTROUTING): MASQUERADE what was marked.
+
+Where a policy has no endpoint (none anywhere, or none local under policy Local) the rule
+REDIRECTs to the proxy instead (`fallback_port`), whose relay applies the very same
+categorization and rejects or drops the connection as it would in userspace mode: a kernel
+Service is never left without a path, and its failure behaviour does not depend on the mode.
+
+Endpoints with weight 0 get no statistic rule (no new connection), but keep their endpoint chain
+while they exist, so affinity entries pointing at them still resolve.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from rapproxy.model.addresses import parse_ip
+from rapproxy.model.service import L4Protocol, ServicePort, ServicePortName
+
+MARK_MASQ_CHAIN = "RAPPROXY-MARK-MASQ"
+POSTROUTING_CHAIN = "RAPPROXY-POSTROUTING"
+INFRA_CHAINS = (MARK_MASQ_CHAIN, POSTROUTING_CHAIN)
+SERVICE_CHAIN_PREFIXES = ("RAPPROXY-SVC-", "RAPPROXY-SVL-", "RAPPROXY-EXT-", "RAPPROXY-SEP-")
+POSTROUTING_COMMENT = "rapproxy postrouting rules"
+MAX_CHAIN_NAME = 28  # XT_EXTENSION_MAXNAMELEN - 1
+_HASH_CHARS = 14
+_HOST_PREFIX = {4: 32, 6: 128}
+_HOST_MASK = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
+_COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9._/:;, >-]")
+_MAX_COMMENT = 256
+
+
+class KernelRenderError(ValueError):
+    """A kernel-mode Service cannot be written as rules; the message names the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """SNAT decisions of the kernel path (kube-proxy's masqueradeAll, clusterCIDR, masqueradeBit).
+
+    At most one pod CIDR per family: "not from the pods" must be one `! -s` match.
+    """
+
+    masquerade_all: bool = False
+    cluster_cidrs: tuple[str, ...] = ()
+    masquerade_bit: int = 14
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.masquerade_bit <= 31:
+            raise KernelRenderError(f"masquerade_bit: {self.masquerade_bit} is not 0-31")
+        families: set[int] = set()
+        for index, cidr in enumerate(self.cluster_cidrs):
+            try:
+                network = ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise KernelRenderError(f"cluster_cidrs[{index}]: {cidr!r} is not a CIDR") from None
+            if network.version in families:
+                raise KernelRenderError(
+                    f"cluster_cidrs[{index}]: {cidr}: at most one CIDR per address family"
+                )
+            families.add(network.version)
+
+    @property
+    def mark(self) -> str:
+        return f"0x{1 << self.masquerade_bit:x}"
+
+    def cluster_cidr(self, family: int) -> str | None:
+        for cidr in self.cluster_cidrs:
+            network = ipaddress.ip_network(cidr, strict=False)
+            if network.version == family:
+                return str(network)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedEndpoint:
+    """One DNAT target and its relative weight (any scale; 0 means no new connections)."""
+
+    ip: str
+    port: int
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class KernelTarget:
+    """One kernel-mode service port: where its traffic may go, and the proxy port to fall back to.
+
+    `cluster` are the endpoints for cluster-wide traffic (RAP-weighted), `local` this node's
+    endpoints (for traffic policy Local). Both already categorized (balancer/categorize.py).
+    """
+
+    service_port: ServicePort
+    cluster: tuple[WeightedEndpoint, ...]
+    local: tuple[WeightedEndpoint, ...]
+    fallback_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRules:
+    """One target's rules for one family: entry rules for our two chains, and its own chains."""
+
+    service_rules: tuple[str, ...]
+    nodeport_rules: tuple[str, ...]
+    chains: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def service_chain(name: ServicePortName, kind: str) -> str:
+    """`RAPPROXY-<kind>-<hash>` for kind SVC, SVL or EXT."""
+    return f"RAPPROXY-{kind}-{_hash(f'{name}/{name.protocol.value}')}"
+
+
+def endpoint_chain(name: ServicePortName, ip: str, port: int) -> str:
+    return f"RAPPROXY-SEP-{_hash(f'{name}/{name.protocol.value}/{ip}/{port}')}"
+
+
+def is_kernel_chain(chain: str) -> bool:
+    return chain in INFRA_CHAINS or chain.startswith(SERVICE_CHAIN_PREFIXES)
+
+
+def postrouting_jump_spec() -> str:
+    return f'-m comment --comment "{POSTROUTING_COMMENT}" -j {POSTROUTING_CHAIN}'
+
+
+def infra_rules(config: KernelConfig) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The SNAT machinery every kernel Service shares (canonical iptables-save form)."""
+    mark = config.mark
+    return (
+        (MARK_MASQ_CHAIN, (f"-A {MARK_MASQ_CHAIN} -j MARK --set-xmark {mark}/{mark}",)),
+        (
+            POSTROUTING_CHAIN,
+            (
+                f"-A {POSTROUTING_CHAIN} -m mark ! --mark {mark}/{mark} -j RETURN",
+                f"-A {POSTROUTING_CHAIN} -j MARK --set-xmark {mark}/0x0",
+                f'-A {POSTROUTING_CHAIN} -m comment --comment "rapproxy service traffic requiring'
+                f' SNAT" -j MASQUERADE --random-fully',
+            ),
+        ),
+    )
+
+
+def render_target(target: KernelTarget, config: KernelConfig, family: int) -> KernelRules:
+    """Everything one kernel-mode service port needs in one address family."""
+    port = target.service_port
+    name = port.name
+    proto = _proto(port.protocol, name)
+    comment = comment_for(name)
+    cluster_ips = _of_family(port.cluster_ips, family, name)
+    if not cluster_ips:  # single-stack Service of the other family: nothing here, as render.py
+        return KernelRules((), (), ())
+    cluster = tuple(e for e in target.cluster if _family(e.ip, name) == family)
+    local = tuple(e for e in target.local if _family(e.ip, name) == family)
+    svc = service_chain(name, "SVC") if cluster else None
+    svl = service_chain(name, "SVL") if local else None
+    redirect = f"-j REDIRECT --to-ports {target.fallback_port}"
+
+    def to(chain: str | None) -> str:
+        return f"-j {chain}" if chain is not None else redirect
+
+    chains: dict[str, tuple[str, ...]] = {}
+    used_endpoints: dict[str, WeightedEndpoint] = {}
+    internal = svl if port.internal_traffic_local else svc
+    needs_ext = bool(
+        port.node_port is not None or _of_family(port.external_addresses, family, name)
+    )
+    ext = service_chain(name, "EXT") if needs_ext and (svc or svl) else None
+    # EXT always names the cluster-wide chain (policy Cluster, or the node's own traffic under
+    # policy Local) and, under policy Local, the local one.
+    svc_used = internal == svc or ext is not None
+    svl_used = internal == svl or (ext is not None and port.external_traffic_local)
+    if svc is not None and svc_used:
+        chains[svc] = _balance_chain(
+            svc,
+            target,
+            cluster,
+            config=config,
+            family=family,
+            cluster_ips=cluster_ips,
+            cluster_wide=True,
+        )
+        used_endpoints.update({endpoint_chain(name, e.ip, e.port): e for e in cluster})
+    if svl is not None and svl_used:
+        chains[svl] = _balance_chain(
+            svl,
+            target,
+            local,
+            config=config,
+            family=family,
+            cluster_ips=cluster_ips,
+            cluster_wide=False,
+        )
+        used_endpoints.update({endpoint_chain(name, e.ip, e.port): e for e in local})
+    if ext is not None:
+        chains[ext] = _external_chain(
+            ext, port, svc=svc, svl=svl, redirect=redirect, config=config, family=family
+        )
+    for chain, endpoint in sorted(used_endpoints.items()):
+        chains[chain] = _endpoint_chain(chain, port, endpoint, family)
+
+    service_rules = [
+        f"-A RAPPROXY-SERVICES -d {ip}/{_HOST_PREFIX[family]}"
+        f" {_match(proto, _quote(f'{comment} cluster IP'), port.port)} {to(internal)}"
+        for ip in cluster_ips
+    ]
+    labelled = (
+        *((ip, "external IP") for ip in port.external_ips),
+        *((ip, "loadbalancer IP") for ip in port.load_balancer_ips),
+    )
+    seen = set(cluster_ips)
+    for ip, label in labelled:
+        if _family(ip, name) != family or ip in seen:
+            continue
+        seen.add(ip)
+        service_rules.append(
+            f"-A RAPPROXY-SERVICES -d {ip}/{_HOST_PREFIX[family]}"
+            f" {_match(proto, _quote(f'{comment} {label}'), port.port)}"
+            f" {to(ext)}"
+        )
+    nodeport_rules = []
+    if port.node_port is not None:
+        nodeport_rules.append(
+            f"-A RAPPROXY-NODEPORTS {_match(proto, _quote(comment), port.node_port)} {to(ext)}"
+        )
+    return KernelRules(tuple(service_rules), tuple(nodeport_rules), tuple(chains.items()))
+
+
+def weighted_chain(target: KernelTarget, config: KernelConfig, family: int) -> tuple[str, str]:
+    """(name, rules text) of the cluster-wide weighted chain alone: what a weight change rewrites.
+
+    Raises `KernelRenderError` when the target has no such chain in this family.
+    """
+    name = target.service_port.name
+    cluster_ips = _of_family(target.service_port.cluster_ips, family, name)
+    cluster = tuple(e for e in target.cluster if _family(e.ip, name) == family)
+    port = target.service_port
+    reached = not port.internal_traffic_local or bool(
+        port.node_port is not None or _of_family(port.external_addresses, family, name)
+    )
+    if not cluster_ips or not cluster or not reached:
+        raise KernelRenderError(f"{comment_for(name)}: no weighted chain in IPv{family}")
+    svc = service_chain(name, "SVC")
+    rules = _balance_chain(
+        svc,
+        target,
+        cluster,
+        config=config,
+        family=family,
+        cluster_ips=cluster_ips,
+        cluster_wide=True,
+    )
+    return svc, "\n".join(rules)
+
+
+def render_weight_update(targets: Sequence[KernelTarget], config: KernelConfig, family: int) -> str:
+    """One transaction rewriting only the weighted chains of `targets` ("" when none has one).
+
+    Only valid when each target's endpoints are those last written by a full render (only the
+    weights differ): the endpoint chains it jumps to must exist.
+    """
+    lines: list[str] = []
+    bodies: list[str] = []
+    for target in sorted(targets, key=lambda t: t.service_port.name):
+        try:
+            chain, body = weighted_chain(target, config, family)
+        except KernelRenderError:
+            continue
+        lines.append(f":{chain} - [0:0]")
+        bodies.append(body)
+    if not lines:
+        return ""
+    return "\n".join(["*nat", *lines, *bodies, "COMMIT"]) + "\n"
+
+
+def probabilities(weights: Sequence[float]) -> list[float]:
+    """Per-rule probabilities for a chain of `statistic` rules taken in order.
+
+    Rule i matches with p_i = w_i / Σ_{j≥i} w_j of the packets that reach it, so overall endpoint
+    i gets w_i / Σw. The last rule is unconditional (p = 1). Weights must be finite and ≥ 0
+    with a positive sum.
+    """
+    if not weights:
+        return []
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise KernelRenderError(f"weights {list(weights)!r}: need finite values >= 0, sum > 0")
+    remaining = sum(weights)
+    out: list[float] = []
+    for weight in weights:
+        out.append(min(1.0, weight / remaining) if remaining > 0 else 1.0)
+        remaining -= weight
+    out[-1] = 1.0
+    return out
+
+
+def comment_for(name: ServicePortName) -> str:
+    return f"{name.namespace}/{name.name}" + (f":{name.port}" if name.port else "")
+
+
+# -- chains --------------------------------------------------------------------------------------
+
+
+def _balance_chain(
+    chain: str,
+    target: KernelTarget,
+    endpoints: Sequence[WeightedEndpoint],
+    *,
+    config: KernelConfig,
+    family: int,
+    cluster_ips: Sequence[str],
+    cluster_wide: bool,
+) -> tuple[str, ...]:
+    port = target.service_port
+    name = port.name
+    proto = _proto(port.protocol, name)
+    comment = comment_for(name)
+    rules: list[str] = []
+    if cluster_wide:
+        pod_cidr = config.cluster_cidr(family)
+        if config.masquerade_all or pod_cidr is not None:
+            source = "" if config.masquerade_all else f"! -s {pod_cidr} "
+            for ip in cluster_ips:
+                rules.append(
+                    f"-A {chain} {source}-d {ip}/{_HOST_PREFIX[family]}"
+                    f" {_match(proto, _quote(f'{comment} cluster IP'), port.port)}"
+                    f" -j {MARK_MASQ_CHAIN}"
+                )
+    if port.affinity_timeout_seconds is not None:
+        for endpoint in endpoints:
+            sep = endpoint_chain(name, endpoint.ip, endpoint.port)
+            rules.append(
+                f"-A {chain} -m comment --comment {_quote(f'{comment} -> {_address(endpoint)}')}"
+                f" -m recent --rcheck --seconds {port.affinity_timeout_seconds} --reap"
+                f" --name {sep} --mask {_HOST_MASK[family]} --rsource -j {sep}"
+            )
+    live = [e for e in endpoints if e.weight > 0]
+    if not live:  # every weight 0 is no decision at all: spread evenly rather than drop
+        live = [WeightedEndpoint(e.ip, e.port, 1.0) for e in endpoints]
+    for endpoint, probability in zip(live, probabilities([e.weight for e in live]), strict=True):
+        sep = endpoint_chain(name, endpoint.ip, endpoint.port)
+        text = _quote(f"{comment} -> {_address(endpoint)}")
+        if probability >= 1.0:
+            rules.append(f"-A {chain} -m comment --comment {text} -j {sep}")
+            break
+        rules.append(
+            f"-A {chain} -m comment --comment {text} -m statistic --mode random"
+            f" --probability {probability:.11f} -j {sep}"
+        )
+    return tuple(rules)
+
+
+def _external_chain(
+    chain: str,
+    port: ServicePort,
+    *,
+    svc: str | None,
+    svl: str | None,
+    redirect: str,
+    config: KernelConfig,
+    family: int,
+) -> tuple[str, ...]:
+    comment = comment_for(port.name)
+    to_svc = f"-j {svc}" if svc is not None else redirect
+    if not port.external_traffic_local:
+        return (
+            f"-A {chain} -m comment --comment"
+            f" {_quote(f'masquerade traffic for {comment} external destinations')}"
+            f" -j {MARK_MASQ_CHAIN}",
+            f"-A {chain} {to_svc}",
+        )
+    rules: list[str] = []
+    pod_cidr = config.cluster_cidr(family)
+    if pod_cidr is not None:
+        rules.append(
+            f"-A {chain} -s {pod_cidr} -m comment --comment"
+            f" {_quote(f'pod traffic for {comment} external destinations')} {to_svc}"
+        )
+    rules.extend(
+        (
+            f"-A {chain} -m comment --comment"
+            f" {_quote(f'masquerade LOCAL traffic for {comment} external destinations')}"
+            f" -m addrtype --src-type LOCAL -j {MARK_MASQ_CHAIN}",
+            f"-A {chain} -m comment --comment"
+            f" {_quote(f'route LOCAL traffic for {comment} external destinations')}"
+            f" -m addrtype --src-type LOCAL {to_svc}",
+            f"-A {chain} {f'-j {svl}' if svl is not None else redirect}",
+        )
+    )
+    return tuple(rules)
+
+
+def _endpoint_chain(
+    chain: str, port: ServicePort, endpoint: WeightedEndpoint, family: int
+) -> tuple[str, ...]:
+    proto = _proto(port.protocol, port.name)
+    comment = _quote(comment_for(port.name))
+    recent = (
+        f" -m recent --set --name {chain} --mask {_HOST_MASK[family]} --rsource"
+        if port.affinity_timeout_seconds is not None
+        else ""
+    )
+    return (
+        f"-A {chain} -s {endpoint.ip}/{_HOST_PREFIX[family]} -m comment --comment {comment}"
+        f" -j {MARK_MASQ_CHAIN}",
+        f"-A {chain} -p {proto} -m comment --comment {comment}{recent} -m {proto}"
+        f" -j DNAT --to-destination {_address(endpoint)}",
+    )
+
+
+# -- small pieces --------------------------------------------------------------------------------
+
+
+def _hash(text: str) -> str:
+    digest = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(digest).decode()[:_HASH_CHARS]
+
+
+def _match(proto: str, comment: str, number: int) -> str:
+    return f"-p {proto} -m comment --comment {comment} -m {proto} --dport {number}"
+
+
+def _address(endpoint: WeightedEndpoint) -> str:
+    host = f"[{endpoint.ip}]" if ":" in endpoint.ip else endpoint.ip
+    return f"{host}:{endpoint.port}"
+
+
+def _proto(protocol: L4Protocol, name: ServicePortName) -> str:
+    if protocol is L4Protocol.TCP:
+        return "tcp"
+    if protocol is L4Protocol.UDP:
+        return "udp"
+    raise KernelRenderError(f"{comment_for(name)}: protocol {protocol.value} is not supported")
+
+
+def _family(ip: str, name: ServicePortName) -> int:
+    try:
+        return parse_ip(ip)[0]
+    except ValueError:
+        raise KernelRenderError(f"{comment_for(name)}: {ip!r} is not an IP address") from None
+
+
+def _of_family(ips: Iterable[str], family: int, name: ServicePortName) -> list[str]:
+    out: list[str] = []
+    for ip in ips:
+        if _family(ip, name) == family and ip not in out:
+            out.append(ip)
+    return out
+
+
+def _quote(text: str) -> str:
+    safe = _COMMENT_UNSAFE.sub("_", text)[:_MAX_COMMENT]
+    return f'"{safe}"'

@@ -1,0 +1,130 @@
+"""Kernel-mode weights: RAP's per-connection split, turned into per-endpoint shares (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rapproxy.balancer.kernel_weights import (
+    KernelWeights,
+    kernel_weights,
+    uniform_weights,
+    weights_moved,
+)
+from rapproxy.model.endpoints import Endpoint
+from rapproxy.model.telemetry import EMPTY_VIEW, NodeStats, RapSettings, TelemetryTracker
+
+LOCAL = "n0"
+NOW = 1000.0
+SETTINGS = RapSettings()  # rap-aimd's defaults: backoff 0.7 per overloaded sample
+
+
+def endpoints(nodes: Sequence[str], per_node: int = 2) -> tuple[Endpoint, ...]:
+    return tuple(
+        Endpoint(f"10.0.{i}.{j + 1}", 8080, node_name=node)
+        for i, node in enumerate(nodes)
+        for j in range(per_node)
+    )
+
+
+def tracker(
+    local_load: float, peers: dict[str, tuple[float, float]], samples: int = 1
+) -> TelemetryTracker:
+    """A tracker that saw `samples` local samples at `local_load`; peers: node → (cpu, rtt)."""
+    t = TelemetryTracker(LOCAL, SETTINGS)
+    for _ in range(samples):
+        t.record_local(NodeStats(LOCAL, local_load, 0.2, NOW))
+    for node, (cpu, rtt) in peers.items():
+        t.record_peer(node, NodeStats(node, cpu, 0.2, NOW), rtt)
+    return t
+
+
+def by_node(weights: KernelWeights) -> dict[str | None, float]:
+    out: dict[str | None, float] = {}
+    for share in weights.shares:
+        out[share.node] = out.get(share.node, 0.0) + share.share
+    return out
+
+
+def test_a_local_node_that_copes_keeps_every_new_connection_spread_over_its_endpoints() -> None:
+    view = tracker(0.3, {"n1": (0.1, 0.001), "n2": (0.1, 0.001)}).snapshot()
+    weights = kernel_weights(endpoints([LOCAL, "n1", "n2"]), view, LOCAL, NOW, SETTINGS)
+    assert by_node(weights) == {LOCAL: 1.0, "n1": 0.0, "n2": 0.0}
+    assert [s.share for s in weights.shares[:2]] == [0.5, 0.5]
+    assert weights.decision == "local"
+
+
+def test_an_overloaded_node_keeps_its_shrinking_local_share_and_spills_the_rest() -> None:
+    candidates = endpoints([LOCAL, "n1", "n2"])
+    once = kernel_weights(
+        candidates, tracker(0.95, {"n1": (0.1, 0.001)}).snapshot(), LOCAL, NOW, SETTINGS
+    )
+    twice = kernel_weights(
+        candidates, tracker(0.95, {"n1": (0.1, 0.001)}, 2).snapshot(), LOCAL, NOW, SETTINGS
+    )
+    assert by_node(once)[LOCAL] == pytest.approx(0.7)  # TelemetryTracker.local_share
+    assert by_node(twice)[LOCAL] == pytest.approx(0.49)
+    assert once.local_share == pytest.approx(0.7)
+
+
+def test_spilled_share_goes_to_the_best_scored_nodes_in_proportion_never_all_to_one() -> None:
+    # n1 is closer and idler than n2; n3 is overloaded and gets nothing.
+    view = tracker(0.95, {"n1": (0.1, 0.001), "n2": (0.5, 0.004), "n3": (0.95, 0.001)}).snapshot()
+    weights = kernel_weights(endpoints([LOCAL, "n1", "n2", "n3"]), view, LOCAL, NOW, SETTINGS)
+    nodes = by_node(weights)
+    assert nodes["n3"] == 0.0
+    assert nodes["n1"] > nodes["n2"] > 0.0
+    assert nodes["n1"] + nodes["n2"] == pytest.approx(0.3)
+
+
+def test_no_telemetry_means_kube_proxys_even_split() -> None:
+    candidates = endpoints([LOCAL, "n1"], per_node=3)
+    weights = kernel_weights(candidates, EMPTY_VIEW, LOCAL, NOW, SETTINGS)
+    assert [s.share for s in weights.shares] == pytest.approx([1 / 6] * 6)
+
+
+def test_without_local_endpoints_everything_is_split_over_remote_nodes() -> None:
+    view = tracker(0.3, {"n1": (0.1, 0.001), "n2": (0.1, 0.001)}).snapshot()
+    weights = kernel_weights(endpoints(["n1", "n2"]), view, LOCAL, NOW, SETTINGS)
+    assert by_node(weights) == pytest.approx({"n1": 0.5, "n2": 0.5})
+
+
+def test_no_candidates_have_no_weights() -> None:
+    assert kernel_weights((), EMPTY_VIEW, LOCAL, NOW, SETTINGS).shares == ()
+    assert uniform_weights((), "x").shares == ()
+
+
+def test_weights_moved_only_beyond_the_threshold_or_when_endpoints_change() -> None:
+    a = uniform_weights(endpoints([LOCAL, "n1"], 1), "even")
+    view = tracker(0.95, {"n1": (0.1, 0.001)}).snapshot()
+    b = kernel_weights(endpoints([LOCAL, "n1"], 1), view, LOCAL, NOW, SETTINGS)  # 0.7 / 0.3
+    assert weights_moved(None, a, 0.5)
+    assert not weights_moved(a, a, 0.0)
+    assert weights_moved(a, b, 0.1)
+    assert not weights_moved(a, b, 0.25)
+    assert weights_moved(a, uniform_weights(endpoints([LOCAL], 2), "even"), 1.0)
+
+
+@given(
+    local_load=st.floats(0.0, 1.0),
+    samples=st.integers(1, 6),
+    peer_loads=st.lists(st.floats(0.0, 1.0), min_size=0, max_size=5),
+    per_node=st.integers(1, 3),
+    with_local=st.booleans(),
+)
+def test_shares_are_a_distribution_over_the_candidates(
+    local_load: float, samples: int, peer_loads: list[float], per_node: int, with_local: bool
+) -> None:
+    peers = {f"n{i + 1}": (load, 0.001 * (i + 1)) for i, load in enumerate(peer_loads)}
+    nodes = ([LOCAL] if with_local else []) + list(peers)
+    candidates = endpoints(nodes, per_node)
+    weights = kernel_weights(
+        candidates, tracker(local_load, peers, samples).snapshot(), LOCAL, NOW, SETTINGS
+    )
+    assert len(weights.shares) == len(candidates)
+    if candidates:
+        assert sum(s.share for s in weights.shares) == pytest.approx(1.0)
+        assert all(s.share >= 0 for s in weights.shares)

@@ -101,6 +101,21 @@ class ProxySettings:
         default=65536,
     )
     max_udp_flows: int = _doc("Cap on concurrent UDP client flows per service port.", default=4096)
+    drain_timeout: float = _doc(
+        "Seconds a stopping rapproxy (SIGTERM) keeps relaying the TCP connections it already "
+        "has, after it stopped accepting new ones; those still open then are reset. Keep it "
+        "below the pod's terminationGracePeriodSeconds (30 in the manifests), or the kubelet's "
+        "SIGKILL ends the drain first.",
+        default=25.0,
+    )
+    handover_socket: str = _doc(
+        "Unix socket through which a starting rapproxy takes the listening sockets over from the "
+        "one running on the node, so a rolling update refuses no connection: '@name' is an "
+        "abstract socket (scoped to the network namespace: the host's, for the DaemonSet), "
+        "'/path' a socket file; empty means '@rapproxy-handover-<proxy.tcpPort>'; "
+        "'disabled' turns handover off.",
+        default="",
+    )
     lb_policy: LbPolicy = _doc(
         "Default balancing policy; a Service overrides it with annotation rapproxy.io/lb-policy.",
         default=LbPolicy.RAP,
@@ -519,6 +534,28 @@ def parse_port_range(value: str, path: str) -> range:
     return range(first, last + 1)
 
 
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes, one of them the terminating (or leading) NUL
+
+
+def handover_address(proxy: ProxySettings) -> str | None:
+    """Where the handover socket lives ('@name' abstract, or a path); None when it is off."""
+    value = proxy.handover_socket
+    if value == "disabled":
+        return None
+    if value == "":
+        value = f"@rapproxy-handover-{proxy.tcp_port}"
+    if not (value.startswith("@") and len(value) > 1) and not value.startswith("/"):
+        raise ConfigError(
+            f"proxy.handoverSocket: {value!r} must be '@name', an absolute path, '' or 'disabled'"
+        )
+    if len(value.encode()) > _UNIX_PATH_MAX:
+        raise ConfigError(
+            f"proxy.handoverSocket: {value!r} is longer than the {_UNIX_PATH_MAX} bytes a unix "
+            "socket address holds"
+        )
+    return value
+
+
 def validate(config: RapproxyConfiguration) -> None:
     parse_host_port(config.healthz_bind_address, "healthzBindAddress")
     parse_host_port(config.metrics_bind_address, "metricsBindAddress")
@@ -542,6 +579,9 @@ def validate(config: RapproxyConfiguration) -> None:
         raise ConfigError("proxy.maxConnections: must be at least 1")
     if proxy.max_udp_flows < 1:
         raise ConfigError("proxy.maxUdpFlows: must be at least 1")
+    if not 0 <= proxy.drain_timeout < math.inf:
+        raise ConfigError(f"proxy.drainTimeout: {proxy.drain_timeout} must be 0 or more seconds")
+    handover_address(proxy)
     _positive(config.client_connection.request_timeout, "clientConnection.requestTimeout")
     ipt = config.iptables
     _positive(ipt.sync_period, "iptables.syncPeriod")

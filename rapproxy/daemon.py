@@ -1,9 +1,15 @@
 """`rapproxy run`: wire the sources, the proxier, the sync runner and the HTTP servers together.
 
-Every long-lived task lives in one TaskGroup; SIGTERM or SIGINT cancels the group, and the
-shutdown path closes listeners and relays. Rules are deliberately left in place on exit, as
-kube-proxy leaves its rules: a DaemonSet rollout replaces this process within seconds, and its
-startup rewrites the chains whole. `rapproxy cleanup` is the way to remove them.
+Every long-lived task lives in one TaskGroup. SIGTERM or SIGINT starts a drain: the listeners
+close at once (no new connections here), the group is cancelled (informers, syncs, the BPS Lease
+is released), and the relays already open may finish for up to `proxy.drainTimeout` seconds before
+the rest are reset; a second signal ends the drain early. Rules are deliberately left in place on
+exit, as kube-proxy leaves its rules: a DaemonSet rollout replaces this process, and its startup
+rewrites the chains whole. `rapproxy cleanup` is the way to remove them.
+
+Rolling updates lose nothing because a starting instance first takes the listening sockets over
+from the running one (`dataplane.handover`, SCM_RIGHTS as in HAProxy's seamless reload): both then
+accept from the same queues, and the old one's drain closes only its own descriptors.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import resource
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +33,8 @@ from rapproxy.bps.controller import default_identity, run_controller
 from rapproxy.cluster.client import ENDPOINT_SLICES, NODES, SERVICES, ClientSettings, KubeClient
 from rapproxy.cluster.informer import Callbacks, Informer
 from rapproxy.cluster.static import Objects, StaticSource
-from rapproxy.config import RapproxyConfiguration, parse_host_port
+from rapproxy.config import RapproxyConfiguration, handover_address, parse_host_port
+from rapproxy.dataplane.handover import HandoverServer, listener_name, take_over
 from rapproxy.http.server import HttpServer, health_app, metrics_app
 from rapproxy.model.service import LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME
 from rapproxy.rules.apply import IptablesRunner
@@ -159,14 +167,59 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         metrics_app(proxier.metrics, proxier.describe), metrics_host, metrics_port
     )
 
+    handover_at = handover_address(config.proxy)
+    inherited = await asyncio.to_thread(take_over, handover_at) if handover_at else {}
+    if inherited:
+        log.info("took over %d listening socket(s): %s", len(inherited), sorted(inherited))
+    listen = (config.proxy.listen_address, config.proxy.tcp_port)
+    tcp_inherited = inherited.pop(listener_name("tcp", *listen), None)
+    health_inherited = inherited.pop(listener_name("healthz", health_host, health_port), None)
+    metrics_inherited = inherited.pop(listener_name("metrics", metrics_host, metrics_port), None)
+    udp_inherited = {n: inherited.pop(n) for n in list(inherited) if n.startswith("udp ")}
+    for name, unused in inherited.items():
+        log.info("not using the handed-over %s: this configuration does not listen there", name)
+        unused.close()
+
+    def offer() -> dict[str, int]:
+        offered = proxier.listening_descriptors()
+        for kind, server in (("healthz", health_server), ("metrics", metrics_server)):
+            fd = server.listening_descriptor()
+            if fd is not None:
+                offered[listener_name(kind, server.host, server.port)] = fd
+        return offered
+
+    handover = HandoverServer(handover_at, offer) if handover_at else None
+
+    def stop_serving() -> None:
+        """Drain, step one: take no new connection; a successor holding the sockets takes them."""
+        proxier.stop_accepting()
+        health_server.stop_listening()
+        metrics_server.stop_listening()
+
     stop = asyncio.Event()
+    cut_drain = asyncio.Event()  # a second signal ends the drain at once
+
+    def signalled() -> None:
+        if stop.is_set():
+            cut_drain.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, signalled)
     try:
-        await proxier.start()
-        await health_server.start()
-        await metrics_server.start()
+        # A listener taken over is shared with the predecessor, which keeps serving it: accept
+        # only once the first sync has given the balancer its Services, or the connections
+        # accepted meanwhile would find nothing to route to and be reset.
+        await proxier.start(
+            inherited={listen: tcp_inherited} if tcp_inherited else None,
+            inherited_udp=udp_inherited,
+            accept=tcp_inherited is None,
+        )
+        await health_server.start(health_inherited)
+        await metrics_server.start(metrics_inherited)
+        if handover is not None:
+            await handover.start()
         log.info(
             "rapproxy on node %s: TCP %s, health %s, metrics %s, source %s, interception %s",
             node_name,
@@ -186,6 +239,8 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
             for source_run in sources:
                 tasks.create_task(source_run())
             tasks.create_task(_sync_when_ready(runner, ready), name="sync-runner")
+            if tcp_inherited is not None:
+                tasks.create_task(_accept_after_first_sync(runner, proxier), name="accept")
             tasks.create_task(proxier.run_weights(), name="kernel-weights")
             if client is not None and config.bps.enabled:
                 # Leader-elected: every node campaigns, one reconciles; cancelling the group on
@@ -197,11 +252,20 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
                     name="bps-controller",
                 )
             await stop.wait()
-            log.info("shutting down")
+            stop_serving()  # first, before the tasks' cancellation (the Lease release) runs
+            log.info(
+                "shutting down: no new connections; draining %d for up to %.0f s",
+                proxier.tcp.active_connections,
+                config.proxy.drain_timeout,
+            )
             raise _Shutdown
     except* _Shutdown:
         pass
     finally:
+        if handover is not None:
+            await handover.aclose()
+        stop_serving()
+        await _drain(proxier, config.proxy.drain_timeout, cut_drain)
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
@@ -210,6 +274,40 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         await proxier.aclose()
         if client is not None:
             await client.close()
+
+
+async def _drain(proxier: Proxier, seconds: float, cut: asyncio.Event) -> None:
+    """Let the relays this process holds finish, for up to `seconds` or until `cut` is set.
+
+    Rules are not touched: they send the node's traffic to the shared sockets, which a successor
+    keeps serving. UDP service sockets stay open (not read) meanwhile, so the flows open here
+    still get their replies until the drain ends.
+    """
+    if not proxier.tcp.active_connections:
+        return
+    started = time.monotonic()
+    draining = asyncio.ensure_future(proxier.tcp.wait_drained())
+    interrupted = asyncio.ensure_future(cut.wait())
+    try:
+        await asyncio.wait(
+            {draining, interrupted}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        interrupted.cancel()
+        draining.cancel()
+        await asyncio.gather(draining, interrupted, return_exceptions=True)
+    log.info(
+        "drain ended after %.1f s%s: %d connection(s) left, reset",
+        time.monotonic() - started,
+        " (second signal)" if cut.is_set() else "",
+        proxier.tcp.active_connections,
+    )
+
+
+async def _accept_after_first_sync(runner: BoundedRunner, proxier: Proxier) -> None:
+    await runner.first_run_done.wait()
+    await proxier.tcp.start_accepting()
+    log.info("first sync done: accepting on the listener taken over")
 
 
 async def _sync_when_ready(runner: BoundedRunner, ready: Sequence[asyncio.Event]) -> None:

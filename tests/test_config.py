@@ -13,11 +13,13 @@ from rapproxy.config import (
     API_VERSION,
     KIND,
     ConfigError,
+    ProxySettings,
     RapproxyConfiguration,
     defaults_yaml,
     env_variable_names,
     from_mapping,
     from_yaml,
+    handover_address,
     load,
     parse_duration,
     parse_host_port,
@@ -368,6 +370,12 @@ def test_bad_environment_value_names_the_field() -> None:
         (["proxy.udpIdleTimeout=0"], "proxy.udpIdleTimeout"),
         (["proxy.maxConnections=0"], "proxy.maxConnections"),
         (["proxy.maxUdpFlows=0"], "proxy.maxUdpFlows"),
+        (["proxy.drainTimeout=-1"], "proxy.drainTimeout"),
+        (["proxy.drainTimeout=.inf"], "proxy.drainTimeout"),
+        (["proxy.handoverSocket=off"], "proxy.handoverSocket"),
+        (["proxy.handoverSocket=relative.sock"], "proxy.handoverSocket"),
+        (["proxy.handoverSocket=@"], "proxy.handoverSocket"),
+        (["proxy.handoverSocket=/" + "x" * 107], "proxy.handoverSocket"),
         (["iptables.syncPeriod=0"], "iptables.syncPeriod"),
         (["iptables.retryPeriod=0"], "iptables.retryPeriod"),
         (["iptables.minSyncPeriod=60"], "iptables.minSyncPeriod"),
@@ -396,6 +404,21 @@ def test_bad_environment_value_names_the_field() -> None:
 )
 def test_every_validation_rule_names_its_field(overrides: list[str], field: str) -> None:
     assert config_error(overrides=overrides).startswith(f"{field}:")
+
+
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        ("", "@rapproxy-handover-15001"),
+        ("@node-proxy", "@node-proxy"),
+        ("/run/rapproxy/handover.sock", "/run/rapproxy/handover.sock"),
+        ("disabled", None),
+    ],
+)
+def test_handover_address_defaults_to_an_abstract_name_per_proxy_port(
+    value: str, address: str | None
+) -> None:
+    assert handover_address(ProxySettings(handover_socket=value)) == address
 
 
 def test_valid_edge_values_are_accepted() -> None:

@@ -65,7 +65,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -780,6 +780,7 @@ class TcpRelayServer:
         self.destination = destination
         self.relays: set[_TcpRelay] = set()
         self.closing = False
+        self.accepting = True
         self.drained = asyncio.Event()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -809,19 +810,38 @@ class TcpRelayServer:
     def active_connections(self) -> int:
         return len(self.relays)
 
-    async def start(self, listen: Sequence[tuple[str, int]]) -> None:
-        """Bind and listen on each (host, port); port 0 lets the kernel choose."""
+    async def start(
+        self,
+        listen: Sequence[tuple[str, int]],
+        *,
+        inherited: Mapping[tuple[str, int], socket.socket] | None = None,
+        accept: bool = True,
+    ) -> None:
+        """Listen on each (host, port); port 0 lets the kernel choose.
+
+        An address in `inherited` is served with that already listening socket (a predecessor's,
+        see `handover`) instead of a fresh bind; this server owns it from then on. With
+        `accept=False` nothing is accepted until `start_accepting()` (and a fresh socket does
+        not even listen until then): a successor that takes a listener over must not accept
+        connections it cannot route yet; meanwhile they wait in the shared queue for whichever
+        process accepts them.
+        """
         if self._servers:
             raise RuntimeError("TcpRelayServer.start() called twice")
         self._loop = asyncio.get_running_loop()
+        inherited = inherited or {}
         try:
             for host, port in listen:
-                sock = self._listening_socket(host, port)
+                adopted = inherited.get((host, port))
+                if adopted is not None:
+                    adopted.setblocking(False)
+                sock = adopted if adopted is not None else self._listening_socket(host, port)
                 try:
                     server = await self._loop.create_server(
                         functools.partial(self._new_client, sock.family),
                         sock=sock,
                         backlog=self.settings.backlog,
+                        start_serving=accept,
                     )
                 except BaseException:
                     sock.close()
@@ -853,6 +873,45 @@ class TcpRelayServer:
             sock.close()
             raise
         return sock
+
+    def listening_descriptors(self) -> dict[tuple[str, int], int]:
+        """The descriptor of each listening socket by its bound (host, port), while accepting."""
+        if self.closing or not self.accepting:
+            return {}
+        bound: dict[tuple[str, int], int] = {}
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                bound[(name[0], name[1])] = sock.fileno()
+        return bound
+
+    async def start_accepting(self) -> None:
+        """Accept on listeners started with `accept=False` (a no-op for the others)."""
+        if self.closing or not self.accepting:
+            return
+        for server in self._servers:
+            await server.start_serving()
+
+    def stop_accepting(self) -> None:
+        """Close the listeners, keep every relay: the first step of a drain.
+
+        A listener shared with a successor (passed over by `handover`) lives on in that process,
+        with every connection still queued on it; only this process stops taking them.
+        """
+        self.accepting = False
+        for server in self._servers:
+            server.close()
+
+    async def wait_drained(self) -> None:
+        """Return once every relay has ended (bound it with `asyncio.timeout`).
+
+        Call `stop_accepting()` first, or new relays keep arriving. Relays that remain when the
+        caller gives up are left alone: `aclose()` resets them.
+        """
+        while self.relays:
+            self.drained.clear()
+            if self.relays:
+                await self.drained.wait()
 
     def _new_client(self, family: int) -> _ClientSide:
         return _TcpRelay(self, family).client

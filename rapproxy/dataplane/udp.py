@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -239,6 +240,7 @@ class UdpServicePort:
         self._sweeper: asyncio.Task[None] | None = None
         self._drops_unlogged = 0
         self._drop_last_logged = float("-inf")
+        self._reading = True
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -253,13 +255,37 @@ class UdpServicePort:
         name = self._transport.get_extra_info("sockname")
         return (name[0], name[1])
 
-    async def start(self, bind: tuple[str, int]) -> None:
-        """Bind the service socket; port 0 lets the kernel choose (see `address`)."""
+    async def start(self, bind: tuple[str, int], *, inherited: socket.socket | None = None) -> None:
+        """Bind the service socket; port 0 lets the kernel choose (see `address`).
+
+        With `inherited` (a predecessor's socket for this service port, see `handover`), that
+        socket is served instead, and keeps its port: the rules need not change.
+        """
         if self._transport is not None:
             raise RuntimeError("UdpServicePort.start() called twice")
         self._loop = asyncio.get_running_loop()
-        self._transport = PktinfoDatagramSocket(self._loop, bind, self.from_client)
+        self._transport = PktinfoDatagramSocket(
+            self._loop, bind, self.from_client, inherited=inherited
+        )
         self._sweeper = self._loop.create_task(self._sweep_idle())
+
+    def socket_descriptor(self) -> int | None:
+        """The service socket's descriptor while it reads, for a handover."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or not self.reading:
+            return None
+        return transport.fileno()
+
+    @property
+    def reading(self) -> bool:
+        return self._reading
+
+    def stop_reading(self) -> None:
+        """A drain: no new datagrams here (a successor reads the shared socket); flows that
+        exist keep relaying replies until they idle out or the port is closed."""
+        self._reading = False
+        if self._transport is not None:
+            self._transport.stop_reading()
 
     def from_client(self, data: bytes, client: Address, local: str | None = None) -> None:
         counters = self.counters

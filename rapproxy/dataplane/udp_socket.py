@@ -47,27 +47,49 @@ def local_address_of(ancillary: list[tuple[int, int, bytes]], family: int) -> st
 class PktinfoDatagramSocket:
     """A non-blocking UDP socket on the loop that reports and reuses each datagram's local address."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, bind: tuple[str, int], received: Received):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        bind: tuple[str, int],
+        received: Received,
+        *,
+        inherited: socket.socket | None = None,
+    ):
+        """Bind `bind`, or read `inherited` instead: a bound socket a predecessor handed over."""
         self._loop = loop
         self._received = received
         family = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
         self.family = family
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = inherited if inherited is not None else socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if sock.family != family or sock.type != socket.SOCK_DGRAM:
+                raise ValueError(f"inherited socket {sock!r} is not a UDP socket of {bind!r}")
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(bind)
+            if inherited is None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(bind)
         except BaseException:
             sock.close()
             raise
         self._sock = sock
         self._closing = False
+        self._reading = True
         loop.add_reader(sock.fileno(), self._readable)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def stop_reading(self) -> None:
+        """Read no more datagrams (a successor sharing the socket reads them); replies still go."""
+        if self._reading and not self._closing:
+            self._reading = False
+            self._loop.remove_reader(self._sock.fileno())
 
     def get_extra_info(self, name: str) -> Any:
         if name == "sockname":
@@ -122,5 +144,6 @@ class PktinfoDatagramSocket:
         if self._closing:
             return
         self._closing = True
-        self._loop.remove_reader(self._sock.fileno())
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
         self._sock.close()

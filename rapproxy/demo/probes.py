@@ -7,7 +7,6 @@ started inside the namespace and returns plain data.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from rapproxy.testing.probes import http_get
@@ -32,27 +31,3 @@ def serving_names(url: str, count: int) -> list[str]:
             continue
         names.append(body.split("\n", 1)[0] if status == 200 else "")
     return names
-
-
-def failover_probe(
-    url: str, known: list[str], within: float, interval: float = 0.02, timeout: float = 0.5
-) -> list[tuple[float, str]]:
-    """GET `url` every `interval` s until a backend not in `known` answers, or `within` s.
-
-    Returns (wall-clock time, backend name or "" for a failure) per request; wall-clock so the
-    caller can line the samples up with its own kill time and the BackupPodSet's timestamps.
-    """
-    samples: list[tuple[float, str]] = []
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        sent = time.time()
-        try:
-            status, body = http_get(url, timeout)
-            name = body.split("\n", 1)[0] if status == 200 else ""
-        except OSError:
-            name = ""
-        samples.append((sent, name))
-        if name and name not in known:
-            break
-        time.sleep(interval)  # the probe's request rate, not synchronisation
-    return samples

@@ -46,10 +46,13 @@ class FailoverResult:
     first_error_s: float | None  # kill → first failed probe request
     first_promoted_s: float | None  # kill → first request answered by the promoted pod
     restored_s: float | None  # kill → the BackupPodSet's full set restored (its restoredAt)
-    probe_requests: int
-    probe_errors: int
+    probe_requests: int  # requests the client's load started after the kill
+    probe_errors: int  # ... of which failed (refused, reset, timed out, wrong answer)
     last_failover: dict[str, Any] = field(default_factory=dict)  # the BPS status section
     timeline: str = ""
+    load_rate: float | None = None  # the open-loop load's requests/s; None: a single-probe run
+    failed_at_s: tuple[float, ...] = ()  # when each failed request was sent, after the kill
+    load_timeline: tuple[dict[str, Any], ...] = ()  # outcomes per 0.25 s from the kill
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +142,26 @@ def failover_text(failover: FailoverResult) -> str:
     lines = [
         f"killed: the process of primary {failover.killed_pod} on {failover.node} (SIGKILL)",
         f"promoted: {failover.promoted_pod or 'none seen'}",
-        f"client (probing the ClusterIP from node-1, {failover.probe_requests} requests, "
-        f"{failover.probe_errors} failed):",
+        (
+            f"client (open-loop load of {failover.load_rate:g} req/s from node-1 through the "
+            "ClusterIP, from 0.5 s before the kill to 0.5 s after the set was restored; after the "
+            f"kill {failover.probe_requests} requests sent, {failover.probe_errors} failed):"
+            if failover.load_rate
+            else f"client (probing the ClusterIP from node-1, {failover.probe_requests} requests, "
+            f"{failover.probe_errors} failed):"
+        ),
         f"  kill -> first failed request:              {seconds(failover.first_error_s)}",
         f"  kill -> first request served by promoted:  {seconds(failover.first_promoted_s)}",
         f"  kill -> full set restored (BackupPodSet):  {seconds(failover.restored_s)}",
         "  (the paper reports 1.933 s from a primary's deletion to the set restored)",
     ]
+    if failover.failed_at_s:
+        shown = ", ".join(f"{t * 1000:.0f}" for t in failover.failed_at_s[:20])
+        more = len(failover.failed_at_s) - 20
+        lines.append(
+            f"  failed requests sent at (ms after the kill): {shown}"
+            + (f" and {more} more" if more > 0 else "")
+        )
     if failover.timeline:
         lines += ["BackupPodSet status (lastFailover):", failover.timeline.rstrip("\n")]
     return "\n".join(lines) + "\n"

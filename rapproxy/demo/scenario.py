@@ -28,6 +28,7 @@ from typing import Any
 
 from bpsctl.render import failover_timeline
 from rapproxy.demo.cluster import (
+    CLUSTER_IP,
     NODES,
     SERVICE_URL,
     DemoCluster,
@@ -35,10 +36,10 @@ from rapproxy.demo.cluster import (
     until,
 )
 from rapproxy.demo.options import DemoOptions
-from rapproxy.demo.probes import failover_probe
 from rapproxy.demo.progress import Progress
 from rapproxy.demo.report import DemoResults, FailoverResult, PolicyRun
 from rapproxy.model.bps import Role, parse_time
+from rapproxy.testing.connload import OK, LoadReport, LoadSpec, run_load, timeline
 from rapproxy.testing.load import parse_wrk, write_lua, wrk_argv
 
 HEALTHY = "node-1 healthy"
@@ -184,9 +185,21 @@ async def measure(
     )
 
 
+FAILOVER_RATE = 200.0
+"""Requests per second of the failover's load: each a new connection, so a new balancing decision."""
+FAILOVER_LIMIT = 40.0
+"""Upper bound of the failover load, seconds: it normally stops once the set is restored."""
+
+
 async def fail_over(demo: DemoCluster, progress: Progress) -> FailoverResult:
+    """SIGKILL a primary's process under a continuous open-loop load through the ClusterIP.
+
+    The load (FAILOVER_RATE new connections per second from node-1, whatever happens) starts half a
+    second before the kill and stops half a second after the BackupPodSet reports its set
+    restored, so every request sent while the failover ran is counted, not just a first probe.
+    """
     node1 = demo.require_edge().node("node-1")
-    with progress.step("failover: switching web to round-robin so the probe reaches every pod"):
+    with progress.step("failover: switching web to round-robin so the load reaches every pod"):
         await demo.set_policy("round-robin")
     roles = demo.pods_by_role()
     primaries = roles[Role.PRIMARY.value]
@@ -195,34 +208,74 @@ async def fail_over(demo: DemoCluster, progress: Progress) -> FailoverResult:
     known = [p["metadata"]["name"] for p in primaries]
     pid = demo.pod_process(victim)
     previous = (demo.bps_status().get("lastFailover") or {}).get("detectedAt")
-    with progress.step(f"failover: SIGKILL to primary {name}'s process (pid {pid}) on {node}"):
-        probe = asyncio.ensure_future(node1.call(failover_probe, SERVICE_URL, known, 30.0))
-        await asyncio.sleep(0.5)  # half a second of healthy probes before the kill, for contrast
-        killed_at = time.time()
-        os.kill(pid, signal.SIGKILL)
-        samples = await probe
+    stop = demo.workdir / f"failover-{os.getpid()}-{time.monotonic_ns()}.stop"
+    spec = LoadSpec(
+        CLUSTER_IP,
+        80,
+        rate=FAILOVER_RATE,
+        seconds=FAILOVER_LIMIT,
+        connect_timeout=1.0,
+        response_timeout=2.0,
+        stop_file=str(stop),
+    )
 
-        def restored() -> bool:
-            last = demo.bps_status().get("lastFailover") or {}
-            return (
-                last.get("failedPod") == name
-                and last.get("detectedAt") != previous
-                and bool(last.get("restoredAt"))
-            )
+    def restored() -> bool:
+        last = demo.bps_status().get("lastFailover") or {}
+        return (
+            last.get("failedPod") == name
+            and last.get("detectedAt") != previous
+            and bool(last.get("restoredAt"))
+        )
 
-        with contextlib.suppress(DemoSetupError):
-            await until(restored, 30.0, "the BackupPodSet to restore its full set")
-    after = [(at, served) for at, served in samples if at >= killed_at]
-    first_error = next((at - killed_at for at, served in after if not served), None)
+    with progress.step(
+        f"failover: SIGKILL to primary {name}'s process (pid {pid}) on {node}, "
+        f"under {FAILOVER_RATE:g} req/s"
+    ):
+        load = asyncio.ensure_future(node1.call(run_load, spec))
+        try:
+            await asyncio.sleep(0.5)  # half a second of healthy load before the kill, for contrast
+            killed_at = time.time()
+            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(DemoSetupError):
+                await until(restored, 30.0, "the BackupPodSet to restore its full set")
+            await asyncio.sleep(0.5)  # and half a second after it
+        finally:
+            stop.write_text("")
+            report = await load
+            stop.unlink(missing_ok=True)
+    return failover_result(
+        report,
+        killed_at=killed_at,
+        name=name,
+        node=node,
+        known=known,
+        status=demo.bps_status(),
+        previous=previous,
+    )
+
+
+def failover_result(
+    report: LoadReport,
+    *,
+    killed_at: float,
+    name: str,
+    node: str,
+    known: list[str],
+    status: dict[str, Any],
+    previous: str | None,
+) -> FailoverResult:
+    """What the load saw after the kill, beside what the BackupPodSet's status says."""
+    after = [a for a in report.attempts if a.started >= killed_at]
+    first_error = next((a.started - killed_at for a in after if a.outcome != OK), None)
     promoted_at, promoted = next(
-        ((at - killed_at, served) for at, served in after if served and served not in known),
+        ((a.started - killed_at, a.backend) for a in after if a.backend and a.backend not in known),
         (None, None),
     )
-    last = demo.bps_status().get("lastFailover") or {}
+    last = status.get("lastFailover") or {}
     ours = last.get("failedPod") == name and last.get("detectedAt") != previous
-    timeline = failover_timeline(last) if ours else ""
     restored_at = parse_time(last.get("restoredAt")) if ours else None
-    result = FailoverResult(
+    failed = [a for a in after if a.outcome != OK]
+    return FailoverResult(
         killed_pod=name,
         node=node,
         promoted_pod=last.get("promotedPod") or promoted,
@@ -230,12 +283,10 @@ async def fail_over(demo: DemoCluster, progress: Progress) -> FailoverResult:
         first_promoted_s=promoted_at,
         restored_s=None if restored_at is None else restored_at - killed_at,
         probe_requests=len(after),
-        probe_errors=sum(1 for _, served in after if not served),
+        probe_errors=len(failed),
         last_failover=dict(last),
-        timeline=timeline,
+        timeline=failover_timeline(last) if ours else "",
+        load_rate=report.spec.rate,
+        failed_at_s=tuple(round(a.started - killed_at, 3) for a in failed),
+        load_timeline=tuple(timeline(after, killed_at, bucket=0.25)),
     )
-    if promoted and last.get("promotedPod") and promoted != last.get("promotedPod"):
-        progress.say(
-            f"  note: first new pod seen was {promoted}, BPS promoted {last['promotedPod']}"
-        )
-    return result

@@ -11,6 +11,7 @@ Each server owns an `AppRunner`; `aclose()` stops it. Handlers only read snapsho
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,18 +31,43 @@ class HttpServer:
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
 
-    async def start(self) -> None:
+    async def start(self, inherited: socket.socket | None = None) -> None:
+        """Listen on host:port, or serve `inherited`, a predecessor's listening socket for it.
+
+        A fresh bind sets SO_REUSEPORT, so that a successor that could not take the socket over
+        (see `rapproxy.dataplane.handover`) can still bind beside this one.
+        """
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site: web.BaseSite
+        if inherited is not None:
+            inherited.setblocking(False)
+            site = web.SockSite(self._runner, inherited)
+        else:
+            site = web.TCPSite(
+                self._runner, self.host, self.port, reuse_address=True, reuse_port=True
+            )
+        self._site = site
         await self._site.start()
         if self.port == 0:
             server = self._site._server  # the bound port is only known here
             sockets = getattr(server, "sockets", None) or []
             if sockets:
                 self.port = sockets[0].getsockname()[1]
+
+    def listening_descriptor(self) -> int | None:
+        """The listening socket's descriptor while serving, for a handover."""
+        server = self._site._server if self._site is not None else None
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].fileno()) if sockets else None
+
+    def stop_listening(self) -> None:
+        """Close the listener (a successor holding the same socket keeps serving it)."""
+        server = self._site._server if self._site is not None else None
+        if server is not None:
+            server.close()
 
     @property
     def url(self) -> str:

@@ -46,9 +46,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,6 +63,7 @@ from rapproxy.balancer.kernel_weights import (
 )
 from rapproxy.balancer.signals import EndpointSignals
 from rapproxy.config import RapproxyConfiguration, parse_port_range
+from rapproxy.dataplane.handover import listener_name
 from rapproxy.dataplane.routing import Backend
 from rapproxy.dataplane.stats import RelayStats
 from rapproxy.dataplane.tcp import TcpRelayServer, TcpRelaySettings
@@ -119,8 +121,20 @@ class UdpPortAllocator:
             f"{name}: no free port left in {self._ports.start}-{self._ports.stop - 1}"
         )
 
+    def adopt(self, name: ServicePortName, port: int) -> bool:
+        """Give `name` this port (a predecessor's socket's); False when out of range or taken."""
+        if port not in self._ports or port in self._by_name.values():
+            return False
+        self._by_name[name] = port
+        return True
+
     def release(self, name: ServicePortName) -> None:
         self._by_name.pop(name, None)
+
+
+def udp_socket_name(name: ServicePortName) -> str:
+    """The handover name of a UDP service port's socket."""
+    return f"udp {name}"
 
 
 class Proxier:
@@ -180,6 +194,9 @@ class Proxier:
                 dial_timeouts=proxy.dial_timeouts,
                 idle_timeout=proxy.idle_timeout,
                 max_connections=proxy.max_connections,
+                # The fallback when no predecessor hands its listener over (see handover): a
+                # successor can still bind beside a running instance.
+                reuse_port=True,
             ),
             stats=self.stats,
         )
@@ -187,6 +204,7 @@ class Proxier:
             idle_timeout=proxy.udp_idle_timeout, max_flows=proxy.max_udp_flows
         )
         self.udp: dict[ServicePortName, UdpServicePort] = {}
+        self._inherited_udp: dict[str, socket.socket] = {}
         self._udp_ports = UdpPortAllocator(
             parse_port_range(proxy.udp_port_range, "proxy.udpPortRange")
         )
@@ -220,16 +238,54 @@ class Proxier:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, listen: Sequence[tuple[str, int]] | None = None) -> None:
+    async def start(
+        self,
+        listen: Sequence[tuple[str, int]] | None = None,
+        *,
+        inherited: Mapping[tuple[str, int], socket.socket] | None = None,
+        inherited_udp: Mapping[str, socket.socket] | None = None,
+        accept: bool = True,
+    ) -> None:
+        """Open the TCP listener. `inherited` holds the listening sockets a predecessor handed
+        over, `inherited_udp` its UDP service sockets by `udp_socket_name`: the first sync serves
+        each on its old port (the rules stay the same) and closes those no longer wanted.
+        `accept=False`: accept no TCP connection before `tcp.start_accepting()`."""
         if listen is None:
             listen = [(self.config.proxy.listen_address, self.config.proxy.tcp_port)]
-        await self.tcp.start(listen)
+        self._inherited_udp = dict(inherited_udp or {})
+        await self.tcp.start(listen, inherited=inherited, accept=accept)
+
+    def listening_descriptors(self) -> dict[str, int]:
+        """Every socket a successor should take over, by handover name, while serving."""
+        offered = {
+            listener_name("tcp", host, port): fd
+            for (host, port), fd in self.tcp.listening_descriptors().items()
+        }
+        for name, relay in self.udp.items():
+            fd = relay.socket_descriptor()
+            if fd is not None:
+                offered[udp_socket_name(name)] = fd
+        return offered
+
+    def stop_accepting(self) -> None:
+        """Drain, step one: no new TCP connections nor UDP datagrams are read here; what is
+        open keeps relaying. A successor sharing the sockets takes the new ones."""
+        self.tcp.stop_accepting()
+        for relay in self.udp.values():
+            relay.stop_reading()
 
     async def aclose(self) -> None:
         await self.tcp.aclose()
         for port in self.udp.values():
             await port.aclose()
         self.udp.clear()
+        self._close_inherited_udp()
+
+    def _close_inherited_udp(self) -> None:
+        for name, sock in self._inherited_udp.items():
+            log.info("closing the handed-over UDP socket %s: no such service port here", name)
+            sock.close()
+        self._inherited_udp.clear()
 
     async def cleanup_rules(self) -> None:
         for runner in self.iptables:
@@ -634,6 +690,10 @@ class Proxier:
                     stale.extend(_udp_destinations(previous))
                 continue
             key = self._route_keys[(name, False)]
+            adopted = await self._adopt_udp(name, key)
+            if adopted is not None:
+                self.udp[name] = adopted
+                continue
             skip: set[int] = set()
             while True:
                 number = self._udp_ports.allocate(name, skip)
@@ -648,7 +708,23 @@ class Proxier:
                     continue
                 break
             self.udp[name] = relay
+        # The first sync saw every service port there is: the rest of the inheritance is stale.
+        self._close_inherited_udp()
         return stale
+
+    async def _adopt_udp(self, name: ServicePortName, key: str) -> UdpServicePort | None:
+        """Serve the predecessor's socket for `name`, if it handed one over that fits."""
+        sock = self._inherited_udp.pop(udp_socket_name(name), None)
+        if sock is None:
+            return None
+        host, port = sock.getsockname()[:2]
+        if host != self.config.proxy.listen_address or not self._udp_ports.adopt(name, port):
+            log.info("not adopting the handed-over UDP socket of %s on %s:%d", name, host, port)
+            sock.close()
+            return None
+        relay = UdpServicePort(self, key, settings=self._udp_settings, stats=self.stats)
+        await relay.start((host, port), inherited=sock)
+        return relay
 
     def _previous_port(self, name: ServicePortName) -> ServicePort | None:
         target = (self._applied_targets or {}).get(name)

@@ -656,3 +656,79 @@ async def test_relay_reports_requests_in_flight_not_merely_open_connections(
     await eventually(lambda: len(selector.closed) == 2, what="the relay to close")
     assert selector.closed_awaiting == [False, True]
     assert all(n == 0 for n in selector.awaiting.values()), selector.awaiting
+
+
+# -- drain and handover ------------------------------------------------------------------------
+
+
+async def test_stop_accepting_keeps_open_relays_and_wait_drained_returns_when_they_end(
+    echo_backend, make_selector, relay
+) -> None:
+    backend = await echo_backend()
+    server, address = await relay(make_selector([backend]))
+    reader, writer = await connect(address)
+    writer.write(b"before")
+    assert await reader.readexactly(6) == b"before"
+
+    server.stop_accepting()
+    assert server.listening_descriptors() == {}, "a draining server offers nothing to hand over"
+    with pytest.raises(ConnectionRefusedError):
+        await connect(address)
+    writer.write(b"during the drain")
+    assert await reader.readexactly(16) == b"during the drain"
+    draining = asyncio.create_task(server.wait_drained())
+    await asyncio.sleep(0.05)  # the drain must not end while the relay lives
+    assert not draining.done()
+    writer.close()
+    async with asyncio.timeout(2):
+        await draining
+    assert server.active_connections == 0
+
+
+async def test_a_listener_passed_in_is_served_instead_of_a_fresh_bind(
+    echo_backend, make_selector
+) -> None:
+    backend = await echo_backend()
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    inherited.bind(("127.0.0.1", 0))
+    inherited.listen(16)
+    address = inherited.getsockname()
+    queued = socket.create_connection(address)  # waits in the accept queue, as after a handover
+    queued.setblocking(False)
+    server = TcpRelayServer(
+        make_selector([backend]), destination=fixed_destination("10.96.0.10", 80)
+    )
+    await server.start([address], inherited={address: inherited})
+    try:
+        assert server.listening_descriptors() == {address: inherited.fileno()}
+        reader, writer = await asyncio.open_connection(sock=queued)
+        writer.write(b"queued")
+        assert await reader.readexactly(6) == b"queued"
+        writer.close()
+    finally:
+        await server.aclose()
+
+
+async def test_a_listener_taken_over_without_accepting_leaves_connections_queued_until_told(
+    echo_backend, make_selector, eventually
+) -> None:
+    backend = await echo_backend()
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    inherited.bind(("127.0.0.1", 0))
+    inherited.listen(16)  # the predecessor's listener: already listening
+    address = inherited.getsockname()
+    server = TcpRelayServer(
+        make_selector([backend]), destination=fixed_destination("10.96.0.10", 80)
+    )
+    await server.start([address], inherited={address: inherited}, accept=False)
+    try:
+        reader, writer = await connect(address)  # completes: the kernel queues it
+        writer.write(b"waiting")
+        await asyncio.sleep(0.1)  # long enough for an accept that should not happen
+        assert server.active_connections == 0
+        await server.start_accepting()
+        assert await reader.readexactly(7) == b"waiting"
+        writer.close()
+        await eventually(lambda: server.active_connections == 0, what="relay to finish")
+    finally:
+        await server.aclose()

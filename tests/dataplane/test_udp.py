@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -202,3 +204,38 @@ def test_settings_reject_nonsense_naming_the_field() -> None:
         UdpRelaySettings(idle_timeout=0)
     with pytest.raises(InvalidUdpRelaySettings, match="max_flows"):
         UdpRelaySettings(max_flows=0)
+
+
+async def test_a_successor_serves_the_shared_socket_while_the_old_flows_still_get_replies(
+    make_selector, eventually, udp, service_port
+) -> None:
+    make_backend, make_client = udp
+    old_backend, old_echo = await make_backend(b"old:")
+    new_backend, _ = await make_backend(b"new:")
+    old, address = await service_port(make_selector([old_backend]))
+    client, received = await make_client(address)
+    client.sendto(b"1")
+    async with asyncio.timeout(2):
+        assert await received.received.get() == b"old:1"
+
+    # What SCM_RIGHTS delivers is a new descriptor for the same socket: a dup.
+    fd = old.socket_descriptor()
+    assert fd is not None
+    shared = socket.socket(fileno=os.dup(fd))
+    new = UdpServicePort(make_selector([new_backend]), SERVICE, stats=RelayStats())
+    await new.start(address, inherited=shared)
+    try:
+        assert new.address == address, "same port: the rules need not change"
+        old.stop_reading()
+        assert old.socket_descriptor() is None, "a draining port offers nothing to hand over"
+        client.sendto(b"2")
+        async with asyncio.timeout(2):
+            assert await received.received.get() == b"new:2"
+        # The old flow is still open: a late reply of its backend reaches the client.
+        (flow_address,) = old_echo.peers
+        assert old_echo.transport is not None
+        old_echo.transport.sendto(b"late", flow_address)
+        async with asyncio.timeout(2):
+            assert await received.received.get() == b"late"
+    finally:
+        await new.aclose()

@@ -19,7 +19,8 @@ from rapproxy.demo import main as demo_main
 from rapproxy.demo.cluster import DemoCluster
 from rapproxy.demo.options import POLICIES, DemoOptions
 from rapproxy.demo.progress import Progress
-from rapproxy.demo.scenario import HEALTHY, OVERLOADED, run_scenario
+from rapproxy.demo.scenario import FAILOVER_RATE, HEALTHY, OVERLOADED, failover_result, run_scenario
+from rapproxy.testing.connload import OK, REFUSED, Attempt, LoadReport, LoadSpec
 from rapproxy.testing.edge.cgroups import cgroups_of_process
 from rapproxy.testing.netns import child_processes, live_namespaces
 
@@ -87,6 +88,9 @@ async def test_every_policy_carries_traffic_a_primary_fails_over_and_nothing_is_
     assert failover.promoted_pod and failover.promoted_pod != failover.killed_pod
     assert failover.first_promoted_s is not None and failover.first_promoted_s < 10
     assert failover.restored_s is not None and 0 < failover.restored_s < 30
+    # A continuous load, not a probe: requests all the way to half a second past the restore.
+    assert failover.load_rate == FAILOVER_RATE
+    assert failover.probe_requests >= 0.8 * FAILOVER_RATE * (failover.restored_s + 0.5), story
     assert "FailoverComplete" not in story or failover.timeline
 
     assert not [n for n in results.notes if "LEFT BEHIND" in n], results.notes
@@ -139,3 +143,41 @@ def test_a_bad_flag_is_one_line_naming_it() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "rapproxy demo: --duration: 0 s is outside 1..600"
+
+
+def test_the_failover_counts_every_request_sent_after_the_kill_and_when_each_failed() -> None:
+    kill = 1000.0
+    attempts = (
+        Attempt(999.9, OK, 0.001, "web-a"),  # before the kill: not counted
+        Attempt(1000.1, OK, 0.001, "web-b"),
+        Attempt(1000.2, REFUSED, 0.0),
+        Attempt(1000.3, OK, 0.001, "web-h"),  # the promoted hot backup
+    )
+    report = LoadReport(LoadSpec("10.96.0.10", 80, 200, 2), 999.5, 1001.5, attempts)
+    status = {
+        "lastFailover": {
+            "failedPod": "web-a",
+            "detectedAt": "2026-12-07T05:00:00Z",
+            "promotedPod": "web-h",
+            "restoredAt": "1970-01-01T00:16:41Z",  # 1001 s
+        }
+    }
+    result = failover_result(
+        report,
+        killed_at=kill,
+        name="web-a",
+        node="node-1",
+        known=["web-a", "web-b"],
+        status=status,
+        previous=None,
+    )
+    assert (result.probe_requests, result.probe_errors) == (3, 1)
+    assert result.first_error_s == pytest.approx(0.2)
+    assert result.first_promoted_s == pytest.approx(0.3)
+    assert result.failed_at_s == (0.2,)
+    assert result.restored_s == pytest.approx(1.0)
+    assert result.load_rate == 200
+    assert result.load_timeline == (
+        {"from": 0.0, "counts": {OK: 1, REFUSED: 1}},
+        {"from": 0.25, "counts": {OK: 1}},
+    )

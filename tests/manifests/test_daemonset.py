@@ -95,24 +95,40 @@ def test_probes_and_telemetry_use_the_configured_healthz_port(
 ) -> None:
     c = container(objects, find)
     cfg = loaded_config(objects, find)
-    (port,) = c["ports"]
     _host, healthz_port = config.parse_host_port(cfg.healthz_bind_address, "healthzBindAddress")
-    assert port["name"] == "healthz"
-    assert port["containerPort"] == healthz_port == cfg.rap.telemetry_port
-    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "healthz"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert healthz_port == cfg.rap.telemetry_port
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": healthz_port}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": healthz_port}
     metrics_host, _port = config.parse_host_port(cfg.metrics_bind_address, "metricsBindAddress")
     assert metrics_host == "127.0.0.1", "/metrics and /debug/state must stay on loopback"
 
 
-def test_requests_resources_and_rolls_a_tenth_of_the_nodes_at_a_time(
+def test_requests_cpu_and_memory_and_limits_only_memory(
     objects: list[dict[str, Any]], find: Find
 ) -> None:
     resources = container(objects, find)["resources"]
     assert set(resources["requests"]) == {"cpu", "memory"}
     assert set(resources["limits"]) == {"memory"}
+
+
+def test_updates_start_the_new_pod_beside_the_old_and_nothing_blocks_the_surge(
+    objects: list[dict[str, Any]], find: Find
+) -> None:
     strategy = find(objects, "DaemonSet", "rapproxy")["spec"]["updateStrategy"]
-    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}}
+    assert strategy == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    # In the host network every declared container port is a host port; the scheduler would
+    # refuse the surge pod on a node whose old pod holds it, and the update would stall.
+    spec = pod_spec(objects, find)
+    for c in [*spec["containers"], *spec.get("initContainers", [])]:
+        assert not c.get("ports"), f"{c['name']} declares ports: {c['ports']}"
+    # The handover is an abstract unix socket in the host network: no hostPath for it.
+    proxy = loaded_config(objects, find).proxy
+    assert (config.handover_address(proxy) or "").startswith("@")
+    # The drain ends on its own before the kubelet's SIGKILL.
+    assert proxy.drain_timeout < spec["terminationGracePeriodSeconds"]
 
 
 def test_mounts_the_generated_config_and_token_where_the_config_expects_them(

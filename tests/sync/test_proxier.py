@@ -4,17 +4,18 @@ changes recorded while rules are being written (a stand-in runner holds the writ
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from rapproxy.config import RapproxyConfiguration
+from rapproxy.config import ProxySettings, RapproxyConfiguration
 from rapproxy.model.service import L4Protocol, ServicePortName
 from rapproxy.model.table import ServiceTable
 from rapproxy.rules.render import RedirectTarget, RuleConfig
-from rapproxy.sync.proxier import Proxier
+from rapproxy.sync.proxier import Proxier, udp_socket_name
 
 
 def service(i: int) -> dict[str, Any]:
@@ -237,3 +238,36 @@ async def test_cancelled_sync_cancels_its_rules_write(held: tuple[Proxier, HeldR
     with pytest.raises(asyncio.CancelledError):
         await syncing
     assert rules.cancelled
+
+
+async def test_handed_over_udp_sockets_keep_their_ports_and_stale_ones_are_closed() -> None:
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    inherited.bind(("127.0.0.1", 0))
+    port = inherited.getsockname()[1]
+    gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # The range holds only the inherited socket's port: a fresh bind there would fail
+    # (EADDRINUSE), so the service port can only be served by adopting the socket.
+    config = RapproxyConfiguration(
+        proxy=ProxySettings(listen_address="127.0.0.1", udp_port_range=f"{port}-{port}")
+    )
+    proxier = Proxier(config, "node")
+    proxier.tracker.service_updated(
+        {
+            "metadata": {"namespace": "default", "name": "dns"},
+            "spec": {"clusterIP": "10.96.0.53", "ports": [{"port": 53, "protocol": "UDP"}]},
+        }
+    )
+    dns = ServicePortName("default", "dns", "", L4Protocol.UDP)
+    await proxier.start(
+        [("127.0.0.1", 0)],
+        inherited_udp={udp_socket_name(dns): inherited, "udp default/gone:": gone},
+    )
+    try:
+        await proxier.sync()
+        assert proxier.udp[dns].address == ("127.0.0.1", port)
+        assert gone.fileno() == -1, "a socket for a service port that is gone is closed"
+        assert udp_socket_name(dns) in proxier.listening_descriptors()
+        proxier.stop_accepting()
+        assert proxier.listening_descriptors() == {}, "a draining proxy offers nothing"
+    finally:
+        await proxier.aclose()

@@ -187,8 +187,11 @@ async def measure(
 
 FAILOVER_RATE = 200.0
 """Requests per second of the failover's load: each a new connection, so a new balancing decision."""
-FAILOVER_LIMIT = 40.0
+FAILOVER_LIMIT = 70.0
 """Upper bound of the failover load, seconds: it normally stops once the set is restored."""
+RESTORE_WITHIN = 60.0
+"""How long the set may take to be restored: ~0.3 s on an idle machine, over 30 s once under
+the whole test suite on two cores."""
 
 
 async def fail_over(demo: DemoCluster, progress: Progress) -> FailoverResult:
@@ -237,7 +240,7 @@ async def fail_over(demo: DemoCluster, progress: Progress) -> FailoverResult:
             killed_at = time.time()
             os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(DemoSetupError):
-                await until(restored, 30.0, "the BackupPodSet to restore its full set")
+                await until(restored, RESTORE_WITHIN, "the BackupPodSet to restore its full set")
             await asyncio.sleep(0.5)  # and half a second after it
         finally:
             stop.write_text("")

@@ -87,7 +87,7 @@ async def test_every_policy_carries_traffic_a_primary_fails_over_and_nothing_is_
     assert failover is not None, story
     assert failover.promoted_pod and failover.promoted_pod != failover.killed_pod
     assert failover.first_promoted_s is not None and failover.first_promoted_s < 10
-    assert failover.restored_s is not None and 0 < failover.restored_s < 30
+    assert failover.restored_s is not None and 0 < failover.restored_s < 60, story
     # A continuous load, not a probe: requests all the way to half a second past the restore.
     assert failover.load_rate == FAILOVER_RATE
     assert failover.probe_requests >= 0.8 * FAILOVER_RATE * (failover.restored_s + 0.5), story

@@ -197,12 +197,15 @@ def not_ready_deadline(pod: ObservedPod, not_ready_grace: float) -> float | None
     """When a running, not-ready pod counts as failed; None if the rule does not apply.
 
     Only running pods qualify: a cold backup is Pending (never Ready) by design. The grace is
-    measured from the later of the Ready=False transition and the pod's creation, so it is also
-    the start-up allowance of a new pod.
+    measured from the latest of the Ready=False transition, the pod's creation and its main
+    containers' start, so it is also the start-up allowance of a new pod, and of a cold backup
+    that waited Pending for minutes before it was activated: counted from creation, such a pod
+    was failed the moment its containers started (then its replacement, and so on, on a machine
+    slow enough that no start-up fitted in the grace).
     """
     if pod.phase is not PodPhase.RUNNING or pod.ready:
         return None
-    since = max(pod.not_ready_since or 0.0, pod.created)
+    since = max(pod.not_ready_since or 0.0, pod.created, pod.running_since or 0.0)
     return since + not_ready_grace
 
 

@@ -156,6 +156,7 @@ class ObservedPod:
     ip: str | None = None
     deleting: bool = False  # metadata.deletionTimestamp is set
     created: float = 0.0
+    running_since: float | None = None  # the latest main container's state.running.startedAt
     restarts: int = 0
     waiter: WaiterState = WaiterState.ABSENT
     activation_token: str | None = None
@@ -329,6 +330,12 @@ def parse_pod(obj: Mapping[str, Any]) -> ObservedPod:
         if isinstance(s, Mapping)
     )
     token = annotations.get(ANNOTATION_ACTIVATION_TOKEN)
+    started = [
+        parse_time(((s.get("state") or {}).get("running") or {}).get("startedAt"))
+        for s in status.get("containerStatuses") or []
+        if isinstance(s, Mapping) and isinstance(s.get("state"), Mapping)
+    ]
+    running_since = max((t for t in started if t is not None), default=None)
     return ObservedPod(
         name=str(meta.get("name", "")),
         namespace=str(meta.get("namespace") or "default"),
@@ -343,6 +350,7 @@ def parse_pod(obj: Mapping[str, Any]) -> ObservedPod:
         ip=status.get("podIP") or None,
         deleting=meta.get("deletionTimestamp") is not None,
         created=parse_time(meta.get("creationTimestamp")) or 0.0,
+        running_since=running_since,
         restarts=restarts,
         waiter=_waiter_state(spec, status),
         activation_token=token if isinstance(token, str) and token else None,

@@ -302,6 +302,25 @@ def test_not_ready_past_the_grace_is_a_failure_and_before_it_a_recheck() -> None
     assert summary(late.actions) == [("Create", "primary", "n1"), ("Delete", "p1", "failed")]
 
 
+def test_an_activated_cold_backup_gets_its_start_up_grace_from_its_containers_start() -> None:
+    # Created 200 s ago, Pending (and not Ready) all that time, activated and started 3 s ago:
+    # still starting, not failed. Counted from creation it was failed as soon as it ran.
+    activated = running(
+        "h1",
+        HB,
+        "n1",
+        ready=False,
+        ready_since=None,
+        not_ready_since=NOW - 200,
+        running_since=NOW - 3,
+    )
+    early = plan(spec(0, 1, 0), [activated], NODES, NOW, not_ready_grace=5.0)
+    assert early.failures == ()
+    assert early.recheck_at == NOW + 2
+    late = plan(spec(0, 1, 0), [activated], NODES, NOW + 2, not_ready_grace=5.0)
+    assert [f.reason for f in late.failures] == [FailureReason.NOT_READY]
+
+
 def test_cold_backups_are_never_failed_for_not_being_ready() -> None:
     assert detect_failure(cold("c1"), {n.name: n for n in NODES}, NOW + 10_000) is None
 

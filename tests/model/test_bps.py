@@ -211,6 +211,23 @@ def test_not_ready_records_the_transition_time() -> None:
     assert pod.not_ready_since == parse_time("2026-11-22T14:02:00Z")
 
 
+def test_running_since_is_the_latest_main_container_start() -> None:
+    obj = pod_object()
+    obj["status"]["containerStatuses"] = [
+        {"name": "a", "state": {"running": {"startedAt": "2026-11-22T14:02:00Z"}}},
+        {"name": "b", "state": {"running": {"startedAt": "2026-11-22T14:05:00Z"}}},
+        {"name": "c", "state": {"waiting": {"reason": "ContainerCreating"}}},
+        {"name": "d", "state": "garbage"},
+    ]
+    assert parse_pod(obj).running_since == parse_time("2026-11-22T14:05:00Z")
+
+
+def test_running_since_is_none_before_any_main_container_runs() -> None:
+    obj = pod_object()
+    obj["status"]["containerStatuses"] = [{"name": "a", "state": {"waiting": {}}}]
+    assert parse_pod(obj).running_since is None
+
+
 def cold_pod(init_status: dict[str, Any] | None, phase: str = "Pending") -> dict[str, Any]:
     obj = pod_object(status={"phase": phase, "conditions": []})
     obj["metadata"]["labels"][LABEL_ROLE] = "cold-backup"

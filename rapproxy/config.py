@@ -248,7 +248,10 @@ class BpsSettings:
     renew_deadline: float = _doc("Seconds a leader keeps trying to renew.", default=10.0)
     retry_period: float = _doc("Seconds between attempts to acquire or renew.", default=2.0)
     ready_grace: float = _doc(
-        "Seconds a pod may report Ready=False before it counts as failed.", default=5.0
+        "Seconds a running pod may report Ready=False before it counts as failed; counted from "
+        "the latest of the Ready=False transition, the pod's creation and its containers' start "
+        "(so also a new or just-activated pod's start-up allowance).",
+        default=5.0,
     )
     activation_timeout: float = _doc(
         "Seconds to wait for a cold backup to confirm activation.", default=10.0

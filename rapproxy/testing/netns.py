@@ -81,6 +81,10 @@ class Veth:
     prefix: int
 
 
+CALL_WORKERS = 4
+"""Worker processes per namespace for `Namespace.call`; each is started only when needed."""
+
+
 class Namespace:
     """One network namespace owned by this process. Create with `await Namespace.create()`."""
 
@@ -196,10 +200,14 @@ class Namespace:
         loop), so `function` must be a module-level function and its arguments and result must
         pickle. The function is found again in the worker by module name or, for modules that
         are not importable by name (pytest's importlib mode, `__main__`), by file path.
+
+        Calls run side by side, up to CALL_WORKERS at once: a long one (a load that lasts until
+        an event) must not hold back a probe or a second load. Workers start only when calls
+        overlap, and no state is kept in them between calls.
         """
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1,
+                max_workers=CALL_WORKERS,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_enter_namespace,
                 initargs=(self.name,),

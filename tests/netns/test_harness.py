@@ -91,6 +91,22 @@ async def test_a_fresh_namespace_has_only_loopback_up_and_no_routes_out(netns: N
     assert "UP" in netns.run(["ip", "link", "show", "lo"]).stdout
 
 
+def sleep_then_say(seconds: float, word: str) -> str:
+    time.sleep(seconds)  # a long call, as a load lasting until an event is
+    return word
+
+
+async def test_a_long_call_does_not_hold_back_a_short_one(netns: Namespace) -> None:
+    long = asyncio.ensure_future(netns.call(sleep_then_say, 6.0, "long"))
+    await asyncio.sleep(0.5)  # the long call is submitted first and is running
+    started = time.monotonic()
+    # The second worker starts on demand (a spawned interpreter: about a second here).
+    assert await netns.call(sleep_then_say, 0.0, "short") == "short"
+    assert time.monotonic() - started < 4.0
+    assert not long.done()
+    assert await long == "long"
+
+
 async def test_veth_pair_connects_two_namespaces(make_namespace: MakeNamespace) -> None:
     left, right = await make_namespace("left"), await make_namespace("right")
     veth = await left.add_veth_peer(right, "10.201.0.1", "10.201.0.2", 30)

@@ -39,6 +39,7 @@ import os
 import platform
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,26 +64,35 @@ from rapproxy.testing.connload import (
     timeline,
 )
 from rapproxy.testing.netns import Namespace
+from rapproxy.testing.udpload import LOST, UdpLoadReport, UdpLoadSpec, run_udp_load
 
 RAPPROXY = str(Path(sys.executable).with_name("rapproxy"))
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = {"b1": "10.1.1.2", "b2": "10.1.2.2"}
 WEB_IP = "10.96.0.10"
+DNS_IP = "10.96.0.11"  # a UDP Service (port 53 to the backends' echo on 5353)
 
 
-def service(name: str, cluster_ip: str) -> dict[str, Any]:
+def service(name: str, cluster_ip: str, protocol: str = "TCP") -> dict[str, Any]:
+    port = (
+        {"name": "http", "port": 80, "targetPort": 8080}
+        if protocol == "TCP"
+        else {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "clusterIP": cluster_ip,
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
-        },
+        "spec": {"clusterIP": cluster_ip, "ports": [port]},
     }
 
 
-def endpoint_slice(name: str) -> dict[str, Any]:
+def endpoint_slice(name: str, protocol: str = "TCP") -> dict[str, Any]:
+    port = (
+        {"name": "http", "port": 8080, "protocol": "TCP"}
+        if protocol == "TCP"
+        else {"name": "dns", "port": 5353, "protocol": "UDP"}
+    )
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -92,7 +102,7 @@ def endpoint_slice(name: str) -> dict[str, Any]:
             "labels": {"kubernetes.io/service-name": name},
         },
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "ports": [port],
         "endpoints": [
             {"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node"}
             for ip in BACKENDS.values()
@@ -173,11 +183,17 @@ async def testbed(tmp: Path) -> AsyncIterator[Bed]:
             await backend.spawn(
                 [
                     *(sys.executable, "-m", "rapproxy.testing.backend", "--name", name),
-                    *("--http", "0.0.0.0:8080", "--ready-file", str(ready)),
+                    *("--http", "0.0.0.0:8080", "--udp", "0.0.0.0:5353"),
+                    *("--ready-file", str(ready)),
                 ]
             )
             await until(ready.exists, 10, f"backend {name}")
-        objects = [service("web", WEB_IP), endpoint_slice("web")]
+        objects = [
+            service("web", WEB_IP),
+            endpoint_slice("web"),
+            service("dns", DNS_IP, "UDP"),
+            endpoint_slice("dns", "UDP"),
+        ]
         (tmp / "objects.yaml").write_text(yaml.safe_dump_all(objects))
         yield Bed(client, node, tmp)
     finally:
@@ -218,6 +234,13 @@ async def rolling(bed: Bed, args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     load = asyncio.create_task(bed.client.call(run_load, spec))
     await until(ready.exists, 20, "long connections open")
+    # UDP beside it, from this process's loop on sockets made in the client namespace: the
+    # client's worker runs the TCP load. The service socket is handed over too; what is lost is
+    # what the old process's sessions had in flight when it exited.
+    udp_spec = UdpLoadSpec(DNS_IP, 53, rate=args.udp_rate, seconds=seconds - 1, flows=16)
+    udp = asyncio.create_task(
+        run_udp_load(udp_spec, lambda: bed.client.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    )
     await asyncio.sleep(args.warmup)  # pacing of the experiment, not synchronisation
     updates: list[dict[str, Any]] = []
     for _ in range(args.updates):
@@ -243,13 +266,16 @@ async def rolling(bed: Bed, args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, args.every - (time.time() - began)))  # pacing
         updates[-1]["exited"] = exited
     report: LoadReport = await asyncio.wait_for(load, seconds + 60)
+    udp_report: UdpLoadReport = await asyncio.wait_for(udp, seconds + 60)
     current.send_signal(signal.SIGTERM)
     await asyncio.wait_for(current.wait(), args.drain + 15)
     for update in updates:
         # From the successor's start until a second after the old process exited.
-        window = report.counts(since=update["started"], until=update.pop("exited") + 1.0)
+        since, until_ = update["started"], update.pop("exited") + 1.0
+        window = report.counts(since=since, until=until_)
         update["window_connections"] = sum(window.values())
         update["window_outcomes"] = dict(sorted(window.items()))
+        update["window_udp"] = dict(sorted(udp_report.counts(since=since, until=until_).items()))
     first_sigterm = updates[0]["sigterm"] if updates else report.ended
     longs = [
         {
@@ -272,6 +298,12 @@ async def rolling(bed: Bed, args: argparse.Namespace) -> dict[str, Any]:
         "drain_timeout": args.drain,
         "updates": updates,
         "short": summary(report),
+        "udp": {
+            **udp_report.summary(),
+            "lost_sent_at": [
+                round(d.sent - report.started, 3) for d in udp_report.datagrams if d.outcome == LOST
+            ][:200],
+        },
         "long": {
             "opened": len(report.long),
             "served_until_drain_deadline": served_through_drain,
@@ -568,6 +600,25 @@ def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
             "",
             "Window: from the successor's start until 1 s after the old process exited.",
         ]
+        udp = result.get("udp")
+        if udp:
+            lines += [
+                "",
+                f"UDP beside it (`rapproxy.testing.udpload`, open loop, {udp['rate_asked']:g} "
+                f"datagrams/s over {udp['flows']} client flows to {DNS_IP}:53, a reply counts "
+                f"within 1 s): {udp['datagrams']} sent, {udp['answered']} answered, "
+                f"**{udp['lost']} lost**; answered by {udp['by_backend']}.",
+                "",
+                "| update | datagrams sent in the window | their outcomes |",
+                "|---|---|---|",
+                *(
+                    f"| {index} | {sum(u['window_udp'].values())} | {u['window_udp']} |"
+                    for index, u in enumerate(result["updates"], 1)
+                ),
+            ]
+            if udp["lost_sent_at"]:
+                shown = ", ".join(f"{t:g}" for t in udp["lost_sent_at"][:30])
+                lines.append(f"\nLost datagrams were sent at (s from the load's start): {shown}")
     elif scenario == "kill9":
         lines += [
             "| kill | served again after (s) | failed connections (from 1 s before the kill) | outcomes |",
@@ -723,6 +774,9 @@ def main(argv: Sequence[str]) -> int:
         default=None,
         help="rolling: seconds between updates; kill9: "
         "seconds of served load after a restart before the next kill",
+    )
+    parser.add_argument(
+        "--udp-rate", type=float, default=200.0, help="rolling: UDP datagrams per second"
     )
     parser.add_argument("--drain", type=float, default=5.0, help="rolling: proxy.drainTimeout")
     parser.add_argument("--long", type=int, default=20, help="rolling: long connections")

@@ -26,7 +26,7 @@ from rapproxy.model.service import ServicePort, ServicePortName
 from rapproxy.model.telemetry import NodeStats, RapSettings, TelemetryTracker
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.backend import detect_backend, tools_for
-from rapproxy.rules.kernel import KernelTarget, WeightedEndpoint
+from rapproxy.rules.kernel import KernelTarget, WeightedEndpoint, endpoint_chain
 from rapproxy.rules.render import RuleConfig
 from rapproxy.sync.proxier import Proxier
 from rapproxy.testing.netns import Namespace
@@ -228,3 +228,37 @@ async def test_weights_follow_the_injected_load_of_the_local_node(
         assert f"-d {CLUSTER_IP}/32" in saved and "REDIRECT --to-ports 15001" in saved
         await proxier.cleanup_rules()
         assert "RAPPROXY" not in await proxier.iptables[0].save()
+
+
+async def test_an_endpoint_change_rewrites_only_the_services_own_chains(
+    make_namespace: MakeNamespace,
+) -> None:
+    node, _, listener = await world(make_namespace)
+    config = from_mapping({"dataplane": {"mode": "kernel"}})
+    runner = await runner_in(node)
+    proxier = Proxier(config, "n0", iptables=[runner])
+    service, endpoint_slice = objects({})
+    proxier.tracker.service_updated(service)
+    proxier.tracker.slice_updated(endpoint_slice)
+    with listener:
+        await proxier.sync()
+        assert set(await chosen(node, listener, 60)) == set(ENDPOINTS)
+
+        def entry_packets(saved: str) -> int:
+            rule = next(line for line in saved.splitlines() if f"-d {CLUSTER_IP}/32" in line)
+            return int(rule[1:].split(":", 1)[0])
+
+        counted = entry_packets((await node.exec(["iptables-save", "-c", "-t", "nat"])).stdout)
+        assert counted >= 60
+        # The third endpoint goes away: a rewrite of web's chains alone.
+        gone = endpoint_chain(NAME, ENDPOINTS[2], 8080)
+        endpoint_slice["endpoints"] = endpoint_slice["endpoints"][:2]  # type: ignore[index]
+        proxier.tracker.slice_updated(endpoint_slice)
+        await proxier.sync()
+        saved = (await node.exec(["iptables-save", "-c", "-t", "nat"])).stdout
+        # RAPPROXY-SERVICES was not rewritten: its rule kept counting from before.
+        assert entry_packets(saved) == counted
+        assert gone not in saved
+        assert set(await chosen(node, listener, 60)) == set(ENDPOINTS[:2])
+        await proxier.cleanup_rules()
+        assert "RAPPROXY" not in await runner.save()

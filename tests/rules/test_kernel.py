@@ -17,6 +17,7 @@ from rapproxy.rules.kernel import (
     WeightedEndpoint,
     endpoint_chain,
     probabilities,
+    render_kernel_update,
     render_target,
     render_weight_update,
     service_chain,
@@ -240,6 +241,31 @@ def test_a_weight_update_rewrites_only_the_weighted_chains_in_one_transaction() 
     assert (
         render_weight_update([target(port(internal_traffic_local=True))], KernelConfig(), 4) == ""
     )
+
+
+def test_an_endpoint_change_rewrites_only_that_services_chains_and_drops_the_gone_one() -> None:
+    replacement = WeightedEndpoint("10.0.4.1", 8080, 0.2)
+    update = render_kernel_update(
+        [(target(), target(cluster=(A, B, replacement)))], KernelConfig(), 4
+    )
+    gone = endpoint_chain(NAME, C.ip, C.port)
+    new = endpoint_chain(NAME, replacement.ip, replacement.port)
+    assert (update.created, update.deleted) == ((new,), (gone,))
+    text = update.text
+    assert "RAPPROXY-SERVICES" not in text and "RAPPROXY-NODEPORTS" not in text
+    declared = [line for line in text.splitlines() if line.startswith(":")]
+    assert f":{SVC} - [0:0]" in declared and f":{new} - [0:0]" in declared
+    # The gone chain is flushed with the others and deleted last, once nothing jumps to it.
+    assert declared[-1] == f":{gone} - [0:0]"
+    assert text.splitlines()[-2:] == [f"-X {gone}", "COMMIT"]
+    assert not any(f"-j {gone}" in line for line in text.splitlines())
+    assert render_kernel_update([(target(), target())], KernelConfig(), 6).text == ""
+
+
+def test_an_endpoint_change_that_moves_an_entry_rule_needs_the_full_write() -> None:
+    # The last endpoint gone: the ClusterIP's rule becomes the proxy's REDIRECT.
+    with pytest.raises(KernelRenderError, match="entry rules changed"):
+        render_kernel_update([(target(), target(cluster=(), local=()))], KernelConfig(), 4)
 
 
 def test_cleanup_removes_kernel_chains_and_the_postrouting_jump() -> None:

@@ -42,7 +42,6 @@ while they exist, so affinity entries pointing at them still resolve.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
 import math
@@ -60,6 +59,8 @@ SERVICE_CHAIN_PREFIXES = ("RAPPROXY-SVC-", "RAPPROXY-SVL-", "RAPPROXY-EXT-", "RA
 POSTROUTING_COMMENT = "rapproxy postrouting rules"
 MAX_CHAIN_NAME = 28  # XT_EXTENSION_MAXNAMELEN - 1
 _HASH_CHARS = 14
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_HASH_SHIFTS = tuple(range(5 * (_HASH_CHARS - 1), -1, -5))
 _HOST_PREFIX = {4: 32, 6: 128}
 _HOST_MASK = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9._/:;, >-]")
@@ -495,8 +496,11 @@ def _endpoint_chain(
 
 
 def _hash(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:_HASH_CHARS]
+    # The first 14 characters of the digest in base32 (RFC 4648 alphabet), i.e. its first 70
+    # bits, 5 at a time. base64.b32encode gives the same text but is pure Python and encodes
+    # every byte: it was a third of a 10k-Service weight render.
+    bits = int.from_bytes(hashlib.sha256(text.encode()).digest()[:9]) >> 2  # 72 -> 70 bits
+    return "".join([_B32[(bits >> shift) & 31] for shift in _HASH_SHIFTS])
 
 
 def _match(proto: str, comment: str, number: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 
 import pytest
@@ -283,6 +285,18 @@ def test_chain_names_fit_iptables_limit(name: str, port_name: str) -> None:
     for kind in ("SVC", "SVL", "EXT"):
         assert len(service_chain(service_name, kind)) <= MAX_CHAIN_NAME
     assert len(endpoint_chain(service_name, "fd00::1", 65535)) <= MAX_CHAIN_NAME
+
+
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_chain_names_are_the_first_characters_of_the_whole_digest_in_base32(
+    name: str, ip: str
+) -> None:
+    # The names must never change between versions: a rename would leave a running node's
+    # chains to the next full sync. They are encoded from a prefix of the digest, for speed.
+    service_name = ServicePortName("ns", name, "p")
+    text = f"{service_name}/{service_name.protocol.value}/{ip}/80"
+    whole = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()
+    assert endpoint_chain(service_name, ip, 80) == f"RAPPROXY-SEP-{whole[:14]}"
 
 
 def test_render_target_of_other_family_is_empty() -> None:

@@ -28,6 +28,13 @@ the file write, the transaction that writes them (`nft monitor`: the first burst
 on RAPPROXY-SVC chains alone after it), while the endpoint changes keep being measured as above
 (on the local endpoints, which keep a share the probe can see).
 
+`--legacy` makes the namespace look like a node whose kubelet uses iptables-legacy (its hint
+chain `KUBE-IPTABLES-HINT`), so the daemon writes through iptables-legacy-restore: on this host
+iptables-nft-restore grows superlinearly with the number of chains (kube-proxy's layout has six
+per Service here: 1,000 Services' full write 2.7 s, 2,000 16 s), and kernel mode at 10k never
+finished its first write. `nft monitor` sees nothing of legacy tables, so there the weight write
+is timed by polling Service 0's weighted chain (`iptables -S`, every 50 ms) until it changes.
+
 Every endpoint is live: `10.244.0.0/14` is a local route in the namespace and one backend
 process listens on 0.0.0.0:8080, answering each connection with the address it was reached at
 (i.e. the endpoint the relay chose). The probe runs in a worker process inside the namespace.
@@ -63,6 +70,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rapproxy.model.service import ServicePortName
+from rapproxy.rules.kernel import service_chain
 from rapproxy.testing import probes
 from rapproxy.testing.apiserver import EmulatedApiServer
 from rapproxy.testing.apiserver.resources import ENDPOINT_SLICES, SERVICES
@@ -92,6 +101,11 @@ def endpoint_ip(index: int, slot: int, per_service: int) -> str:
 
 def service_name(index: int) -> str:
     return f"svc-{index:05d}"
+
+
+def svc0_name() -> ServicePortName:
+    """Service 0's port as the daemon names it (its weighted chain's name is hashed from it)."""
+    return ServicePortName("default", service_name(0), "http")
 
 
 def service(index: int) -> dict[str, Any]:
@@ -422,6 +436,31 @@ def bursts(events: list[tuple[float, str]], gap: float = 1.0) -> list[dict[str, 
     return groups
 
 
+async def chain_text(node: Namespace, tool: str, chain: str) -> str:
+    done = await node.exec([tool, "-w", "-t", "nat", "-S", chain], check=False)
+    return done.stdout
+
+
+async def time_weight_writes(
+    node: Namespace, tool: str, chain: str, onsets: list[float], seen: list[tuple[float, float]]
+) -> None:
+    """--legacy: for each onset, when Service 0's weighted chain first changed after it (the
+    recovery writes between onsets change it too; only the first change after an onset counts)."""
+    matched = 0
+    last = await chain_text(node, tool, chain)
+    while True:
+        await asyncio.sleep(0.05)
+        text = await chain_text(node, tool, chain)
+        if not text or text == last:
+            continue
+        changed = time.monotonic()
+        last = text
+        waiting = [onset for onset in onsets[matched:] if onset <= changed]
+        if waiting:
+            seen.append((waiting[-1], changed))
+            matched += len(waiting)
+
+
 async def flip_load(
     bench: Bench, onsets: list[float], stop: asyncio.Event, high: float, low: float
 ) -> None:
@@ -447,6 +486,8 @@ async def measure(args: Any, workdir: Path) -> Result:
             [sys.executable, str(HERE), "--serve-addresses", str(BACKEND_PORT)],
             stdout=asyncio.subprocess.DEVNULL,
         )
+        if args.legacy:
+            await node.exec(["iptables-legacy", "-w", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
         api = EmulatedApiServer(socket_factory=node.socket, bookmark_interval=5.0)
         await api.start()
         try:
@@ -494,11 +535,21 @@ async def measure(args: Any, workdir: Path) -> Result:
             #    being served by the new endpoint.
             events: list[tuple[float, str]] = []
             monitor = asyncio.create_task(rule_monitor(node, events))
+            polled: list[tuple[float, float]] = []
+            onsets: list[float] = []
+            poller = (
+                asyncio.create_task(
+                    time_weight_writes(
+                        node, "iptables-legacy", service_chain(svc0_name(), "SVC"), onsets, polled
+                    )
+                )
+                if args.kernel and args.legacy
+                else None
+            )
             await asyncio.sleep(0.5)  # let nft monitor subscribe before the first change
             rng = random.Random(3)
             phase_start = time.monotonic()
             windows: list[tuple[float, float]] = []
-            onsets: list[float] = []
             stop_flipping = asyncio.Event()
             flipper = (
                 asyncio.create_task(
@@ -550,7 +601,24 @@ async def measure(args: Any, workdir: Path) -> Result:
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
-            if args.kernel:
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+                for onset, changed in polled:
+                    result.weight_writes.append(
+                        {
+                            "at": onset - phase_start,
+                            "seconds": changed - onset,
+                            "rule_events": 0,
+                            "events_seconds": 0.0,
+                        }
+                    )
+                result.weight_notes.append(
+                    "iptables-legacy: timed by polling Service 0's weighted chain every 50 ms "
+                    f"(each poll a legacy table read); {len(onsets)} onsets, {len(polled)} seen"
+                )
+            elif args.kernel:
                 weight_bursts = [b for b in bursts(events, gap=0.2) if b["svc_only"]]
                 result.weight_bursts = len(weight_bursts)
                 for onset in onsets:
@@ -811,6 +879,11 @@ def main() -> int:
         "--kernel",
         action="store_true",
         help="every Service in kernel mode; flip the node's load to time weight writes",
+    )
+    parser.add_argument(
+        "--legacy",
+        action="store_true",
+        help="the namespace's kubelet hint says iptables-legacy: the daemon writes there",
     )
     parser.add_argument("--overload-s", type=float, default=1.5, help="--kernel: overloaded for")
     parser.add_argument("--recover-s", type=float, default=7.0, help="--kernel: then idle for")

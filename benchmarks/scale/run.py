@@ -33,7 +33,7 @@ chain `KUBE-IPTABLES-HINT`), so the daemon writes through iptables-legacy-restor
 iptables-nft-restore grows superlinearly with the number of chains (kube-proxy's layout has six
 per Service here: 1,000 Services' full write 2.7 s, 2,000 16 s), and kernel mode at 10k never
 finished its first write. `nft monitor` sees nothing of legacy tables, so there the weight write
-is timed by polling Service 0's weighted chain (`iptables -S`, every 50 ms) until it changes.
+is timed by polling Service 0's weighted chain (`iptables -S`, every 0.5 s) until it changes.
 
 Every endpoint is live: `10.244.0.0/14` is a local route in the namespace and one backend
 process listens on 0.0.0.0:8080, answering each connection with the address it was reached at
@@ -449,7 +449,9 @@ async def time_weight_writes(
     matched = 0
     last = await chain_text(node, tool, chain)
     while True:
-        await asyncio.sleep(0.05)
+        # Every legacy command reads the whole table under the xtables lock the daemon's writes
+        # wait for: polled every 50 ms it held the daemon up (results/...-kernel-legacy-stopped).
+        await asyncio.sleep(0.5)
         text = await chain_text(node, tool, chain)
         if not text or text == last:
             continue
@@ -523,7 +525,8 @@ async def measure(args: Any, workdir: Path) -> Result:
             )
             result.cold_listed_rss_mib = proc_status(bench.daemon_pid()).get("VmRSS", 0) / 1024
             progress(f"cold first sync {result.cold_first_sync:.2f}s")
-            saved = await node.exec(["iptables-save", "-t", "nat"])
+            save = "iptables-legacy-save" if args.legacy else "iptables-save"
+            saved = await node.exec([save, "-t", "nat"])
             result.iptables_rules = saved.stdout.count("-A RAPPROXY-SERVICES")
             if args.kernel:
                 result.notes.append(
@@ -615,7 +618,7 @@ async def measure(args: Any, workdir: Path) -> Result:
                         }
                     )
                 result.weight_notes.append(
-                    "iptables-legacy: timed by polling Service 0's weighted chain every 50 ms "
+                    "iptables-legacy: timed by polling Service 0's weighted chain every 0.5 s "
                     f"(each poll a legacy table read); {len(onsets)} onsets, {len(polled)} seen"
                 )
             elif args.kernel:

@@ -17,6 +17,11 @@ fast as that policy's own slowest round, is called *level*: where rap routes exa
 policy does (all local on a healthy node) the ratio is the rounds' noise, which here is 3-7 %
 between rounds of one policy.
 
+Issue 13's kernel fast path runs as two more variants, `rap-kernel` (Service web DNATed by
+node-1's iptables with RAP's telemetry weights) and `random-kernel` (uniform DNAT: kube-proxy's
+iptables mode). Its verdicts per cell: rap-kernel req/s >= 0.9x userspace rap's, and, with
+node-1 healthy and node-1's nearest peer >= 10 ms away one way, >= 5x round-robin's.
+
 Usage (root): `.venv/bin/python benchmarks/edge/run.py grid [--quick] [--rounds N] ...`
 """
 
@@ -30,7 +35,7 @@ from typing import Any
 
 from common import Point, cluster, header, rounds_of  # benchmarks/edge/common.py
 
-from rapproxy.demo.options import STATIC_POLICIES, DemoOptions
+from rapproxy.demo.options import BASE_DELAYS_MS, STATIC_POLICIES, DemoOptions
 from rapproxy.demo.progress import Progress
 from rapproxy.demo.report import PolicyRun
 from rapproxy.testing.edge.delays import DelayMatrix
@@ -43,6 +48,10 @@ TARGET_P99 = 1.1
 TARGET_OVERLOADED_VS_LOCAL = 1.3
 TARGET_HEALTHY_VS_LOCAL = 0.95
 LEVEL_VS_BEST = 0.98  # req/s this close to the best static policy's counts as level
+KERNEL = "rap-kernel"
+TARGET_KERNEL_VS_RAP = 0.9
+TARGET_KERNEL_VS_ROUND_ROBIN = 5.0
+KERNEL_VS_ROUND_ROBIN_FROM_MS = 10.0  # node-1's nearest peer at least this far, one way
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +110,34 @@ class CellResult:
             and (vs_best >= LEVEL_VS_BEST or within_spread)
         )
         return out
+
+    def node1_nearest_ms(self) -> float:
+        return min(ms for pair, ms in BASE_DELAYS_MS.items() if "node-1" in pair) * self.cell.scale
+
+    def kernel_verdicts(self) -> dict[str, Any] | None:
+        """Issue 13's targets for `rap-kernel` in this cell; None when it did not run here."""
+        kernel, rap, rr = self.of(KERNEL), self.of("rap"), self.of("round-robin")
+        if kernel is None:
+            return None
+        vs_rap = _ratio(kernel.rate, rap and rap.rate)
+        vs_rr = _ratio(kernel.rate, rr and rr.rate)
+        rr_applies = (
+            self.cell.state == HEALTHY
+            and self.node1_nearest_ms() >= KERNEL_VS_ROUND_ROBIN_FROM_MS - 1e-9
+        )
+        misses = []
+        if vs_rap is None or vs_rap < TARGET_KERNEL_VS_RAP:
+            misses.append("vs rap")
+        if rr_applies and (vs_rr is None or vs_rr < TARGET_KERNEL_VS_ROUND_ROBIN):
+            misses.append("vs round-robin")
+        return {
+            "kernel_vs_rap": vs_rap,
+            "kernel_p99_vs_rap": _ratio(kernel.run.p99_ms, rap and rap.run.p99_ms),
+            "kernel_vs_round_robin": vs_rr,
+            "round_robin_target_applies": rr_applies,
+            "misses": misses,
+            "met": not misses,
+        }
 
     def verdict(self) -> str:
         v = self.verdicts()
@@ -177,6 +214,13 @@ async def grid(
                 f"({verdict['best_static']}), p99 {fmt(verdict['rap_p99_vs_best'])}, "
                 f"{fmt(verdict['rap_vs_local_only'])} local-only: {result.verdict()}"
             )
+            kernel = result.kernel_verdicts()
+            if kernel is not None:
+                progress.say(
+                    f"  -> rap-kernel {fmt(kernel['kernel_vs_rap'])} of rap, "
+                    f"{fmt(kernel['kernel_vs_round_robin'])} round-robin: "
+                    + ("met" if kernel["met"] else "missed: " + ", ".join(kernel["misses"]))
+                )
             results.append(result)
         if STATES[state] is not None:
             await demo.relieve_node(STATES[state] or "")
@@ -219,6 +263,41 @@ def grid_markdown(
         f"that within {(1 - LEVEL_VS_BEST) * 100:.0f} % of the best static policy's or above "
         f"its slowest round): {level}; missed: {len(results) - met - level}.",
         "",
+    ]
+    kernel_rows = [(r, r.kernel_verdicts()) for r in results]
+    kernel_rows = [(r, k) for r, k in kernel_rows if k is not None]
+    if kernel_rows:
+        lines += [
+            "## Kernel fast path (issue 13)",
+            "",
+            f"`{KERNEL}`: Service web DNATed by node-1's iptables with RAP's telemetry weights; "
+            "`random-kernel`: uniform DNAT, kube-proxy's iptables mode. Targets: rap-kernel "
+            f">= {TARGET_KERNEL_VS_RAP}x userspace rap's req/s in every cell; >= "
+            f"{TARGET_KERNEL_VS_ROUND_ROBIN:g}x round-robin's with node-1 healthy and its nearest "
+            f"peer >= {KERNEL_VS_ROUND_ROBIN_FROM_MS:g} ms away (one way).",
+            "",
+            "| delay scale | node-1 nearest peer | connections | state | rap-kernel / rap req/s "
+            "| rap-kernel / rap p99 | rap-kernel / round-robin | verdict |",
+            "|---:|---:|---:|---|---:|---:|---:|---|",
+        ]
+        for result, k in kernel_rows:
+            c = result.cell
+            rr = fmt(k["kernel_vs_round_robin"]) + (
+                "" if k["round_robin_target_applies"] else " (-)"
+            )
+            verdict = "met" if k["met"] else "missed: " + ", ".join(k["misses"])
+            lines.append(
+                f"| {c.scale:g} | {result.node1_nearest_ms():g} ms | {c.connections} | {c.state} "
+                f"| {fmt(k['kernel_vs_rap'])} | {fmt(k['kernel_p99_vs_rap'])} | {rr} | {verdict} |"
+            )
+        met = sum(1 for _, k in kernel_rows if k["met"])
+        lines += [
+            "",
+            f"Cells meeting the kernel targets: {met} of {len(kernel_rows)}. (-): the round-robin "
+            "target does not apply to that cell.",
+            "",
+        ]
+    lines += [
         "## Every policy",
     ]
     lines += [
@@ -245,6 +324,7 @@ def grid_json(results: Sequence[CellResult]) -> list[dict[str, Any]]:
         {
             "cell": asdict(r.cell),
             "verdicts": r.verdicts(),
+            "kernel_verdicts": r.kernel_verdicts(),
             "points": [asdict(p) for p in r.points],
         }
         for r in results

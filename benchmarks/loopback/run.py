@@ -1,8 +1,10 @@
 """Loopback benchmark: rapproxy side by side with no proxy, HAProxy and a kernel DNAT rule.
 
 Issue 2 sets targets against HAProxy (one thread, TCP mode): keep-alive req/s ≥ 1.0x,
-connection-close req/s ≥ 0.8x, bulk MB/s ≥ 0.9x, proxy CPU per request ≤ 1.5x. This script
-measures all four paths in one run, in one fresh network namespace (see testbed.py), so the
+connection-close req/s ≥ 0.8x, bulk MB/s ≥ 0.9x, proxy CPU per request ≤ 1.5x. Issue 13 sets
+rapproxy's kernel mode (a Service DNATed by its own chains, kube-proxy's layout) against a
+plain DNAT rule: ≥ 0.9x in keep-alive, close and bulk. This script measures every path in one
+run, in one fresh network namespace (see testbed.py), so the
 ratios compare like with like on the same machine at the same time.
 
 Each round runs every test against every target, interleaved (keep-alive: direct, haproxy,
@@ -12,7 +14,7 @@ on one. Load comes from wrk (one thread, closed loop): it sends the next request
 previous one answered, so its percentiles under-report tail latency (coordinated omission).
 
 Usage (root): `make bench-loopback` or `.venv/bin/python benchmarks/loopback/run.py
-[--duration S] [--rounds N] [--quick] [--output DIR]`. Results go to
+[--duration S] [--rounds N] [--quick] [--targets a,b,...] [--output DIR]`. Results go to
 `benchmarks/loopback/results/loopback-<UTC date-time>.{md,json}`.
 """
 
@@ -75,6 +77,12 @@ GOALS = (
     ("keepalive", "cpu_ms_per_1k", 1.5, "max"),
     ("close", "cpu_ms_per_1k", 1.5, "max"),
 )
+# Issue 13: (test, metric, minimum kernel-mode/plain-DNAT ratio).
+KERNEL_GOALS = (
+    ("keepalive", "req_s", 0.9),
+    ("close", "req_s", 0.9),
+    ("bulk", "mb_s", 0.9),
+)
 
 
 def measure(bed: Testbed, target: Target, test: Test, duration: float) -> dict[str, Any]:
@@ -83,6 +91,7 @@ def measure(bed: Testbed, target: Target, test: Test, duration: float) -> dict[s
     proxy_cpu0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
     nginx_cpu0 = cpu_seconds(nginx_pid) if nginx_pid else 0.0
     dnat0 = bed.dnat_packets() if target.name == "dnat" else 0
+    kernel0 = bed.kernel_packets() if target.name == "kernel" else 0
     summary = bed.wrk(
         target.url + test.path, duration=duration, connections=test.connections, close=test.close
     )
@@ -123,6 +132,19 @@ def measure(bed: Testbed, target: Target, test: Test, duration: float) -> dict[s
                 f"DNAT counter moved by {result['dnat_new_connections']} during {test.name}: "
                 "traffic did not take the DNAT rule"
             )
+    if target.name == "kernel":
+        after = bed.kernel_packets()
+        # rapproxy's periodic full resync (every 30 s) rewrites its chains, which zeroes their
+        # counters; keep-alive connections all open in the first milliseconds, so a reset during
+        # the measurement leaves nothing to count. Then the proof is the proxy's CPU (no relay).
+        reset = after < kernel0
+        result["kernel_new_connections"] = None if reset else after - kernel0
+        result["kernel_counter_reset"] = reset
+        if not reset and after - kernel0 < test.connections:
+            raise TestbedError(
+                f"kernel-mode SEP counter moved by {after - kernel0} during "
+                f"{test.name}: traffic did not take the kernel path"
+            )
     return result
 
 
@@ -149,11 +171,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def paired_ratios(
-    raw: dict[str, dict[str, list[dict[str, Any]]]], test: str, key: str, base: str
+    raw: dict[str, dict[str, list[dict[str, Any]]]],
+    test: str,
+    key: str,
+    base: str,
+    subject: str = "rapproxy",
 ) -> list[float]:
-    """rapproxy/base for each round separately: the spread shows how much noise there was."""
+    """subject/base for each round separately: the spread shows how much noise there was."""
     out = []
-    for mine, theirs in zip(raw[test]["rapproxy"], raw[test].get(base, []), strict=False):
+    for mine, theirs in zip(raw[test].get(subject, []), raw[test].get(base, []), strict=False):
         r = ratio(mine.get(key), theirs.get(key))
         if r is not None:
             out.append(round(r, 3))
@@ -175,7 +201,9 @@ def verdicts(
         paired = paired_ratios(raw, test, key, "haproxy")
         r = statistics.median(paired) if paired else None
         ok = None if r is None else (r >= bound if kind == "min" else r <= bound)
-        of_medians = ratio(medians[test]["rapproxy"][key], medians[test]["haproxy"][key])
+        of_medians = ratio(
+            _median(medians, test, "rapproxy", key), _median(medians, test, "haproxy", key)
+        )
         vs_nat = paired_ratios(raw, test, key, "haproxy-nat")
         out.append(
             {
@@ -190,6 +218,38 @@ def verdicts(
             }
         )
     return out
+
+
+def kernel_verdicts(
+    medians: dict[str, dict[str, dict[str, float | None]]],
+    raw: dict[str, dict[str, list[dict[str, Any]]]],
+) -> list[dict[str, Any]]:
+    """Issue 13: kernel mode against plain DNAT, judged like `verdicts` (paired ratios)."""
+    out = []
+    for test, key, bound in KERNEL_GOALS:
+        paired = paired_ratios(raw, test, key, "dnat", subject="kernel")
+        r = statistics.median(paired) if paired else None
+        of_medians = ratio(
+            _median(medians, test, "kernel", key), _median(medians, test, "dnat", key)
+        )
+        out.append(
+            {
+                "test": test,
+                "metric": key,
+                "goal": f"≥ {bound}x plain DNAT",
+                "ratio": None if r is None else round(r, 3),
+                "ratio_of_medians": None if of_medians is None else round(of_medians, 3),
+                "per_round": paired,
+                "met": None if r is None else r >= bound,
+            }
+        )
+    return out
+
+
+def _median(
+    medians: dict[str, dict[str, dict[str, float | None]]], test: str, target: str, key: str
+) -> float | None:
+    return medians.get(test, {}).get(target, {}).get(key)
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -273,14 +333,29 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "## Kernel mode against plain DNAT (issue 13, same run)",
+        "",
+        "| test | metric | goal | kernel / DNAT (median of rounds) | per-round ratios "
+        "| ratio of medians | verdict |",
+        "|---|---|---|---:|---|---:|---|",
+    ]
+    for v in report.get("kernel_verdicts", []):
+        verdict = {True: "met", False: "**short**", None: "n/a"}[v["met"]]
+        lines.append(
+            f"| {v['test']} | {v['metric']} | {v['goal']} | {fmt(v['ratio'], 2)} | "
+            f"{', '.join(f'{r:.2f}' for r in v['per_round'])} | "
+            f"{fmt(v['ratio_of_medians'], 2)} | {verdict} |"
+        )
+    lines += [
+        "",
         "Against the direct path (ratios of medians):",
         "",
         "| test | metric | rapproxy / direct | haproxy / direct | haproxy-nat / direct "
-        "| dnat / direct |",
-        "|---|---|---:|---:|---:|---:|",
+        "| dnat / direct | kernel / direct |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, key in (("keepalive", "req_s"), ("close", "req_s"), ("bulk", "mb_s")):
-        direct = medians[name]["direct"][key]
+        direct = _median(medians, name, "direct", key)
         cells = [fmt(ratio(medians[name].get(t, {}).get(key), direct), 2) for t in TARGETS_NAMES]
         lines.append(f"| {name} | {key} | {' | '.join(cells)} |")
     lines += ["", "## Notes", ""]
@@ -289,7 +364,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-TARGETS_NAMES = ("rapproxy", "haproxy", "haproxy-nat", "dnat")
+TARGETS_NAMES = ("rapproxy", "haproxy", "haproxy-nat", "dnat", "kernel")
 
 
 def loadavg() -> str:
@@ -303,12 +378,17 @@ def finish(report: dict[str, Any]) -> None:
     medians = summarise(raw)
     report["medians"] = medians
     report["verdicts"] = verdicts(medians, raw)
+    report["kernel_verdicts"] = kernel_verdicts(medians, raw)
     report["paired_ratios"] = {
         base: {
             f"{test}.{key}": paired_ratios(raw, test, key, base)
             for test, key, _, _ in (*GOALS, ("bulk", "cpu_s_per_gb", 0, ""))
         }
         for base in ("haproxy", "haproxy-nat", "direct")
+    }
+    report["paired_ratios"]["kernel/dnat"] = {
+        f"{test}.{key}": paired_ratios(raw, test, key, "dnat", subject="kernel")
+        for test, key, _ in KERNEL_GOALS
     }
     report["notes"] = [
         f"{report['machine']['cpus']} CPUs, nothing pinned: wrk (1 thread), nginx (1 worker), the proxy "
@@ -323,6 +403,17 @@ def finish(report: dict[str, Any]) -> None:
         "bytes received by wrk / duration, 1 MB = 10^6 bytes.",
         "DNAT verified: nothing listens on its VIP, the body is nginx's, and the rule's packet "
         "counter grew by at least the connection count in every DNAT measurement.",
+        "kernel verified the same way: the kernel-mode Service's endpoint chain (RAPPROXY-SEP-*) "
+        "DNAT counter grew by at least the connection count in every measurement whose "
+        "counter was not reset meanwhile by rapproxy's periodic full resync "
+        f"({sum(1 for runs in report['raw'].values() for r in runs.get('kernel', []) if r.get('kernel_counter_reset'))} "
+        "were), so no connection took the proxy's fallback REDIRECT. Its path is kube-proxy's: OUTPUT → "
+        "RAPPROXY-SERVICES (rule per Service port) → RAPPROXY-SVC (statistic rules) → "
+        "RAPPROXY-SEP (hairpin mark check, DNAT), plus POSTROUTING → RAPPROXY-POSTROUTING (mark "
+        "check) — per new connection only; established packets skip nat entirely. The plain "
+        "DNAT rule sits in a chain of its own jumped to from OUTPUT; rapproxy's jump is "
+        "inserted first, so both paths cross RAPPROXY-SERVICES' few rules. Proxy CPU for "
+        "kernel is the daemon's own (telemetry, weight refresh), with no connection through it.",
         f"rapproxy alive at the end: {report['rapproxy_alive_at_end']}, RSS "
         f"{report['rapproxy_rss_mib_at_end']} MiB; warning/error log lines: "
         f"{len(report['rapproxy_log_problems'])}.",
@@ -335,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke check")
     parser.add_argument("--output", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--targets",
+        default=",".join(t.name for t in TARGETS),
+        help="comma-separated targets to measure (default: all); e.g. dnat,kernel",
+    )
     parser.add_argument(
         "--rerender",
         type=Path,
@@ -353,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         args.duration, args.rounds = 2.0, 1
     if args.duration <= 0 or args.rounds < 1:
         parser.error("--duration must be positive and --rounds at least 1")
+    chosen = [name.strip() for name in args.targets.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - {t.name for t in TARGETS})
+    if unknown or not chosen:
+        parser.error(f"--targets: unknown {unknown}; known {[t.name for t in TARGETS]}")
+    targets = [t for t in TARGETS if t.name in chosen]
     require_root_and_tools()
     install_signal_handlers()
 
@@ -367,22 +468,22 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_note(),
         "versions": versions(),
         "loadavg_before": loadavg(),
-        "targets": [{"name": t.name, "url": t.url, "note": t.note} for t in TARGETS],
+        "targets": [{"name": t.name, "url": t.url, "note": t.note} for t in targets],
         "tests": [{"name": t.name, "describe": t.describe} for t in TESTS],
     }
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {
-        test.name: {t.name: [] for t in TARGETS} for test in TESTS
+        test.name: {t.name: [] for t in targets} for test in TESTS
     }
     clock = time.monotonic()
     with Testbed() as bed:
         bed.start()
         print(f"testbed up in namespace {bed.name}; warming up", flush=True)
-        for target in TARGETS:
+        for target in targets:
             for test in TESTS:
                 measure(bed, target, test, 1.0)
         for round_number in range(1, args.rounds + 1):
             for test in TESTS:
-                for target in TARGETS:
+                for target in targets:
                     result = measure(bed, target, test, args.duration)
                     result["round"] = round_number
                     raw[test.name][target.name].append(result)

@@ -9,7 +9,11 @@ Both benchmarks in this directory (`run.py`, `churn.py`) stand on it. Inside ONE
   interception path rapproxy pays, so the two proxies can be compared like for like;
 - rapproxy, the real daemon started through its CLI, serving Service 10.96.0.10:80 → nginx (one
   endpoint, round-robin) via its own iptables REDIRECT to its listener on :15001;
-- a kernel DNAT rule (nat OUTPUT, in a chain of our own) from 10.96.0.30:80 to nginx.
+- a kernel DNAT rule (nat OUTPUT, in a chain of our own) from 10.96.0.30:80 to nginx: plain
+  DNAT, the floor any kernel path is judged against;
+- the same rapproxy serving a second Service, 10.96.0.50:80 → nginx, in kernel mode (annotation
+  `rapproxy.io/dataplane: kernel`, policy `rap`): its own DNAT chains, kube-proxy's layout, no
+  relay on the path (issue 13's fast path).
 
 `ip route add local 10.96.0.0/16 dev lo` makes the service addresses reachable inside the
 namespace (without it connect() fails before nat OUTPUT runs) and lets HAProxy bind 10.96.0.20.
@@ -51,6 +55,7 @@ HAPROXY_VIP = "10.96.0.20"
 DNAT_VIP = "10.96.0.30"
 HAPROXY_NAT_VIP = "10.96.0.40"
 HAPROXY_NAT_PORT = 15002
+KERNEL_VIP = "10.96.0.50"
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_PORT = 80
 BIG_BODY_BYTES = 10 * 1024 * 1024
@@ -99,6 +104,13 @@ TARGETS = (
         f"http://{DNAT_VIP}:{SERVICE_PORT}",
         None,
         "nat OUTPUT DNAT → nginx (kernel only)",
+    ),
+    Target(
+        "kernel",
+        f"http://{KERNEL_VIP}:{SERVICE_PORT}",
+        "rapproxy",  # not on the path: its CPU shows what the daemon costs meanwhile
+        "rapproxy kernel mode: ClusterIP → RAPPROXY-SERVICES → SVC (RAP weights) → SEP → DNAT "
+        "→ nginx (no relay)",
     ),
 )
 
@@ -260,6 +272,30 @@ endpoints:
   conditions: {{ready: true, serving: true, terminating: false}}
   nodeName: n1
 ports: [{{name: http, port: {backend_port}, protocol: TCP}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: bench-kernel
+  namespace: default
+  annotations: {{rapproxy.io/dataplane: kernel, rapproxy.io/lb-policy: rap}}
+spec:
+  type: ClusterIP
+  clusterIP: {kernel_vip}
+  ports: [{{name: http, port: {port}, targetPort: {backend_port}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: bench-kernel-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: bench-kernel}}
+addressType: IPv4
+endpoints:
+- addresses: [{ip}]
+  conditions: {{ready: true, serving: true, terminating: false}}
+  nodeName: n1
+ports: [{{name: http, port: {backend_port}, protocol: TCP}}]
 """
 
 
@@ -316,6 +352,7 @@ class Testbed:
             self.wait_for_ok(target.url + "/", target.name)
         if with_dnat:
             self.verify_dnat()
+        self.verify_kernel()
         self.verify_big_body()
 
     def close(self) -> None:
@@ -371,7 +408,11 @@ class Testbed:
         )
         (self.dir / "objects.yaml").write_text(
             _OBJECTS.format(
-                vip=RAPPROXY_VIP, port=SERVICE_PORT, ip=BACKEND_IP, backend_port=BACKEND_PORT
+                vip=RAPPROXY_VIP,
+                kernel_vip=KERNEL_VIP,
+                port=SERVICE_PORT,
+                ip=BACKEND_IP,
+                backend_port=BACKEND_PORT,
             )
         )
         (self.dir / "summary.lua").write_text(WRK_SUMMARY_LUA)
@@ -508,6 +549,37 @@ class Testbed:
         if body != "ok\n" or after != before + 1:
             raise TestbedError(
                 f"DNAT path not verified: body {body!r}, rule counter {before} → {after}"
+            )
+
+    def kernel_packets(self) -> int:
+        """Connections the kernel-mode Service's endpoint chain DNATed (first packets, as above).
+
+        Found by its DNAT target in rapproxy's own chains: rapproxy names them by hash.
+        """
+        out = self.check(["iptables-save", "-c", "-t", "nat"])
+        for line in out.splitlines():
+            if line.startswith("[") and "-A RAPPROXY-SEP-" in line and "-j DNAT" in line:
+                packets = line[1:].split(":", 1)[0]
+                return int(packets)
+        raise TestbedError(f"no RAPPROXY-SEP DNAT rule for the kernel-mode Service:\n{out}")
+
+    def verify_kernel(self) -> None:
+        """Prove the kernel-mode Service is served by its DNAT rules, not by the proxy's fallback
+        REDIRECT (which would answer "ok" too): the endpoint chain's counter must move."""
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                before = self.kernel_packets()
+                break
+            except TestbedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        body = self.get(f"http://{KERNEL_VIP}:{SERVICE_PORT}/")
+        after = self.kernel_packets()
+        if body != "ok\n" or after != before + 1:
+            raise TestbedError(
+                f"kernel path not verified: body {body!r}, SEP counter {before} → {after}"
             )
 
     def wrk(

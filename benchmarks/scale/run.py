@@ -19,6 +19,22 @@ network namespace with real iptables (whatever backend the host uses; nft here):
   endpoint-only change rewrote rules (it must not) and which changes overlapped a periodic resync;
 * **memory**: the daemon's VmRSS sampled every 100 ms, and VmHWM (its peak) at the end.
 
+`--kernel` (issue 13) runs every Service in kernel mode (`dataplane.mode: kernel`, policy `rap`):
+each Service's three first endpoints are on this node, the other two on `node-b`, and the node's
+load comes from a file (`rap.loadSource: file:`). During the change phase the benchmark also
+flips that file between overloaded (CPU 0.95) and idle (0.1) — each onset of overload moves
+every Service's weights (local endpoints 1/3 → 0.7/3 each, remote 0 → 0.15) — and times, from
+the file write, the transaction that writes them (`nft monitor`: the first burst of rule events
+on RAPPROXY-SVC chains alone after it), while the endpoint changes keep being measured as above
+(on the local endpoints, which keep a share the probe can see).
+
+`--legacy` makes the namespace look like a node whose kubelet uses iptables-legacy (its hint
+chain `KUBE-IPTABLES-HINT`), so the daemon writes through iptables-legacy-restore: on this host
+iptables-nft-restore grows superlinearly with the number of chains (kube-proxy's layout has six
+per Service here: 1,000 Services' full write 2.7 s, 2,000 16 s), and kernel mode at 10k never
+finished its first write. `nft monitor` sees nothing of legacy tables, so there the weight write
+is timed by polling Service 0's weighted chain (`iptables -S`, every 0.5 s) until it changes.
+
 Every endpoint is live: `10.244.0.0/14` is a local route in the namespace and one backend
 process listens on 0.0.0.0:8080, answering each connection with the address it was reached at
 (i.e. the endpoint the relay chose). The probe runs in a worker process inside the namespace.
@@ -54,6 +70,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rapproxy.model.service import ServicePortName
+from rapproxy.rules.kernel import service_chain
 from rapproxy.testing import probes
 from rapproxy.testing.apiserver import EmulatedApiServer
 from rapproxy.testing.apiserver.resources import ENDPOINT_SLICES, SERVICES
@@ -85,6 +103,11 @@ def service_name(index: int) -> str:
     return f"svc-{index:05d}"
 
 
+def svc0_name() -> ServicePortName:
+    """Service 0's port as the daemon names it (its weighted chain's name is hashed from it)."""
+    return ServicePortName("default", service_name(0), "http")
+
+
 def service(index: int) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -97,11 +120,22 @@ def service(index: int) -> dict[str, Any]:
     }
 
 
-def endpoints(ips: list[str]) -> list[dict[str, Any]]:
-    return [{"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node"} for ip in ips]
+LOCAL_SLOTS = 3  # --kernel: endpoints 0-2 on this node, the rest on REMOTE_NODE
+REMOTE_NODE = "node-b"
 
 
-def endpoint_slice(index: int, per_service: int) -> dict[str, Any]:
+def endpoints(ips: list[str], local_slots: int | None = None) -> list[dict[str, Any]]:
+    return [
+        {
+            "addresses": [ip],
+            "conditions": {"ready": True},
+            "nodeName": "node" if local_slots is None or slot < local_slots else REMOTE_NODE,
+        }
+        for slot, ip in enumerate(ips)
+    ]
+
+
+def endpoint_slice(index: int, per_service: int, local_slots: int | None = None) -> dict[str, Any]:
     name = service_name(index)
     return {
         "apiVersion": "discovery.k8s.io/v1",
@@ -113,15 +147,21 @@ def endpoint_slice(index: int, per_service: int) -> dict[str, Any]:
         },
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
-        "endpoints": endpoints([endpoint_ip(index, s, per_service) for s in range(per_service)]),
+        "endpoints": endpoints(
+            [endpoint_ip(index, s, per_service) for s in range(per_service)], local_slots
+        ),
     }
 
 
-def create_all(api: EmulatedApiServer, count: int, per_service: int) -> float:
+def create_all(
+    api: EmulatedApiServer, count: int, per_service: int, local_slots: int | None = None
+) -> float:
     """Write every Service and its slice through the registry (validated, defaulted)."""
     started = time.monotonic()
     for index in range(count):
-        api.registry.create(ENDPOINT_SLICES, "default", endpoint_slice(index, per_service))
+        api.registry.create(
+            ENDPOINT_SLICES, "default", endpoint_slice(index, per_service, local_slots)
+        )
         api.registry.create(SERVICES, "default", service(index))
     return time.monotonic() - started
 
@@ -251,6 +291,11 @@ class Result:
     steady_rss_mib: float = 0.0
     iptables_rules: int = 0
     metrics_after: dict[str, Any] = field(default_factory=dict)
+    # --kernel: per onset of overload, seconds from the load file's write to the weight write's
+    # first rule event, and that write's rule events; writes seen in all; unmatched onsets.
+    weight_writes: list[dict[str, Any]] = field(default_factory=list)
+    weight_bursts: int = 0
+    weight_notes: list[str] = field(default_factory=list)
     profile: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -266,9 +311,23 @@ class Bench:
         self.rss: list[tuple[float, float]] = []
         self._sampler: asyncio.Task[None] | None = None
         self.profile_path: Path | None = None  # set: the next daemon runs under cProfile
+        self.load_file = kubeconfig.parent / "node-load.json"  # --kernel: the node's load
+        self.set_load(0.1)
+
+    def set_load(self, cpu: float) -> float:
+        """Write the node's load figure (whole, by rename); returns when (monotonic)."""
+        partial = self.load_file.with_suffix(".tmp")
+        partial.write_text(json.dumps({"cpu": cpu, "memory": 0.2}))
+        partial.replace(self.load_file)
+        return time.monotonic()
 
     def flags(self) -> list[str]:
-        flags = ["--node-name", "node", "--lb-policy", "round-robin"]
+        if self.args.kernel:
+            flags = ["--node-name", "node", "--lb-policy", "rap"]
+            flags += ["--set", "dataplane.mode=kernel"]
+            flags += ["--set", f"rap.loadSource=file:{self.load_file}"]
+        else:
+            flags = ["--node-name", "node", "--lb-policy", "round-robin"]
         for setting in self.args.set:
             flags += ["--set", setting]
         return flags
@@ -327,17 +386,25 @@ class Bench:
         return await self.node.call(served, [cluster_ip(0), cluster_ip(count - 1)], 80)
 
     async def until(self, check: Callable[[], Awaitable[bool]], within: float = SETTLE) -> float:
-        """Monotonic time at which `check()` first held."""
+        """Monotonic time at which `check()` first held.
+
+        --kernel polls every 0.25 s instead of 0.01 s: each check scrapes /metrics, which in
+        kernel mode carries a weight per endpoint (50,000 series here), and scraping that
+        continuously would be most of what the daemon does while it starts."""
         deadline = time.monotonic() + within
+        pause = 0.25 if self.args.kernel else 0.01
         while time.monotonic() < deadline:
             if await check():
                 return time.monotonic()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(pause)
         raise TimeoutError(f"not applied within {within}s")
 
 
 async def rule_monitor(node: Namespace, events: list[tuple[float, str]]) -> None:
-    """Timestamp every nft event on RAPPROXY chains (a rewrite shows as a burst of them)."""
+    """Timestamp every nft event on RAPPROXY chains (a rewrite shows as a burst of them).
+
+    nft prints a transaction's events once it is committed: the first one is when the rules
+    took effect."""
     process = await node.spawn(
         ["nft", "monitor", "rules"],
         stdout=asyncio.subprocess.PIPE,
@@ -355,15 +422,60 @@ async def rule_monitor(node: Namespace, events: list[tuple[float, str]]) -> None
 
 
 def bursts(events: list[tuple[float, str]], gap: float = 1.0) -> list[dict[str, Any]]:
-    """Group rule events into rewrites: (start, end, how many rule lines)."""
+    """Group rule events into rewrites: (start, end, how many rule lines, whether any touched a
+    chain other than RAPPROXY-SVC-*: a weight write touches those alone)."""
     groups: list[dict[str, Any]] = []
-    for at, _line in events:
+    for at, line in events:
+        only_svc = "RAPPROXY-SVC-" in line and "RAPPROXY-SERVICES" not in line
         if groups and at - groups[-1]["end"] <= gap:
             groups[-1]["end"] = at
             groups[-1]["events"] += 1
+            groups[-1]["svc_only"] = groups[-1]["svc_only"] and only_svc
         else:
-            groups.append({"start": at, "end": at, "events": 1})
+            groups.append({"start": at, "end": at, "events": 1, "svc_only": only_svc})
     return groups
+
+
+async def chain_text(node: Namespace, tool: str, chain: str) -> str:
+    done = await node.exec([tool, "-w", "-t", "nat", "-S", chain], check=False)
+    return done.stdout
+
+
+async def time_weight_writes(
+    node: Namespace, tool: str, chain: str, onsets: list[float], seen: list[tuple[float, float]]
+) -> None:
+    """--legacy: for each onset, when Service 0's weighted chain first changed after it (the
+    recovery writes between onsets change it too; only the first change after an onset counts)."""
+    matched = 0
+    last = await chain_text(node, tool, chain)
+    while True:
+        # Every legacy command reads the whole table under the xtables lock the daemon's writes
+        # wait for: polled every 50 ms it held the daemon up (results/...-kernel-legacy-stopped).
+        await asyncio.sleep(0.5)
+        text = await chain_text(node, tool, chain)
+        if not text or text == last:
+            continue
+        changed = time.monotonic()
+        last = text
+        waiting = [onset for onset in onsets[matched:] if onset <= changed]
+        if waiting:
+            seen.append((waiting[-1], changed))
+            matched += len(waiting)
+
+
+async def flip_load(
+    bench: Bench, onsets: list[float], stop: asyncio.Event, high: float, low: float
+) -> None:
+    """--kernel: overload the node for `high` s, then let it recover for `low` s, until stopped;
+    records when each overload was written. Recovery takes ~5 telemetry samples (+0.1 each)
+    before the local share is back at 1, so every onset moves every Service's weights."""
+    while not stop.is_set():
+        onsets.append(bench.set_load(0.95))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), high)
+        bench.set_load(0.1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), low)
 
 
 async def measure(args: Any, workdir: Path) -> Result:
@@ -376,6 +488,8 @@ async def measure(args: Any, workdir: Path) -> Result:
             [sys.executable, str(HERE), "--serve-addresses", str(BACKEND_PORT)],
             stdout=asyncio.subprocess.DEVNULL,
         )
+        if args.legacy:
+            await node.exec(["iptables-legacy", "-w", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
         api = EmulatedApiServer(socket_factory=node.socket, bookmark_interval=5.0)
         await api.start()
         try:
@@ -387,7 +501,8 @@ async def measure(args: Any, workdir: Path) -> Result:
             # 1. Daemon running on an empty API; then every object is written.
             await bench.start_daemon(log_path)
             await node.call(probes.wait_http, "http://127.0.0.1:10256/livez", 30.0)
-            result.warm_create_seconds = create_all(api, args.services, args.endpoints)
+            local_slots = LOCAL_SLOTS if args.kernel else None
+            result.warm_create_seconds = create_all(api, args.services, args.endpoints, local_slots)
             written = time.monotonic()
             result.warm_first_sync = await bench.until(lambda: bench.applied(args.services))
             result.warm_first_sync -= written
@@ -410,20 +525,46 @@ async def measure(args: Any, workdir: Path) -> Result:
             )
             result.cold_listed_rss_mib = proc_status(bench.daemon_pid()).get("VmRSS", 0) / 1024
             progress(f"cold first sync {result.cold_first_sync:.2f}s")
-            saved = await node.exec(["iptables-save", "-t", "nat"])
+            save = "iptables-legacy-save" if args.legacy else "iptables-save"
+            saved = await node.exec([save, "-t", "nat"])
             result.iptables_rules = saved.stdout.count("-A RAPPROXY-SERVICES")
+            if args.kernel:
+                result.notes.append(
+                    f"kernel mode: {saved.stdout.count(chr(10) + ':RAPPROXY-')} RAPPROXY chains, "
+                    f"{saved.stdout.count(chr(10) + '-A RAPPROXY-')} rules after the cold start"
+                )
 
             # 3. Endpoint changes, each measured from the registry write to a real connection
             #    being served by the new endpoint.
             events: list[tuple[float, str]] = []
             monitor = asyncio.create_task(rule_monitor(node, events))
+            polled: list[tuple[float, float]] = []
+            onsets: list[float] = []
+            poller = (
+                asyncio.create_task(
+                    time_weight_writes(
+                        node, "iptables-legacy", service_chain(svc0_name(), "SVC"), onsets, polled
+                    )
+                )
+                if args.kernel and args.legacy
+                else None
+            )
             await asyncio.sleep(0.5)  # let nft monitor subscribe before the first change
             rng = random.Random(3)
             phase_start = time.monotonic()
             windows: list[tuple[float, float]] = []
+            stop_flipping = asyncio.Event()
+            flipper = (
+                asyncio.create_task(
+                    flip_load(bench, onsets, stop_flipping, args.overload_s, args.recover_s)
+                )
+                if args.kernel
+                else None
+            )
             for number in range(args.changes):
                 index = rng.randrange(args.services)
-                slot = rng.randrange(args.endpoints)
+                # kernel: a local endpoint, which keeps a share whatever the load
+                slot = rng.randrange(LOCAL_SLOTS if args.kernel else args.endpoints)
                 new_ip = str(ipaddress.ip_address(CHANGED_ENDPOINT + number))
                 await asyncio.sleep(args.spacing)
                 probe = asyncio.create_task(
@@ -454,10 +595,51 @@ async def measure(args: Any, workdir: Path) -> Result:
                         "attempts": attempts,
                     }
                 )
+            if flipper is not None:
+                stop_flipping.set()
+                await flipper
+                bench.set_load(0.1)
+                await asyncio.sleep(3.0)  # the last onset's write
             await asyncio.sleep(0.5)
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+                for onset, changed in polled:
+                    result.weight_writes.append(
+                        {
+                            "at": onset - phase_start,
+                            "seconds": changed - onset,
+                            "rule_events": 0,
+                            "events_seconds": 0.0,
+                        }
+                    )
+                result.weight_notes.append(
+                    "iptables-legacy: timed by polling Service 0's weighted chain every 0.5 s "
+                    f"(each poll a legacy table read); {len(onsets)} onsets, {len(polled)} seen"
+                )
+            elif args.kernel:
+                weight_bursts = [b for b in bursts(events, gap=0.2) if b["svc_only"]]
+                result.weight_bursts = len(weight_bursts)
+                for onset in onsets:
+                    after = [b for b in weight_bursts if b["start"] >= onset]
+                    if not after:
+                        result.weight_notes.append(
+                            f"onset at +{onset - phase_start:.1f} s: no write"
+                        )
+                        continue
+                    first = after[0]
+                    result.weight_writes.append(
+                        {
+                            "at": onset - phase_start,
+                            "seconds": first["start"] - onset,
+                            "rule_events": first["events"],
+                            "events_seconds": first["end"] - first["start"],
+                        }
+                    )
             for burst in bursts(events):
                 overlapping = [
                     i
@@ -480,6 +662,10 @@ async def measure(args: Any, workdir: Path) -> Result:
                     text, "rapproxy_network_programming_duration_seconds"
                 ),
                 "sync_failures": metric(text, "rapproxy_sync_proxy_rules_failures_total"),
+                "kernel_weight_writes": metric(text, "rapproxy_kernel_weight_writes_total"),
+                "kernel_weight_write_duration": histogram(
+                    text, "rapproxy_kernel_weight_write_duration_seconds"
+                ),
             }
             result.steady_rss_mib = proc_status(bench.daemon_pid()).get("VmRSS", 0) / 1024
             status = await bench.stop_daemon()
@@ -572,6 +758,42 @@ def render(result: Result, meta: dict[str, Any]) -> str:
             f"{write['seconds'] * 1000:.0f} ms; overlapping change windows: "
             f"{write['during_changes'] or 'none'}"
         )
+    if result.weight_writes or result.weight_notes:
+        seconds = [w["seconds"] for w in result.weight_writes]
+        lines += [
+            "",
+            "## Kernel mode: weight writes after a telemetry change (issue 13)",
+            "",
+            f"{len(result.weight_writes)} onsets of overload, each moving every Service's "
+            "weights; from the load file's write to the first rule event of the weight write "
+            "(a transaction touching RAPPROXY-SVC chains alone) seen by `nft monitor`. This "
+            "includes waiting for the next telemetry sample (`rap.telemetryInterval`, 1 s) and "
+            "for the next weight period (`dataplane.weightPeriod`, 1 s), then computing and "
+            f"writing. {result.weight_bursts} weight writes were seen in all.",
+            "",
+        ]
+        if seconds:
+            lines += [
+                f"- file write → weights in force: p50 {percentile(seconds, 50):.2f} s, p99 "
+                f"{percentile(seconds, 99):.2f} s, worst {max(seconds):.2f} s "
+                f"(target ≤ 1 s p99: {verdict(percentile(seconds, 99), 1.0)})",
+                "- each: "
+                + ", ".join(
+                    f"+{w['at']:.0f} s: {w['seconds']:.2f} s ({w['rule_events']} events)"
+                    for w in result.weight_writes
+                ),
+            ]
+        duration = result.metrics_after.get("kernel_weight_write_duration") or {}
+        if duration.get("count"):
+            lines.append(
+                f"- the daemon's own `rapproxy_kernel_weight_write_duration_seconds` (compute, "
+                f"render, iptables-restore): {int(duration['count'])} writes, mean "
+                f"{duration['sum'] / duration['count']:.2f} s; buckets "
+                + ", ".join(
+                    f"≤{k[3:]}: {int(v)}" for k, v in duration.items() if k.startswith("le_")
+                )
+            )
+        lines += [f"- {note}" for note in result.weight_notes]
     slow = sorted(result.changes, key=lambda c: -c["seconds"])[:5]
     lines += [
         "",
@@ -656,6 +878,18 @@ def main() -> int:
     )
     parser.add_argument("--output", type=Path, default=HERE.parent / "results")
     parser.add_argument("--label", default="", help="names the result files (e.g. a variant)")
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="every Service in kernel mode; flip the node's load to time weight writes",
+    )
+    parser.add_argument(
+        "--legacy",
+        action="store_true",
+        help="the namespace's kubelet hint says iptables-legacy: the daemon writes there",
+    )
+    parser.add_argument("--overload-s", type=float, default=1.5, help="--kernel: overloaded for")
+    parser.add_argument("--recover-s", type=float, default=7.0, help="--kernel: then idle for")
     parser.add_argument("--serve-addresses", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_addresses:

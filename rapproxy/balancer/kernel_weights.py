@@ -20,6 +20,12 @@ in kernel mode; the connections never reach userspace. That is the price of the 
 why it is per Service and not the default.
 
 Pure: the caller passes candidates, a telemetry snapshot and the time.
+
+At ten thousand Services the shares cannot be computed Service by Service every period (about
+0.2 ms each, two seconds of the event loop per period). They do not need to be: they depend on
+the telemetry and on which node each candidate is on, nothing else. `layout_of` names that
+shape; Services of one layout share one computation (`relabel` puts it on their endpoints), and
+whether their weights moved is judged once per layout (`shares_moved`).
 """
 
 from __future__ import annotations
@@ -100,6 +106,34 @@ def uniform_weights(candidates: Sequence[Endpoint], reason: str) -> KernelWeight
         return KernelWeights((), "no endpoints", 0.0)
     even = 1.0 / len(candidates)
     return KernelWeights(tuple(_share(e, even) for e in candidates), reason, 1.0)
+
+
+Layout = tuple[str | None, ...]
+
+
+def layout_of(candidates: Sequence[Endpoint]) -> Layout:
+    """The node of each candidate, in order: all `kernel_weights` looks at besides telemetry."""
+    return tuple(endpoint.node_name for endpoint in candidates)
+
+
+def relabel(weights: KernelWeights, candidates: Sequence[Endpoint]) -> KernelWeights:
+    """`weights`, computed for another candidate list of the same layout, for `candidates`."""
+    if len(weights.shares) != len(candidates):
+        raise ValueError(f"{len(weights.shares)} shares for {len(candidates)} candidates")
+    return KernelWeights(
+        tuple(_share(e, s.share) for e, s in zip(candidates, weights.shares, strict=True)),
+        weights.decision,
+        weights.local_share,
+    )
+
+
+def shares_moved(old: KernelWeights | None, new: KernelWeights, threshold: float) -> bool:
+    """`weights_moved` for two weights of one layout, by position (endpoints not compared)."""
+    if old is None or len(old.shares) != len(new.shares):
+        return True
+    return any(
+        abs(a.share - b.share) > threshold for a, b in zip(old.shares, new.shares, strict=True)
+    )
 
 
 def weights_moved(old: KernelWeights | None, new: KernelWeights, threshold: float) -> bool:

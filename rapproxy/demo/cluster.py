@@ -33,15 +33,16 @@ from types import TracebackType
 from typing import Any
 
 from rapproxy.bps.testbed import crd_manifest
-from rapproxy.demo.options import DemoOptions
+from rapproxy.demo.options import DemoOptions, policy_and_dataplane
 from rapproxy.demo.probes import debug_state, serving_names
 from rapproxy.model.bps import LABEL_BPS, LABEL_ROLE, Role
-from rapproxy.model.service import ANNOTATION_LB_POLICY
+from rapproxy.model.service import ANNOTATION_DATAPLANE, ANNOTATION_LB_POLICY
 from rapproxy.testing.apiserver import DeleteOptions, EmulatedApiServer
 from rapproxy.testing.apiserver.resources import CRDS, PODS, SERVICES
 from rapproxy.testing.edge.cluster import EdgeCluster, EdgeNode
 from rapproxy.testing.edge.delays import DelayMatrix
 from rapproxy.testing.edge.runtime import ProcessPodHandle
+from rapproxy.testing.edge.wan import POD_SUPERNET
 from rapproxy.testing.probes import wait_http
 
 JsonObject = dict[str, Any]
@@ -166,6 +167,12 @@ class DemoCluster:
                     f"rap.loadSource={self._load_source(node)}",
                     "--set",
                     f"rap.tokenFile={token}",
+                    # Kernel mode (the `-kernel` policies): a node reaches ClusterIPs through a
+                    # local route, so its own connections leave with a loopback-scoped source
+                    # that a remote pod cannot answer; SNAT what does not come from a pod, as
+                    # kube-proxy does with its clusterCIDR. Userspace mode ignores it.
+                    "--set",
+                    f"dataplane.clusterCidrs=[{POD_SUPERNET}]",
                     *(
                         arg
                         for setting in self.options.daemon_settings
@@ -277,26 +284,56 @@ class DemoCluster:
             await asyncio.sleep(0.3)
 
     async def set_policy(self, policy: str, within: float = 15.0) -> None:
-        """Annotate Service web with `policy` and wait until node-1's rapproxy applies it."""
+        """Annotate Service web with `policy` and wait until node-1's rapproxy applies it.
+
+        A `-kernel` policy also moves web to the kernel fast path (and any other back to the
+        relay); applied means node-1's rules for web are written in that mode.
+        """
         api = self.require_api()
-        patch = {"metadata": {"annotations": {ANNOTATION_LB_POLICY: policy}}}
+        lb_policy, dataplane = policy_and_dataplane(policy)
+        annotations = {ANNOTATION_LB_POLICY: lb_policy, ANNOTATION_DATAPLANE: dataplane}
+        patch = {"metadata": {"annotations": annotations}}
         api.registry.patch(
             SERVICES, "default", "web", "application/merge-patch+json", json.dumps(patch).encode()
         )
         deadline = time.monotonic() + within
-        while (await self.balancer_state()).get("policy") != policy:
+        while True:
+            state = await self.balancer_state()
+            kernel = state.get("kernel")
+            in_kernel = bool(kernel and kernel.get("written"))
+            if state.get("policy") == lb_policy and in_kernel == (dataplane == "kernel"):
+                return
             if time.monotonic() > deadline:
                 raise DemoSetupError(f"node-1's rapproxy did not apply policy {policy!r}")
             await asyncio.sleep(0.1)
 
     async def balancer_state(self) -> JsonObject:
-        """Node-1's balancer view of Service web plus its selection counters."""
+        """Node-1's balancer view of Service web plus its selection counters, and its kernel
+        mode state (`kernel`: None while web is relayed)."""
         node1 = self.require_edge().node("node-1")
         state = await node1.call(debug_state, "http://127.0.0.1:10249/debug/state")
         balancer = find_balancer(state) or {}
         services = balancer.get("services") or {}
         web: JsonObject = next((v for k, v in services.items() if "default/web" in k), {})
-        return {**web, "selections": balancer.get("selections") or {}}
+        kernel = balancer.get("kernel") or {}
+        web_kernel = next((v for k, v in kernel.items() if "default/web" in k), None)
+        return {**web, "selections": balancer.get("selections") or {}, "kernel": web_kernel}
+
+    async def kernel_connections(self) -> dict[str, int]:
+        """New connections node-1's kernel DNATed to each endpoint IP (its RAPPROXY-SEP rules'
+        packet counters: nat sees only a connection's first packet). Counters restart when
+        rapproxy rewrites an endpoint chain (a periodic full resync, an endpoint change)."""
+        node1 = self.require_edge().node("node-1")
+        saved = await node1.namespace.exec(["iptables-save", "-c", "-t", "nat"])
+        counts: dict[str, int] = {}
+        for line in saved.stdout.splitlines():
+            if not line.startswith("[") or "-A RAPPROXY-SEP-" not in line or "DNAT" not in line:
+                continue
+            packets = int(line[1:].split(":", 1)[0])
+            destination = line.rsplit("--to-destination ", 1)[-1].split()[0]
+            ip = destination.rsplit(":", 1)[0]
+            counts[ip] = counts.get(ip, 0) + packets
+        return counts
 
     # -- overload and failure -------------------------------------------------------------------
 

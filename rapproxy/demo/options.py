@@ -16,8 +16,13 @@ from pathlib import Path
 BASE_DELAYS_MS = {("node-1", "node-2"): 4.0, ("node-1", "node-3"): 8.0, ("node-2", "node-3"): 3.0}
 STATIC_POLICIES = ("round-robin", "random", "least-conn", "local-only")
 RAP_VARIANTS = ("rap-aimd", "rap-switch")  # the utilization-based RAP, for side-by-side runs
+# The kernel fast path (issue 13): Service web DNATed by node-1's iptables, not relayed.
+# `rap-kernel` draws with RAP's telemetry weights; `random-kernel` uniformly, which is what
+# kube-proxy's iptables mode does.
+KERNEL_SUFFIX = "-kernel"
+KERNEL_VARIANTS = ("rap-kernel", "random-kernel")
 POLICIES = ("rap", *STATIC_POLICIES)  # what the demo compares unless told otherwise
-KNOWN_POLICIES = ("rap", *RAP_VARIANTS, *STATIC_POLICIES)
+KNOWN_POLICIES = ("rap", *RAP_VARIANTS, *KERNEL_VARIANTS, *STATIC_POLICIES)
 
 
 class DemoOptionError(ValueError):
@@ -41,6 +46,16 @@ class DemoOptions:
 
     def delays_ms(self) -> dict[tuple[str, str], float]:
         return {pair: ms * self.delay_scale for pair, ms in BASE_DELAYS_MS.items()}
+
+
+def policy_and_dataplane(policy: str) -> tuple[str, str]:
+    """A demo policy name as the Service's two annotations: (lb-policy, dataplane).
+
+    `rap-kernel` is (`rap`, `kernel`); every other name is itself in the userspace relay.
+    """
+    if policy.endswith(KERNEL_SUFFIX):
+        return policy.removesuffix(KERNEL_SUFFIX), "kernel"
+    return policy, "userspace"
 
 
 def add_daemon_settings_argument(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -156,6 +157,7 @@ async def measure(
     await demo.set_policy(policy)
     node1 = demo.require_edge().node("node-1")
     before = (await demo.balancer_state())["selections"]
+    kernel_before = await demo.kernel_connections()
     argv = wrk_argv(
         SERVICE_URL, lua, duration=options.duration, connections=options.connections, close=True
     )
@@ -170,9 +172,13 @@ async def measure(
             f"wrk ({policy}) did not finish within {options.duration + 30:g} s"
         ) from None
     after = (await demo.balancer_state())["selections"]
+    kernel_after = await demo.kernel_connections()
     result = parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
     chosen = {k: int(after.get(k, 0)) - int(before.get(k, 0)) for k in after}
     total = sum(chosen.values())
+    if total == 0 and kernel_after:  # kernel mode: the relay chose nothing, the rules did
+        chosen = kernel_placement(kernel_before, kernel_after, node1.pod_cidr)
+        total = sum(chosen.values())
     return PolicyRun(
         phase=phase,
         policy=policy,
@@ -183,6 +189,24 @@ async def measure(
         p99_ms=result.p99_ms,
         local_share=chosen.get("local", 0) / total if total > 0 else None,
     )
+
+
+def kernel_placement(
+    before: dict[str, int], after: dict[str, int], local_cidr: str
+) -> dict[str, int]:
+    """Connections DNATed between two counter readings, as {"local": n, "remote": m}.
+
+    A counter that went down was reset by a rules rewrite in between: what it counted since is
+    all that is known of it (an undercount, for that endpoint only).
+    """
+    network = ipaddress.ip_network(local_cidr)
+    placed = {"local": 0, "remote": 0}
+    for ip, count in after.items():
+        moved = count - before.get(ip, 0)
+        if moved < 0:
+            moved = count
+        placed["local" if ipaddress.ip_address(ip) in network else "remote"] += moved
+    return placed
 
 
 FAILOVER_RATE = 200.0

@@ -182,6 +182,13 @@ class ProxyMetrics:
             "Kernel mode: transactions that rewrote only the weighted chains of moved Services.",
             registry=r,
         )
+        self.kernel_weight_write_duration = Histogram(
+            "rapproxy_kernel_weight_write_duration_seconds",
+            "Kernel mode: a weight period that wrote, from reading telemetry to the rules "
+            "being in force (compute, render, iptables-restore).",
+            buckets=PROGRAMMING_BUCKETS,
+            registry=r,
+        )
 
     def watch_live(
         self,

@@ -16,7 +16,8 @@ transaction. `cleanup` removes everything, including what older versions left.
 Kernel-mode Services ride along in the same transaction. The runner remembers which kernel chains
 it wrote, so the next sync deletes the ones no longer wanted without reading the table, and
 whether POSTROUTING's jump is in place: a sync that needs it added or removed reads the table
-and repairs, whatever the caller asked. `update_weights` rewrites only weighted chains.
+and repairs, whatever the caller asked. `update_weights` rewrites only weighted chains, and
+`update_kernel` only the chains of Services whose endpoints changed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 from collections.abc import Sequence
 
 from rapproxy.rules.backend import IptablesTools
-from rapproxy.rules.kernel import KernelTarget, render_weight_update
+from rapproxy.rules.kernel import KernelTarget, render_kernel_update, render_weight_update
 from rapproxy.rules.render import (
     Family,
     RedirectTarget,
@@ -156,11 +157,31 @@ class IptablesRunner:
         One transaction; each chain is flushed and refilled inside it, so no Service is ever
         without a path. Returns whether iptables-restore ran.
         """
-        text = render_weight_update(kernel, config.kernel, self.family)
+        # 10k chains render in about a second of pure Python: off the event loop, as `sync`.
+        text = await asyncio.to_thread(render_weight_update, kernel, config.kernel, self.family)
         if not text:
             return False
         self._last_rules = None  # the kernel no longer holds what the last sync wrote
         await self.restore(text)
+        return True
+
+    async def update_kernel(
+        self, changes: Sequence[tuple[KernelTarget, KernelTarget]], config: RuleConfig
+    ) -> bool:
+        """Rewrite only the chains of kernel-mode Services whose entry rules stay the same.
+
+        `changes` are (written, wanted) pairs. One transaction; raises `KernelRenderError`
+        (nothing written) when an entry rule would change. Returns whether iptables-restore ran.
+        """
+        update = await asyncio.to_thread(render_kernel_update, changes, config.kernel, self.family)
+        if not update.text:
+            return False
+        self._last_rules = None  # the kernel no longer holds what the last sync wrote
+        await self.restore(update.text)
+        gone = set(update.deleted)
+        kept = [chain for chain in self._kernel_chains if chain not in gone]
+        known = set(kept)
+        self._kernel_chains = (*kept, *(c for c in update.created if c not in known))
         return True
 
     async def ensure_jumps(self) -> bool:

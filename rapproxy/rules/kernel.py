@@ -30,13 +30,18 @@ REDIRECTs to the proxy instead (`fallback_port`), whose relay applies the very s
 categorization and rejects or drops the connection as it would in userspace mode: a kernel
 Service is never left without a path, and its failure behaviour does not depend on the mode.
 
+`render_kernel_update` is the per-change write for kernel-mode Services whose entry rules stay
+as they are (an endpoint added, removed or replaced): only their own chains are rewritten, new
+endpoint chains created and gone ones deleted, in one transaction. With 10k Services the full
+rewrite takes seconds (every chain of every Service, and iptables-restore's cost grows with the
+text); kube-proxy's iptables mode writes only the changed Services' chains for the same reason.
+
 Endpoints with weight 0 get no statistic rule (no new connection), but keep their endpoint chain
 while they exist, so affinity entries pointing at them still resolve.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
 import math
@@ -54,6 +59,8 @@ SERVICE_CHAIN_PREFIXES = ("RAPPROXY-SVC-", "RAPPROXY-SVL-", "RAPPROXY-EXT-", "RA
 POSTROUTING_COMMENT = "rapproxy postrouting rules"
 MAX_CHAIN_NAME = 28  # XT_EXTENSION_MAXNAMELEN - 1
 _HASH_CHARS = 14
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_HASH_SHIFTS = tuple(range(5 * (_HASH_CHARS - 1), -1, -5))
 _HOST_PREFIX = {4: 32, 6: 128}
 _HOST_MASK = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9._/:;, >-]")
@@ -300,6 +307,57 @@ def render_weight_update(targets: Sequence[KernelTarget], config: KernelConfig, 
     return "\n".join(["*nat", *lines, *bodies, "COMMIT"]) + "\n"
 
 
+@dataclass(frozen=True, slots=True)
+class KernelUpdate:
+    """One transaction rewriting some Services' chains, and the chains it creates and deletes."""
+
+    text: str
+    created: tuple[str, ...]
+    deleted: tuple[str, ...]
+
+
+def render_kernel_update(
+    changes: Sequence[tuple[KernelTarget, KernelTarget]], config: KernelConfig, family: int
+) -> KernelUpdate:
+    """Rewrite each (written, wanted) pair's chains; their entry rules must be the same.
+
+    Only valid when `written` is what the kernel holds. Every chain of `wanted` is declared
+    (created or flushed) and refilled; `written`'s chains that `wanted` no longer has are
+    flushed and deleted — after the rewrite, so nothing refers to them any more. Raises
+    `KernelRenderError` when a pair's entry rules differ (a full sync is needed then).
+    """
+    declared: list[str] = []
+    bodies: list[str] = []
+    created: list[str] = []
+    deleted: list[str] = []
+    for written, wanted in sorted(changes, key=lambda pair: pair[1].service_port.name):
+        before = render_target(written, config, family)
+        after = render_target(wanted, config, family)
+        if (before.service_rules, before.nodeport_rules) != (
+            after.service_rules,
+            after.nodeport_rules,
+        ):
+            raise KernelRenderError(
+                f"{comment_for(wanted.service_port.name)}: entry rules changed in IPv{family}"
+            )
+        old = {chain for chain, _ in before.chains}
+        for chain, rules in after.chains:
+            declared.append(chain)
+            bodies.extend(rules)
+            if chain not in old:
+                created.append(chain)
+        new = {chain for chain, _ in after.chains}
+        deleted.extend(chain for chain, _ in before.chains if chain not in new)
+    if not declared and not deleted:
+        return KernelUpdate("", (), ())
+    lines = ["*nat"]
+    lines.extend(f":{chain} - [0:0]" for chain in (*declared, *deleted))
+    lines.extend(bodies)
+    lines.extend(f"-X {chain}" for chain in deleted)
+    lines.append("COMMIT")
+    return KernelUpdate("\n".join(lines) + "\n", tuple(created), tuple(deleted))
+
+
 def probabilities(weights: Sequence[float]) -> list[float]:
     """Per-rule probabilities for a chain of `statistic` rules taken in order.
 
@@ -438,8 +496,11 @@ def _endpoint_chain(
 
 
 def _hash(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:_HASH_CHARS]
+    # The first 14 characters of the digest in base32 (RFC 4648 alphabet), i.e. its first 70
+    # bits, 5 at a time. base64.b32encode gives the same text but is pure Python and encodes
+    # every byte: it was a third of a 10k-Service weight render.
+    bits = int.from_bytes(hashlib.sha256(text.encode()).digest()[:9]) >> 2  # 72 -> 70 bits
+    return "".join([_B32[(bits >> shift) & 31] for shift in _HASH_SHIFTS])
 
 
 def _match(proto: str, comment: str, number: int) -> str:

@@ -57,7 +57,11 @@ from rapproxy.balancer.balancer import Balancer, PolicyFactory
 from rapproxy.balancer.categorize import Locality, categorize
 from rapproxy.balancer.kernel_weights import (
     KernelWeights,
+    Layout,
     kernel_weights,
+    layout_of,
+    relabel,
+    shares_moved,
     uniform_weights,
     weights_moved,
 )
@@ -70,6 +74,7 @@ from rapproxy.dataplane.tcp import TcpRelayServer, TcpRelaySettings
 from rapproxy.dataplane.udp import UdpRelaySettings, UdpServicePort
 from rapproxy.http.health import HealthState
 from rapproxy.http.metrics import ProxyMetrics
+from rapproxy.model.endpoints import Endpoint
 from rapproxy.model.service import (
     DataplaneMode,
     L4Protocol,
@@ -81,7 +86,7 @@ from rapproxy.model.table import Destination, ServiceEntry, ServiceTable
 from rapproxy.model.telemetry import RapSettings, TelemetryView
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.conntrack import delete_udp_entries
-from rapproxy.rules.kernel import KernelConfig, KernelTarget, WeightedEndpoint
+from rapproxy.rules.kernel import KernelConfig, KernelRenderError, KernelTarget, WeightedEndpoint
 from rapproxy.rules.render import RedirectTarget, RuleConfig
 from rapproxy.sync.tracker import ChangeTracker, TableChange
 
@@ -93,6 +98,16 @@ _RAP_POLICIES = (LbPolicy.RAP, LbPolicy.RAP_AIMD, LbPolicy.RAP_SWITCH)
 
 class PortRangeExhausted(RuntimeError):
     """Every port of proxy.udpPortRange is taken; the message names the service port."""
+
+
+@dataclass(frozen=True, slots=True)
+class _KernelCandidates:
+    """A kernel-mode entry's categorized endpoints and its weight layout (policy, nodes)."""
+
+    entry: ServiceEntry
+    cluster: tuple[Endpoint, ...]
+    local: tuple[Endpoint, ...]
+    layout: tuple[LbPolicy, Layout]
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +239,10 @@ class Proxier:
         self._kernel: dict[ServicePortName, KernelTarget] = {}
         self._applied_kernel: dict[ServicePortName, KernelTarget] | None = None
         self._weights: dict[ServicePortName, KernelWeights] = {}
+        # The layout-wide weights each Service's were relabelled from (`refresh_weights`
+        # judges a layout's move once per basis), and each entry's categorized candidates.
+        self._weight_basis: dict[ServicePortName, KernelWeights] = {}
+        self._kernel_candidates: dict[ServicePortName, _KernelCandidates] = {}
         self._weights_changed_at: dict[ServicePortName, float] = {}
         self._rules_lock = asyncio.Lock()
         # Asked for when a weight change cannot be written alone (its endpoints changed too).
@@ -316,6 +335,17 @@ class Proxier:
         async with self._rules_lock:
             previous_targets = self._applied_targets or {}
             previous_kernel = self._applied_kernel or {}
+            changes = None if full or not self.iptables else self._kernel_chain_changes()
+            if changes:
+                try:
+                    for runner in self.iptables:
+                        await runner.update_kernel(changes, self.rule_config)
+                except KernelRenderError as error:  # an entry rule changes: the full write
+                    log.info("kernel chains alone cannot be rewritten (%s): writing all", error)
+                else:
+                    applied = dict(previous_kernel)
+                    applied.update((wanted.service_port.name, wanted) for _, wanted in changes)
+                    self._applied_kernel = applied
             if self.iptables and (
                 full
                 or self._targets != self._applied_targets
@@ -544,37 +574,73 @@ class Proxier:
         self._kernel_wanted.pop(name, None)
         self._kernel.pop(name, None)
         self._weights.pop(name, None)
+        self._weight_basis.pop(name, None)
         self._weights_changed_at.pop(name, None)
+        self._kernel_candidates.pop(name, None)
 
     def _refresh_kernel(self, name: ServicePortName, fallback_port: int) -> None:
         """(Re)build a kernel-mode service port's rules target, with freshly computed weights."""
         entry = self._kernel_wanted[name]
-        weights = self._compute_weights(entry, self._clock())
+        candidates = self._candidates(name, entry)
+        basis = self._compute_weights(candidates, self._clock())
+        weights = relabel(basis, candidates.cluster)
         if weights_moved(self._weights.get(name), weights, 0.0):
             self._weights_changed_at[name] = self._wall_clock()
         self._weights[name] = weights
-        self._kernel[name] = self._kernel_target(entry, weights, fallback_port)
+        self._weight_basis[name] = basis
+        self._kernel[name] = self._kernel_target(candidates, weights, fallback_port)
 
-    def _compute_weights(self, entry: ServiceEntry, now: float) -> KernelWeights:
-        """RAP's shares for the cluster-wide endpoints; even ones for a non-RAP policy."""
-        candidates = categorize(entry.endpoints, self._locality).cluster
+    def _kernel_chain_changes(self) -> list[tuple[KernelTarget, KernelTarget]] | None:
+        """(written, wanted) for every kernel-mode service port whose rules differ, when only
+        such chains need writing: no redirect and no kernel-mode port came or went. None: a
+        whole write is needed (or nothing was written yet)."""
+        applied = self._applied_kernel
+        if (
+            applied is None
+            or self._applied_targets is None
+            or self._targets != self._applied_targets
+            or self._kernel.keys() != applied.keys()
+        ):
+            return None
+        return [
+            (applied[name], wanted)
+            for name, wanted in self._kernel.items()
+            if applied[name] != wanted
+        ]
+
+    def _candidates(self, name: ServicePortName, entry: ServiceEntry) -> _KernelCandidates:
+        """The entry's categorized endpoints and weight layout, kept until the entry changes."""
+        cached = self._kernel_candidates.get(name)
+        if cached is not None and cached.entry is entry:
+            return cached
+        categorized = categorize(entry.endpoints, self._locality)
         policy = entry.port.lb_policy or self.config.proxy.lb_policy
-        if self._telemetry is None:
-            return uniform_weights(candidates, "even (no telemetry)")
-        if policy not in _RAP_POLICIES:
-            return uniform_weights(candidates, f"even (policy {policy.value})")
-        return kernel_weights(
-            candidates, self._telemetry(), self.node_name, now, self._rap_settings
+        candidates = _KernelCandidates(
+            entry,
+            categorized.cluster,
+            categorized.local,
+            (policy, layout_of(categorized.cluster)),
         )
+        self._kernel_candidates[name] = candidates
+        return candidates
+
+    def _compute_weights(self, candidates: _KernelCandidates, now: float) -> KernelWeights:
+        """RAP's shares for the cluster-wide endpoints; even ones for a non-RAP policy."""
+        policy = candidates.layout[0]
+        cluster = candidates.cluster
+        if self._telemetry is None:
+            return uniform_weights(cluster, "even (no telemetry)")
+        if policy not in _RAP_POLICIES:
+            return uniform_weights(cluster, f"even (policy {policy.value})")
+        return kernel_weights(cluster, self._telemetry(), self.node_name, now, self._rap_settings)
 
     def _kernel_target(
-        self, entry: ServiceEntry, weights: KernelWeights, fallback_port: int
+        self, candidates: _KernelCandidates, weights: KernelWeights, fallback_port: int
     ) -> KernelTarget:
-        local = categorize(entry.endpoints, self._locality).local
         return KernelTarget(
-            service_port=entry.port,
+            service_port=candidates.entry.port,
             cluster=tuple(WeightedEndpoint(s.ip, s.port, s.share) for s in weights.shares),
-            local=tuple(WeightedEndpoint(e.ip, e.port, 1.0) for e in local),
+            local=tuple(WeightedEndpoint(e.ip, e.port, 1.0) for e in candidates.local),
             fallback_port=fallback_port,
         )
 
@@ -584,20 +650,38 @@ class Proxier:
         Only the weighted chains are rewritten, all in one transaction per family. A Service
         whose rules differ from the written ones in more than weights (an endpoint change not
         yet synced) is left to the sync, which is asked for.
+
+        The shares are computed once per layout (policy and the node of each candidate) and
+        judged once per layout and previous basis: at 10k Services the period's work is a dict
+        lookup per Service unless its weights move (balancer/kernel_weights.py).
         """
         threshold = self.config.dataplane.weight_threshold
         async with self._rules_lock:
+            started = time.monotonic()
             now = self._clock()
             moved: list[ServicePortName] = []
+            bases: dict[tuple[LbPolicy, Layout], KernelWeights] = {}
+            verdicts: dict[tuple[tuple[LbPolicy, Layout], int], bool] = {}
             for name, entry in self._kernel_wanted.items():
                 target = self._kernel.get(name)
                 if target is None:
                     continue
-                weights = self._compute_weights(entry, now)
-                if not weights_moved(self._weights.get(name), weights, threshold):
+                candidates = self._candidates(name, entry)
+                layout = candidates.layout
+                basis = bases.get(layout)
+                if basis is None:
+                    basis = bases[layout] = self._compute_weights(candidates, now)
+                previous = self._weight_basis.get(name)
+                verdict_key = (layout, id(previous))
+                verdict = verdicts.get(verdict_key)
+                if verdict is None:
+                    verdict = verdicts[verdict_key] = shares_moved(previous, basis, threshold)
+                if not verdict:
                     continue
+                weights = relabel(basis, candidates.cluster)
                 self._weights[name] = weights
-                self._kernel[name] = self._kernel_target(entry, weights, target.fallback_port)
+                self._weight_basis[name] = basis
+                self._kernel[name] = self._kernel_target(candidates, weights, target.fallback_port)
                 moved.append(name)
             if not moved:
                 return 0
@@ -619,7 +703,9 @@ class Proxier:
             changed_at = self._wall_clock()
             for target in updates:
                 self._weights_changed_at[target.service_port.name] = changed_at
-            self.metrics.kernel_weight_writes.inc(bool(updates and self.iptables))
+            if updates and self.iptables:
+                self.metrics.kernel_weight_writes.inc()
+                self.metrics.kernel_weight_write_duration.observe(time.monotonic() - started)
         if needs_sync and self.request_sync is not None:
             self.request_sync()
         return len(moved)

@@ -2,7 +2,8 @@
 
 Runs as a real process (a "pod"), so the proxy dials it over real sockets. Each HTTP response
 says which backend served it (`X-Backend` header and the body's first line), which is how tests
-check balancing, affinity and failover. Per-request CPU work and response size are configurable,
+check balancing, affinity and failover, and whom it saw the connection come from (`X-Peer`):
+the proxy's address when a relay dialled it, the client's own when the kernel DNATed it. Per-request CPU work and response size are configurable,
 so an experiment can make a node's backends expensive and overload that node for real.
 
     python -m rapproxy.testing.backend --name b1 --http 0.0.0.0:8080 --udp 0.0.0.0:5353 \
@@ -36,9 +37,12 @@ class HttpBackend(asyncio.Protocol):
         self.body = body
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
+        self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else ""
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -66,7 +70,7 @@ class HttpBackend(asyncio.Protocol):
             burn(self.work_ms)
         headers = (
             f"HTTP/1.1 200 OK\r\nContent-Length: {len(self.body)}\r\n"
-            f"X-Backend: {self.name}\r\nContent-Type: text/plain\r\n"
+            f"X-Backend: {self.name}\r\nX-Peer: {self.peer}\r\nContent-Type: text/plain\r\n"
             f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n"
         )
         self.transport.write(headers.encode() + self.body)

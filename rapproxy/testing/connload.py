@@ -81,6 +81,7 @@ class Attempt:
     outcome: str
     seconds: float  # from start to outcome
     backend: str = ""  # who answered: the response's X-Backend header (testing.backend sets it)
+    peer: str = ""  # whom the backend saw connecting: its X-Peer header (the proxy, or us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +157,13 @@ class _BadResponse(Exception):
     """The server answered something other than HTTP 200."""
 
 
-async def _read_response(reader: asyncio.StreamReader) -> str:
-    """Read one 200 response whole; returns its X-Backend header ("" when absent)."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """Read one 200 response whole; returns its X-Backend and X-Peer headers ("" when absent)."""
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
         raise _BadResponse(head[:64])
     length = 0
-    backend = ""
+    backend = peer = ""
     for line in head.split(b"\r\n")[1:]:
         key, _, value = line.partition(b":")
         name = key.strip().lower()
@@ -170,27 +171,29 @@ async def _read_response(reader: asyncio.StreamReader) -> str:
             length = int(value)
         elif name == b"x-backend":
             backend = value.strip().decode(errors="replace")
+        elif name == b"x-peer":
+            peer = value.strip().decode(errors="replace")
     await reader.readexactly(length)
-    return backend
+    return backend, peer
 
 
-async def _short(spec: LoadSpec) -> tuple[str, str]:
-    """(outcome, backend) of one connection with one request."""
+async def _short(spec: LoadSpec) -> tuple[str, str, str]:
+    """(outcome, backend, peer) of one connection with one request."""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(spec.connect_timeout):
             reader, writer = await asyncio.open_connection(spec.host, spec.port)
         writer.write(f"GET {spec.path} HTTP/1.0\r\nHost: {spec.host}\r\n\r\n".encode())
         async with asyncio.timeout(spec.response_timeout):
-            backend = await _read_response(reader)
+            backend, peer = await _read_response(reader)
             if await reader.read(1):
                 raise _BadResponse(b"more than one response")
     except Exception as error:
-        return classify(error), ""
+        return classify(error), "", ""
     finally:
         if writer is not None:
             writer.close()
-    return OK, backend
+    return OK, backend, peer
 
 
 async def _long(spec: LoadSpec, until: float, first_answer: asyncio.Event) -> LongConnection:
@@ -245,8 +248,8 @@ async def run_load_async(spec: LoadSpec) -> LoadReport:
 
     async def one(at: float) -> None:
         begun = loop.time()
-        outcome, backend = await _short(spec)
-        attempts.append(Attempt(at, outcome, loop.time() - begun, backend))
+        outcome, backend, peer = await _short(spec)
+        attempts.append(Attempt(at, outcome, loop.time() - begun, backend, peer))
 
     total = int(spec.rate * spec.seconds)
     origin = loop.time()

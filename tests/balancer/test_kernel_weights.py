@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from rapproxy.balancer.kernel_weights import (
     KernelWeights,
     kernel_weights,
+    layout_of,
+    relabel,
+    shares_moved,
     uniform_weights,
     weights_moved,
 )
@@ -128,3 +131,39 @@ def test_shares_are_a_distribution_over_the_candidates(
     if candidates:
         assert sum(s.share for s in weights.shares) == pytest.approx(1.0)
         assert all(s.share >= 0 for s in weights.shares)
+
+
+@given(
+    nodes=st.lists(st.sampled_from([LOCAL, "n1", "n2", "n3"]), min_size=1, max_size=4),
+    per_node=st.integers(1, 3),
+    local_load=st.floats(0.0, 1.0),
+    samples=st.integers(1, 4),
+)
+def test_weights_of_one_layout_relabelled_equal_the_weights_computed_for_the_endpoints(
+    nodes: list[str], per_node: int, local_load: float, samples: int
+) -> None:
+    # Why the proxier may compute once per layout: only the nodes matter, not the addresses.
+    view = tracker(local_load, {"n1": (0.2, 0.002), "n2": (0.5, 0.01)}, samples).snapshot()
+    mine = endpoints(nodes, per_node)
+    other = tuple(Endpoint(f"10.9.{i}.9", 9090, node_name=e.node_name) for i, e in enumerate(mine))
+    assert layout_of(mine) == layout_of(other)
+    computed_for_other = kernel_weights(other, view, LOCAL, NOW, SETTINGS)
+    assert relabel(computed_for_other, mine) == kernel_weights(mine, view, LOCAL, NOW, SETTINGS)
+
+
+def test_shares_moved_compares_by_position_against_the_threshold() -> None:
+    view = tracker(0.95, {"n1": (0.1, 0.001)}, samples=1).snapshot()
+    old = kernel_weights(endpoints([LOCAL, "n1"]), view, LOCAL, NOW, SETTINGS)
+    assert not shares_moved(old, old, 0.0)
+    assert shares_moved(None, old, 0.5)
+    moved = kernel_weights(
+        endpoints([LOCAL, "n1"]),
+        tracker(0.95, {"n1": (0.1, 0.001)}, 2).snapshot(),
+        LOCAL,
+        NOW,
+        SETTINGS,
+    )
+    assert shares_moved(old, moved, 0.05)  # local 0.35 each -> 0.245 each
+    assert not shares_moved(old, moved, 0.2)
+    with pytest.raises(ValueError, match="2 shares for 3 candidates"):
+        relabel(uniform_weights(endpoints([LOCAL], 2), "even"), endpoints([LOCAL], 3))

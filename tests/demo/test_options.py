@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rapproxy.demo.options import POLICIES, DemoOptionError, parse_options
+from rapproxy.demo.options import POLICIES, DemoOptionError, parse_options, policy_and_dataplane
 
 
 def test_defaults_scale_the_first_authors_matrix_and_compare_every_policy() -> None:
@@ -29,6 +29,17 @@ def test_policies_subset_and_phase_switches() -> None:
     options = parse_options(["--policies", "rap, local-only", "--no-overload", "--no-failover"])
     assert options.policies == ("rap", "local-only")
     assert not options.overload and not options.failover
+
+
+def test_kernel_variants_are_a_policy_in_the_kernel_data_plane() -> None:
+    assert parse_options(["--policies", "rap-kernel,random-kernel"]).policies == (
+        "rap-kernel",
+        "random-kernel",
+    )
+    assert policy_and_dataplane("rap-kernel") == ("rap", "kernel")
+    assert policy_and_dataplane("random-kernel") == ("random", "kernel")
+    assert policy_and_dataplane("rap") == ("rap", "userspace")
+    assert policy_and_dataplane("rap-aimd") == ("rap-aimd", "userspace")
 
 
 @pytest.mark.parametrize(

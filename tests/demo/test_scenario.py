@@ -19,7 +19,14 @@ from rapproxy.demo import main as demo_main
 from rapproxy.demo.cluster import DemoCluster
 from rapproxy.demo.options import POLICIES, DemoOptions
 from rapproxy.demo.progress import Progress
-from rapproxy.demo.scenario import FAILOVER_RATE, HEALTHY, OVERLOADED, failover_result, run_scenario
+from rapproxy.demo.scenario import (
+    FAILOVER_RATE,
+    HEALTHY,
+    OVERLOADED,
+    failover_result,
+    kernel_placement,
+    run_scenario,
+)
 from rapproxy.testing.connload import OK, REFUSED, Attempt, LoadReport, LoadSpec
 from rapproxy.testing.edge.cgroups import cgroups_of_process
 from rapproxy.testing.netns import child_processes, live_namespaces
@@ -181,3 +188,10 @@ def test_the_failover_counts_every_request_sent_after_the_kill_and_when_each_fai
         {"from": 0.0, "counts": {OK: 1, REFUSED: 1}},
         {"from": 0.25, "counts": {OK: 1}},
     )
+
+
+def test_kernel_placement_counts_dnat_counters_by_node_and_survives_a_reset() -> None:
+    before = {"10.244.1.5": 100, "10.244.2.5": 40, "10.244.3.5": 7}
+    after = {"10.244.1.5": 160, "10.244.2.5": 50, "10.244.3.5": 3}  # node-3's chain rewritten
+    assert kernel_placement(before, after, "10.244.1.0/24") == {"local": 60, "remote": 13}
+    assert kernel_placement({}, {"10.244.2.9": 5}, "10.244.1.0/24") == {"local": 0, "remote": 5}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import select
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from rapproxy.model.service import ServicePort, ServicePortName
 from rapproxy.model.telemetry import NodeStats, RapSettings, TelemetryTracker
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.backend import detect_backend, tools_for
-from rapproxy.rules.kernel import KernelTarget, WeightedEndpoint
+from rapproxy.rules.kernel import KernelTarget, WeightedEndpoint, endpoint_chain
 from rapproxy.rules.render import RuleConfig
 from rapproxy.sync.proxier import Proxier
 from rapproxy.testing.netns import Namespace
@@ -228,3 +229,192 @@ async def test_weights_follow_the_injected_load_of_the_local_node(
         assert f"-d {CLUSTER_IP}/32" in saved and "REDIRECT --to-ports 15001" in saved
         await proxier.cleanup_rules()
         assert "RAPPROXY" not in await proxier.iptables[0].save()
+
+
+async def test_an_endpoint_change_rewrites_only_the_services_own_chains(
+    make_namespace: MakeNamespace,
+) -> None:
+    node, _, listener = await world(make_namespace)
+    config = from_mapping({"dataplane": {"mode": "kernel"}})
+    runner = await runner_in(node)
+    proxier = Proxier(config, "n0", iptables=[runner])
+    service, endpoint_slice = objects({})
+    proxier.tracker.service_updated(service)
+    proxier.tracker.slice_updated(endpoint_slice)
+    with listener:
+        await proxier.sync()
+        assert set(await chosen(node, listener, 60)) == set(ENDPOINTS)
+
+        def entry_packets(saved: str) -> int:
+            rule = next(line for line in saved.splitlines() if f"-d {CLUSTER_IP}/32" in line)
+            return int(rule[1:].split(":", 1)[0])
+
+        counted = entry_packets((await node.exec(["iptables-save", "-c", "-t", "nat"])).stdout)
+        assert counted >= 60
+        # The third endpoint goes away: a rewrite of web's chains alone.
+        gone = endpoint_chain(NAME, ENDPOINTS[2], 8080)
+        endpoint_slice["endpoints"] = endpoint_slice["endpoints"][:2]  # type: ignore[index]
+        proxier.tracker.slice_updated(endpoint_slice)
+        await proxier.sync()
+        saved = (await node.exec(["iptables-save", "-c", "-t", "nat"])).stdout
+        # RAPPROXY-SERVICES was not rewritten: its rule kept counting from before.
+        assert entry_packets(saved) == counted
+        assert gone not in saved
+        assert set(await chosen(node, listener, 60)) == set(ENDPOINTS[:2])
+        await proxier.cleanup_rules()
+        assert "RAPPROXY" not in await runner.save()
+
+
+# -- IPv6 ----------------------------------------------------------------------------------------
+
+CLUSTER_IP_V6 = "fd00:96::10"
+ENDPOINTS_V6 = ("fd00:200::11", "fd00:200::12", "fd00:200::13")
+
+
+async def world_v6(make_namespace: MakeNamespace) -> tuple[Namespace, socket.socket]:
+    """One namespace: the endpoints are addresses on its `lo`, the listener answers for all."""
+    node = await make_namespace("node6")
+    for ip in ENDPOINTS_V6:
+        await node.add_address("lo", f"{ip}/128")
+    await node.add_local_route("fd00:96::/112")
+    listener = node.socket(socket.AF_INET6)
+    listener.bind(("::", 8080))
+    listener.listen(512)
+    listener.setblocking(False)
+    return node, listener
+
+
+async def chosen_v6(node: Namespace, listener: socket.socket, count: int) -> Counter[str]:
+    loop = asyncio.get_running_loop()
+    seen: Counter[str] = Counter()
+    for _ in range(count):
+        client = node.socket(socket.AF_INET6)
+        client.setblocking(False)
+        with client:
+            await asyncio.wait_for(loop.sock_connect(client, (CLUSTER_IP_V6, 80)), 5)
+            accepted, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
+            with accepted:
+                seen[accepted.getsockname()[0]] += 1
+    return seen
+
+
+def v6_target(weights: tuple[float, ...], affinity: int | None = None) -> KernelTarget:
+    endpoints = tuple(
+        WeightedEndpoint(ip, 8080, w) for ip, w in zip(ENDPOINTS_V6, weights, strict=True)
+    )
+    port = ServicePort(NAME, 80, 8080, (CLUSTER_IP_V6,), affinity_timeout_seconds=affinity)
+    return KernelTarget(port, endpoints, (), 15001)
+
+
+async def test_ipv6_shares_match_the_weights_and_affinity_masks_the_whole_address(
+    make_namespace: MakeNamespace,
+) -> None:
+    node, listener = await world_v6(make_namespace)
+    with listener:
+        runner = IptablesRunner(
+            tools_for(await detect_backend(node.exec_prefix), 6), exec_prefix=node.exec_prefix
+        )
+        await runner.sync([], RuleConfig(), kernel=[v6_target((0.6, 0.3, 0.1))])
+        assert "-d fd00:96::10/128" in await runner.save()
+        count = 900
+        seen = await chosen_v6(node, listener, count)
+        for ip, p in zip(ENDPOINTS_V6, (0.6, 0.3, 0.1), strict=True):
+            assert abs(seen[ip] - count * p) <= sigma5(count, p), (ip, p, dict(seen))
+
+        # ClientIP affinity in IPv6: `recent` with a 128-bit mask keeps the client on one.
+        await runner.sync([], RuleConfig(), kernel=[v6_target((1, 1, 1), affinity=600)])
+        assert len(await chosen_v6(node, listener, 40)) == 1
+        await runner.cleanup()
+        saved = await runner.save()
+        assert "RAPPROXY" not in saved and "recent" not in saved
+
+
+# -- stale UDP flows -----------------------------------------------------------------------------
+
+UDP_CLUSTER_IP = "10.96.0.53"
+UDP_ENDPOINTS = ("10.200.0.21", "10.200.0.22")
+
+
+def dns_objects(endpoints: tuple[str, ...]) -> list[dict[str, object]]:
+    return [
+        {
+            "metadata": {
+                "namespace": "default",
+                "name": "dns",
+                "annotations": {"rapproxy.io/dataplane": "kernel"},
+            },
+            "spec": {
+                "clusterIP": UDP_CLUSTER_IP,
+                "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}],
+            },
+        },
+        {
+            "metadata": {
+                "namespace": "default",
+                "name": "dns-1",
+                "labels": {"kubernetes.io/service-name": "dns"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": [ip], "nodeName": "n0"} for ip in endpoints],
+        },
+    ]
+
+
+def udp_flow_across_an_endpoint_removal() -> list[str]:
+    """Runs inside the namespace (`Namespace.call`): the Proxier, its UDP sockets and the client
+    all live there. One client flow (one source port) sends before and after its endpoint is
+    removed; returns which endpoint received each datagram."""
+    return asyncio.run(_udp_flow_across_an_endpoint_removal())
+
+
+async def _udp_flow_across_an_endpoint_removal() -> list[str]:
+    runner = IptablesRunner(tools_for(await detect_backend(()), 4))
+    proxier = Proxier(from_mapping({}), "n0", iptables=[runner])
+    receivers: dict[str, socket.socket] = {}
+    for ip in UDP_ENDPOINTS:
+        receivers[ip] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receivers[ip].bind((ip, 5353))
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect((UDP_CLUSTER_IP, 53))
+    try:
+        service, endpoint_slice = dns_objects(UDP_ENDPOINTS[:1])
+        proxier.tracker.service_updated(service)
+        proxier.tracker.slice_updated(endpoint_slice)
+        await proxier.sync()
+        client.send(b"first")
+        first = who_received(receivers, b"first")
+        # The flow's endpoint goes away and another comes; the client keeps its source port.
+        _, endpoint_slice = dns_objects(UDP_ENDPOINTS[1:])
+        proxier.tracker.slice_updated(endpoint_slice)
+        await proxier.sync()
+        client.send(b"second")
+        return [first, who_received(receivers, b"second")]
+    finally:
+        client.close()
+        for receiver in receivers.values():
+            receiver.close()
+        await proxier.aclose()
+        await proxier.cleanup_rules()
+
+
+def who_received(receivers: dict[str, socket.socket], payload: bytes) -> str:
+    """The endpoint whose socket got `payload` within 5 s ("nobody" otherwise)."""
+    readable, _, _ = select.select(list(receivers.values()), [], [], 5)
+    for ip, receiver in receivers.items():
+        if receiver in readable and receiver.recv(64) == payload:
+            return ip
+    return "nobody"
+
+
+async def test_a_udp_flow_follows_its_endpoint_removal_because_its_conntrack_entry_goes(
+    make_namespace: MakeNamespace,
+) -> None:
+    node = await make_namespace("udp")
+    for ip in UDP_ENDPOINTS:
+        await node.add_address("lo", f"{ip}/32")
+    await node.add_local_route("10.96.0.0/16")
+    # Without the flush the second datagram would follow the first's conntrack entry to the
+    # removed endpoint, whose socket still listens (kube-proxy's stale-UDP problem).
+    assert await node.call(udp_flow_across_an_endpoint_removal) == list(UDP_ENDPOINTS)
+    assert "RAPPROXY" not in (await node.exec(["iptables-save", "-t", "nat"])).stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 
 import pytest
@@ -17,6 +19,7 @@ from rapproxy.rules.kernel import (
     WeightedEndpoint,
     endpoint_chain,
     probabilities,
+    render_kernel_update,
     render_target,
     render_weight_update,
     service_chain,
@@ -242,6 +245,31 @@ def test_a_weight_update_rewrites_only_the_weighted_chains_in_one_transaction() 
     )
 
 
+def test_an_endpoint_change_rewrites_only_that_services_chains_and_drops_the_gone_one() -> None:
+    replacement = WeightedEndpoint("10.0.4.1", 8080, 0.2)
+    update = render_kernel_update(
+        [(target(), target(cluster=(A, B, replacement)))], KernelConfig(), 4
+    )
+    gone = endpoint_chain(NAME, C.ip, C.port)
+    new = endpoint_chain(NAME, replacement.ip, replacement.port)
+    assert (update.created, update.deleted) == ((new,), (gone,))
+    text = update.text
+    assert "RAPPROXY-SERVICES" not in text and "RAPPROXY-NODEPORTS" not in text
+    declared = [line for line in text.splitlines() if line.startswith(":")]
+    assert f":{SVC} - [0:0]" in declared and f":{new} - [0:0]" in declared
+    # The gone chain is flushed with the others and deleted last, once nothing jumps to it.
+    assert declared[-1] == f":{gone} - [0:0]"
+    assert text.splitlines()[-2:] == [f"-X {gone}", "COMMIT"]
+    assert not any(f"-j {gone}" in line for line in text.splitlines())
+    assert render_kernel_update([(target(), target())], KernelConfig(), 6).text == ""
+
+
+def test_an_endpoint_change_that_moves_an_entry_rule_needs_the_full_write() -> None:
+    # The last endpoint gone: the ClusterIP's rule becomes the proxy's REDIRECT.
+    with pytest.raises(KernelRenderError, match="entry rules changed"):
+        render_kernel_update([(target(), target(cluster=(), local=()))], KernelConfig(), 4)
+
+
 def test_cleanup_removes_kernel_chains_and_the_postrouting_jump() -> None:
     saved = render_sync([], RuleConfig(), 4, saved_nat="", kernel=[target()]).text
     saved = saved.replace("-I POSTROUTING 1", "-A POSTROUTING").replace("-I ", "-A ")
@@ -257,6 +285,18 @@ def test_chain_names_fit_iptables_limit(name: str, port_name: str) -> None:
     for kind in ("SVC", "SVL", "EXT"):
         assert len(service_chain(service_name, kind)) <= MAX_CHAIN_NAME
     assert len(endpoint_chain(service_name, "fd00::1", 65535)) <= MAX_CHAIN_NAME
+
+
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_chain_names_are_the_first_characters_of_the_whole_digest_in_base32(
+    name: str, ip: str
+) -> None:
+    # The names must never change between versions: a rename would leave a running node's
+    # chains to the next full sync. They are encoded from a prefix of the digest, for speed.
+    service_name = ServicePortName("ns", name, "p")
+    text = f"{service_name}/{service_name.protocol.value}/{ip}/80"
+    whole = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()
+    assert endpoint_chain(service_name, ip, 80) == f"RAPPROXY-SEP-{whole[:14]}"
 
 
 def test_render_target_of_other_family_is_empty() -> None:

@@ -95,6 +95,7 @@ async def test_every_connection_to_a_live_backend_is_ok_and_long_ones_survive(
     report = await run_load_async(spec)
     assert report.counts() == {OK: 100}
     assert {a.backend for a in report.attempts} == {"b1"}, "who answered, from X-Backend"
+    assert {a.peer for a in report.attempts} == {"127.0.0.1"}, "whom it saw, from X-Peer"
     assert [c.outcome for c in report.long] == [SURVIVED, SURVIVED]
     assert all(c.answered >= 2 for c in report.long)
 

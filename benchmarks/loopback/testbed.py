@@ -284,7 +284,14 @@ class Testbed:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def start(self, *, with_haproxy: bool = True, with_dnat: bool = True) -> None:
+    def start(
+        self,
+        *,
+        with_haproxy: bool = True,
+        with_dnat: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """Build everything; `extra_args` go to `rapproxy run` (e.g. `--set=proxy.workers=2`)."""
         self._create_namespace()
         self._write_files()
         self._start_nginx()
@@ -308,6 +315,7 @@ class Testbed:
                 "info",
                 "--set",
                 "iptables.minSyncPeriod=0.1",
+                *extra_args,
             ],
         )
         targets = [t for t in TARGETS if with_haproxy or not t.name.startswith("haproxy")]

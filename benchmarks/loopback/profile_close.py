@@ -166,7 +166,15 @@ def main() -> None:
         for share, dso in rows[:8]:
             say(f"  {share:5.1f}%  {dso}")
         stacks = py_spy(bed, args.duration, work)
+        # Idle pool threads (asyncio.to_thread at start-up) are sampled too: py-spy --native
+        # cannot tell a thread parked in a futex from one at work. Count the event loop only.
+        idle = sum(c for f, c in stacks.items() if any("Thread._bootstrap" in x for x in f))
+        stacks = collections.Counter(
+            {f: c for f, c in stacks.items() if not any("Thread._bootstrap" in x for x in f)}
+        )
         total = sum(stacks.values())
+        say("")
+        say(f"(left out: {idle} samples of idle worker threads)")
         own: collections.Counter[str] = collections.Counter()
         inclusive: collections.Counter[str] = collections.Counter()
         for frames, count in stacks.items():

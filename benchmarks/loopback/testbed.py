@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import csv
 import itertools
 import json
 import os
@@ -56,6 +57,8 @@ DNAT_VIP = "10.96.0.30"
 HAPROXY_NAT_VIP = "10.96.0.40"
 HAPROXY_NAT_PORT = 15002
 KERNEL_VIP = "10.96.0.50"
+REDIS_VIP = "10.96.0.60"
+REDIS_PORT = 6379
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_PORT = 80
 BIG_BODY_BYTES = 10 * 1024 * 1024
@@ -238,7 +241,7 @@ http {{
 
 _HAPROXY_CFG = """\
 global
-  nbthread 1
+  nbthread {threads}
   maxconn 8192
 defaults
   mode tcp
@@ -296,6 +299,27 @@ endpoints:
   conditions: {{ready: true, serving: true, terminating: false}}
   nodeName: n1
 ports: [{{name: http, port: {backend_port}, protocol: TCP}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: redis, namespace: default}}
+spec:
+  type: ClusterIP
+  clusterIP: {redis_vip}
+  ports: [{{name: redis, port: {redis_port}, targetPort: {redis_port}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: redis-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: redis}}
+addressType: IPv4
+endpoints:
+- addresses: [{ip}]
+  conditions: {{ready: true, serving: true, terminating: false}}
+  nodeName: n1
+ports: [{{name: redis, port: {redis_port}, protocol: TCP}}]
 """
 
 
@@ -310,6 +334,7 @@ class Testbed:
         self._log_files: list[object] = []
         self._created = False
         self._closed = False
+        self.haproxy_threads = 1
         atexit.register(self.close)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -320,10 +345,42 @@ class Testbed:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def start(self, *, with_haproxy: bool = True, with_dnat: bool = True) -> None:
+    def start(
+        self,
+        *,
+        with_haproxy: bool = True,
+        with_dnat: bool = True,
+        extra_args: Sequence[str] = (),
+        haproxy_threads: int = 1,
+        with_redis: bool = False,
+    ) -> None:
+        """Build everything; `extra_args` go to `rapproxy run` (e.g. `--set=proxy.workers=2`).
+
+        `with_redis`: also redis-server on the backend address (port 6379), served by rapproxy
+        as Service `redis` on REDIS_VIP, for redis-benchmark."""
+        self.haproxy_threads = haproxy_threads
         self._create_namespace()
         self._write_files()
         self._start_nginx()
+        if with_redis:
+            self._start(
+                "redis",
+                [
+                    "redis-server",
+                    "--bind",
+                    BACKEND_IP,
+                    "--port",
+                    str(REDIS_PORT),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                    "--dir",
+                    str(self.dir),
+                ],
+            )
         if with_haproxy:
             self._start("haproxy", ["haproxy", "-db", "-f", str(self.dir / "haproxy.cfg")])
         if with_dnat:
@@ -344,6 +401,7 @@ class Testbed:
                 "info",
                 "--set",
                 "iptables.minSyncPeriod=0.1",
+                *extra_args,
             ],
         )
         targets = [t for t in TARGETS if with_haproxy or not t.name.startswith("haproxy")]
@@ -353,6 +411,8 @@ class Testbed:
         if with_dnat:
             self.verify_dnat()
         self.verify_kernel()
+        if with_redis:
+            self.wait_for_redis()
         self.verify_big_body()
 
     def close(self) -> None:
@@ -402,6 +462,7 @@ class Testbed:
                 vip=HAPROXY_VIP,
                 port=SERVICE_PORT,
                 nat_port=HAPROXY_NAT_PORT,
+                threads=self.haproxy_threads,
                 ip=BACKEND_IP,
                 backend_port=BACKEND_PORT,
             )
@@ -413,6 +474,8 @@ class Testbed:
                 port=SERVICE_PORT,
                 ip=BACKEND_IP,
                 backend_port=BACKEND_PORT,
+                redis_vip=REDIS_VIP,
+                redis_port=REDIS_PORT,
             )
         )
         (self.dir / "summary.lua").write_text(WRK_SUMMARY_LUA)
@@ -466,6 +529,47 @@ class Testbed:
         if process.poll() is not None:
             raise TestbedError(f"{name} exited with {process.returncode}; log:\n{self.log(name)}")
         return process.pid
+
+    def wait_for_redis(self, deadline_s: float = 20) -> None:
+        """Until redis answers PING both directly and through rapproxy's ClusterIP."""
+        deadline = time.monotonic() + deadline_s
+        for host in (BACKEND_IP, REDIS_VIP):
+            while True:
+                done = subprocess.run(
+                    self.exec_argv(["redis-cli", "-h", host, "-p", str(REDIS_PORT), "ping"]),
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                )
+                if done.stdout.strip() == "PONG":
+                    break
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"redis at {host} did not answer PING: {done.stderr}")
+                time.sleep(0.2)
+
+    def process_tree(self, name: str) -> list[int]:
+        """The process and its children (rapproxy's relay workers), for CPU accounting."""
+        main = self.pid(name)
+        pids = [main]
+        with contextlib.suppress(OSError), open(f"/proc/{main}/task/{main}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+        return pids
+
+    def redis_benchmark(
+        self, host: str, *, clients: int = 50, requests: int = 100_000
+    ) -> dict[str, float]:
+        """redis-benchmark GET inside the namespace: rps and latency percentiles (ms)."""
+        argv = ["redis-benchmark", "-h", host, "-p", str(REDIS_PORT), "-t", "get"]
+        argv += ["-c", str(clients), "-n", str(requests), "--csv"]
+        done = subprocess.run(
+            self.exec_argv(argv), capture_output=True, text=True, timeout=300, check=False
+        )
+        rows = list(csv.reader(done.stdout.splitlines()))
+        if done.returncode != 0 or len(rows) < 2:
+            raise TestbedError(f"redis-benchmark failed ({done.returncode}): {done.stderr}")
+        header, values = rows[0], rows[1]
+        return {k: float(v) for k, v in zip(header[1:], values[1:], strict=True)}
 
     def nginx_worker_pid(self) -> int | None:
         master = self.pid("nginx")

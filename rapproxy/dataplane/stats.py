@@ -11,7 +11,8 @@ traffic is visible while it lasts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(slots=True)
@@ -105,3 +106,45 @@ class RelayStats:
             tcp_unknown_destination=self.tcp_unknown_destination,
             tcp_active=self.tcp_active,
         )
+
+
+def merge_snapshots(snapshots: Iterable[RelayStatsSnapshot]) -> RelayStatsSnapshot:
+    """The sum of several processes' counters (workers sharing one listener): what the node did.
+
+    Pure, so the metrics of N workers add up exactly as one process's would.
+    """
+    services: dict[str, dict[str, int]] = {}
+    rejected = unknown = active = 0
+    for snapshot in snapshots:
+        rejected += snapshot.tcp_rejected_by_cap
+        unknown += snapshot.tcp_unknown_destination
+        active += snapshot.tcp_active
+        for key, counters in snapshot.services.items():
+            total = services.setdefault(key, dict.fromkeys(_COUNTER_NAMES, 0))
+            for name in _COUNTER_NAMES:
+                total[name] += getattr(counters, name)
+    return RelayStatsSnapshot(
+        services={key: ServiceCountersSnapshot(**values) for key, values in services.items()},
+        tcp_rejected_by_cap=rejected,
+        tcp_unknown_destination=unknown,
+        tcp_active=active,
+    )
+
+
+def retired(snapshot: RelayStatsSnapshot) -> RelayStatsSnapshot:
+    """What a process that ended leaves behind: its counters, with nothing active any more.
+
+    Kept and added to the live ones, so a restarted worker's counters never run backwards.
+    """
+    return RelayStatsSnapshot(
+        services={
+            key: replace(counters, tcp_active=0, udp_flows_active=0)
+            for key, counters in snapshot.services.items()
+        },
+        tcp_rejected_by_cap=snapshot.tcp_rejected_by_cap,
+        tcp_unknown_destination=snapshot.tcp_unknown_destination,
+        tcp_active=0,
+    )
+
+
+_COUNTER_NAMES = tuple(f.name for f in fields(ServiceCountersSnapshot))

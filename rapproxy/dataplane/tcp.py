@@ -874,6 +874,10 @@ class TcpRelayServer:
             raise
         return sock
 
+    def bound_descriptors(self) -> list[int]:
+        """The descriptor of every listening socket, accepting or not (for worker processes)."""
+        return [sock.fileno() for server in self._servers for sock in server.sockets]
+
     def listening_descriptors(self) -> dict[tuple[str, int], int]:
         """The descriptor of each listening socket by its bound (host, port), while accepting."""
         if self.closing or not self.accepting:

@@ -460,6 +460,22 @@ class TelemetryTracker:
             self._version += 1
             self._snapshot = None
 
+    def export(self) -> tuple[int, dict[str, PeerView], float]:
+        """Everything `adopt` needs to mirror this tracker elsewhere (a worker process)."""
+        return self._version, dict(self._nodes), self.local_share
+
+    def adopt(self, version: int, nodes: Mapping[str, PeerView], local_share: float) -> None:
+        """Become a mirror of another tracker's `export()`: the worker processes decide on the
+        figures the main process collects, without sampling or polling themselves."""
+        self._nodes = dict(nodes)
+        self._version = version
+        self.local_share = local_share
+        self._snapshot = None
+
+    @property
+    def version(self) -> int:
+        return self._version
+
     def snapshot(self) -> TelemetryView:
         if self._snapshot is None:
             self._snapshot = TelemetryView(

@@ -69,7 +69,7 @@ from rapproxy.balancer.signals import EndpointSignals
 from rapproxy.config import RapproxyConfiguration, parse_port_range
 from rapproxy.dataplane.handover import listener_name
 from rapproxy.dataplane.routing import Backend
-from rapproxy.dataplane.stats import RelayStats
+from rapproxy.dataplane.stats import RelayStats, RelayStatsSnapshot, merge_snapshots
 from rapproxy.dataplane.tcp import TcpRelayServer, TcpRelaySettings
 from rapproxy.dataplane.udp import UdpRelaySettings, UdpServicePort
 from rapproxy.http.health import HealthState
@@ -167,6 +167,7 @@ class Proxier:
         wall_clock: Callable[[], float] = time.time,
         telemetry: Callable[[], TelemetryView] | None = None,
         rap_settings: RapSettings | None = None,
+        udp: bool = True,
     ) -> None:
         self.config = config
         self.node_name = node_name
@@ -189,7 +190,10 @@ class Proxier:
         )
         self.stats = RelayStats()
         self.metrics = metrics or ProxyMetrics()
-        self.metrics.watch_live(self.stats.snapshot, self._selection_counts)
+        # Other processes relaying for this node (workers): their latest counters, summed in.
+        self.other_stats: Callable[[], Sequence[RelayStatsSnapshot]] = tuple
+        self.other_selections: Callable[[], Sequence[Mapping[str, int]]] = tuple
+        self.metrics.watch_live(self.node_stats, self._selection_counts)
         self.metrics.watch_kernel(self._kernel_weight_rows)
         self.health = HealthState(sync_period=config.iptables.sync_period)
         self.iptables = list(iptables)
@@ -218,6 +222,7 @@ class Proxier:
         self._udp_settings = UdpRelaySettings(
             idle_timeout=proxy.udp_idle_timeout, max_flows=proxy.max_udp_flows
         )
+        self._serve_udp = udp  # False in a worker: UDP service sockets live in the main process
         self.udp: dict[ServicePortName, UdpServicePort] = {}
         self._inherited_udp: dict[str, socket.socket] = {}
         self._udp_ports = UdpPortAllocator(
@@ -330,7 +335,7 @@ class Proxier:
         table = change.table
         full = started - self._last_full_sync >= self.config.iptables.sync_period
         self._apply_to_memory(change, forget_all_stale_stats=full)
-        stale_udp = await self._reconcile_udp()
+        stale_udp = await self._reconcile_udp() if self._serve_udp else []
         self._refresh_udp_targets()
         async with self._rules_lock:
             previous_targets = self._applied_targets or {}
@@ -364,8 +369,9 @@ class Proxier:
             )
         if full:
             self._last_full_sync = started
-        for address, port in stale_udp:
-            await self._forget_udp_flows(address, port)
+        if self._serve_udp:
+            for address, port in stale_udp:
+                await self._forget_udp_flows(address, port)
         self.balancer.expire_affinity(started)
         now_wall = self._wall_clock()
         self.health.last_applied = now_wall
@@ -894,13 +900,33 @@ class Proxier:
     # -- explainability -----------------------------------------------------------------------
 
     def _selection_counts(self) -> dict[str, int]:
+        counts = {placement.value: count for placement, count in self.balancer.selections.items()}
+        for other in self.other_selections():
+            for placement, count in other.items():
+                counts[placement] = counts.get(placement, 0) + count
+        return counts
+
+    def own_selection_counts(self) -> dict[str, int]:
+        """This process's balancer decisions by placement (a worker reports these)."""
         return {placement.value: count for placement, count in self.balancer.selections.items()}
+
+    def node_stats(self) -> RelayStatsSnapshot:
+        """The relay counters of every process serving this node (this one and its workers)."""
+        others = self.other_stats()
+        if not others:
+            return self.stats.snapshot()
+        return merge_snapshots([self.stats.snapshot(), *others])
 
     def describe(self) -> dict[str, Any]:
         now = self._clock()
         state = self.balancer.describe(now)
         state["udp_ports"] = {str(n): p.address[1] for n, p in sorted(self.udp.items())}
         state["tcp_listeners"] = [f"{h}:{p}" for h, p in self.tcp.addresses]
+        own = self.stats.snapshot()
+        state["tcp_here"] = {  # this process's share when worker processes relay beside it
+            "active": own.tcp_active,
+            "connections": sum(c.tcp_connections_total for c in own.services.values()),
+        }
         state["rejected_objects"] = self.tracker.describe_errors()
         state["changes_pending"] = self.tracker.pending
         state["last_sync_error"] = self.last_sync_error

@@ -183,10 +183,13 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             await namespace.aclose()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_new_instance_takes_over_while_the_old_drains_losing_no_connection(
-    world: Node,
+    world: Node, workers: int
 ) -> None:
-    old, _old_log = await world.start_daemon()
+    # With workers, the listener taken over is the one every worker accepts from, and the old
+    # instance's drain covers its workers' connections as well as its own.
+    old, _old_log = await world.start_daemon("--set", f"proxy.workers={workers}")
     await world.client.call(probes.wait_http, "http://10.96.0.10/", STARTUP)
 
     ready, stop = world.tmp_path / "load.ready", world.tmp_path / "load.stop"
@@ -208,7 +211,7 @@ async def test_new_instance_takes_over_while_the_old_drains_losing_no_connection
 
     rules = await world.rapproxy_rules()
     started = time.time()
-    _new, new_log = await world.start_daemon()
+    _new, new_log = await world.start_daemon("--set", f"proxy.workers={workers}")
     # TCP listener, healthz, metrics, and the UDP service port's socket.
     await wait_for_line(new_log, "took over 4 listening socket(s)", STARTUP)
     await wait_for_line(new_log, "first sync done: accepting on the listener taken over", STARTUP)

@@ -194,3 +194,20 @@ def test_retain_forgets_departed_nodes_but_never_itself() -> None:
     tracker.record_peer("n1", NodeStats("n1", 0.1, 0.1, 0.0), 0.001)
     tracker.retain(["n2"])
     assert set(tracker.snapshot().nodes) == {"n0"}
+
+
+def test_a_mirror_adopting_an_export_sees_the_same_view_after_a_pickle_round_trip() -> None:
+    import pickle
+
+    source = TelemetryTracker("n1")
+    source.record_local(NodeStats("n1", 0.9, 0.5, 100.0))
+    source.record_peer("n2", NodeStats("n2", 0.2, 0.3, 100.0), 0.004)
+    mirror = TelemetryTracker("n1")
+    mirror.adopt(*pickle.loads(pickle.dumps(source.export())))
+    assert mirror.snapshot() == source.snapshot()
+    assert mirror.version == source.version
+    before = mirror.snapshot()
+    source.record_failure("n2", "timeout")
+    mirror.adopt(*source.export())
+    assert mirror.snapshot() != before, "adopting replaces the cached snapshot"
+    assert mirror.snapshot().nodes["n2"].last_error == "timeout"

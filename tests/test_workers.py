@@ -27,6 +27,7 @@ import pytest
 
 from rapproxy.config import ConfigError, RapproxyConfiguration, validate
 from rapproxy.testing import probes
+from rapproxy.testing.backend import start_in
 from rapproxy.testing.connload import OK, RESET, TRUNCATED, LoadReport, LoadSpec, run_load
 from rapproxy.testing.netns import Namespace
 from rapproxy.workers import resolve_count
@@ -145,24 +146,7 @@ async def world(tmp_path: Path) -> AsyncIterator[Node]:
         await node.add_veth_peer(b1, "10.1.1.1", "10.1.1.2")
         await client.add_route("10.96.0.0/16", via="10.0.0.1")
         await node.add_local_route("10.96.0.0/16")
-        ready = tmp_path / "b1.ready"
-        await b1.spawn(
-            [
-                sys.executable,
-                "-m",
-                "rapproxy.testing.backend",
-                "--name",
-                "b1",
-                "--http",
-                "0.0.0.0:8080",
-                "--ready-file",
-                str(ready),
-            ]
-        )
-        deadline = time.monotonic() + 10
-        while not ready.exists():
-            assert time.monotonic() < deadline, "backend b1 did not start"
-            await asyncio.sleep(0.05)
+        await start_in(b1, "b1", tmp_path / "b1.ready")
         (tmp_path / "objects.yaml").write_text(OBJECTS)
         yield Node(client, node, tmp_path)
     finally:

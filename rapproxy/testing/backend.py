@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 import time
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:  # the backend process itself never loads the namespace harness (pyroute2)
+    from rapproxy.testing.netns import Namespace
 
 
 def burn(milliseconds: float) -> None:
@@ -139,6 +143,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=0, help="response body bytes")
     parser.add_argument("--ready-file", help="written once listening")
     asyncio.run(serve(parser.parse_args(argv)))
+
+
+def _ready(path: Path) -> bool:
+    return path.exists()  # a stat of a local file: not worth a thread
+
+
+async def start_in(
+    namespace: Namespace,
+    name: str,
+    ready_file: Path,
+    *,
+    http: str = "0.0.0.0:8080",
+    udp: str | None = None,
+    within: float = 10.0,
+) -> None:
+    """Start this backend as a process inside `namespace` and wait until it serves.
+
+    Readiness is the backend's own `--ready-file`, written once its sockets listen; the process
+    is the namespace's, so it dies with it.
+    """
+    argv = [sys.executable, "-m", "rapproxy.testing.backend", "--name", name, "--http", http]
+    if udp is not None:
+        argv += ["--udp", udp]
+    await namespace.spawn([*argv, "--ready-file", str(ready_file)])
+    deadline = time.monotonic() + within
+    while not _ready(ready_file):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"backend {name}: {ready_file} did not appear within {within:g} s")
+        await asyncio.sleep(0.05)  # polling a file another process writes
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import yaml
 from rapproxy.testing import probes
 from rapproxy.testing.apiserver import EmulatedApiServer
 from rapproxy.testing.apiserver.resources import ENDPOINT_SLICES, SERVICES
+from rapproxy.testing.backend import start_in
 from rapproxy.testing.connload import OK, RESET, SURVIVED, LoadReport, LoadSpec, run_load
 from rapproxy.testing.netns import Namespace
 
@@ -147,23 +148,7 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await node.add_veth_peer(b1, "10.1.1.1", "10.1.1.2")
         await client.add_route("10.96.0.0/16", via="10.0.0.1")
         await node.add_local_route("10.96.0.0/16")
-        ready = tmp_path / "b1.ready"
-        await b1.spawn(
-            [
-                sys.executable,
-                "-m",
-                "rapproxy.testing.backend",
-                "--name",
-                "b1",
-                "--http",
-                "0.0.0.0:8080",
-                "--udp",
-                "0.0.0.0:5353",
-                "--ready-file",
-                str(ready),
-            ]
-        )
-        await wait_for_file(ready, 10)
+        await start_in(b1, "b1", tmp_path / "b1.ready", udp="0.0.0.0:5353")
         (tmp_path / "objects.yaml").write_text(OBJECTS)
         if request.param == "objects":
             yield Node(client, node, tmp_path, ["--objects", str(tmp_path / "objects.yaml")])

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from rapproxy.testing import probes
+from rapproxy.testing.backend import start_in
 from rapproxy.testing.connload import OK, LoadReport, LoadSpec, run_load
 from rapproxy.testing.netns import Namespace
 
@@ -90,10 +91,6 @@ class World:
         return rules[0] if rules else ""
 
 
-def file_exists(path: Path) -> bool:
-    return path.exists()
-
-
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     namespaces: list[Namespace] = []
@@ -110,24 +107,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         for number, backend in ((1, b1), (2, b2)):
             await node.add_veth_peer(backend, f"10.1.{number}.1", f"10.1.{number}.2")
             await backend.add_route("10.0.0.0/24", via=f"10.1.{number}.1")
-            ready = tmp_path / f"b{number}.ready"
-            await backend.spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "rapproxy.testing.backend",
-                    "--name",
-                    f"b{number}",
-                    "--http",
-                    "0.0.0.0:8080",
-                    "--ready-file",
-                    str(ready),
-                ]
-            )
-            deadline = time.monotonic() + 10
-            while not file_exists(ready):
-                assert time.monotonic() < deadline, f"{ready} did not appear within 10 s"
-                await asyncio.sleep(0.05)
+            await start_in(backend, f"b{number}", tmp_path / f"b{number}.ready")
         yield World(client, node, tmp_path)
     finally:
         for namespace in reversed(namespaces):

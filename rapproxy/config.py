@@ -147,6 +147,13 @@ class DataplaneSettings:
         "moved by more than this (0..1); endpoint changes are always written.",
         default=0.05,
     )
+    kernel_sample_share: float = _doc(
+        "Kernel mode, policy rap, while this node is overloaded: the fraction (0..1, below 1) "
+        "of a Service's new connections the kernel REDIRECTs to the proxy, whose per-connection "
+        "rap decisions set the weights for the rest. 0: weights from telemetry alone (rap-aimd's "
+        "split). Not used with ClientIP affinity.",
+        default=0.2,
+    )
     masquerade_all: bool = _doc(
         "Kernel mode: SNAT every connection to a Service (kube-proxy's masqueradeAll).",
         default=False,
@@ -673,6 +680,10 @@ def _validate_dataplane(dataplane: DataplaneSettings) -> None:
     if not 0 <= dataplane.weight_threshold <= 1:
         raise ConfigError(
             f"dataplane.weightThreshold: {dataplane.weight_threshold} must be in [0, 1]"
+        )
+    if not 0 <= dataplane.kernel_sample_share < 1:
+        raise ConfigError(
+            f"dataplane.kernelSampleShare: {dataplane.kernel_sample_share} must be in [0, 1)"
         )
     if not 0 <= dataplane.masquerade_bit <= 31:
         raise ConfigError(f"dataplane.masqueradeBit: {dataplane.masquerade_bit} must be 0-31")

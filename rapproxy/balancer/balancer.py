@@ -106,6 +106,9 @@ class Balancer:
         # one, or was handed work while idle). See `stalled_for`.
         self._progress_at: dict[EndpointKey, float] = {}
         self.selections: defaultdict[Placement, int] = defaultdict(int)
+        # Per service whose decisions are counted: choices per node since the last `take_tally`
+        # (the kernel fast path's sample, balancer/kernel_weights.py). Empty: nothing counted.
+        self._tallies: dict[ServicePortName, dict[str | None, int]] = {}
         # The snapshot the state reflects; None until the first update, or after one failed.
         self.table: ServiceTable | None = None
 
@@ -260,7 +263,29 @@ class Balancer:
         if state.affinity is not None:
             state.affinity.remember(client_ip, key_of(choice.endpoint), now)
         self.selections[choice.placement] += 1
+        if self._tallies:
+            tally = self._tallies.get(name)
+            if tally is not None:
+                node = choice.endpoint.node_name
+                tally[node] = tally.get(node, 0) + 1
         return choice
+
+    # -- decision counts for the kernel fast path -----------------------------------------------
+
+    def count_choices(self, name: ServicePortName) -> None:
+        """Start counting the policy's choices for `name` by node (idempotent)."""
+        self._tallies.setdefault(name, {})
+
+    def stop_counting(self, name: ServicePortName) -> None:
+        self._tallies.pop(name, None)
+
+    def take_tally(self, name: ServicePortName) -> dict[str | None, int]:
+        """The policy's choices for `name` per node since the last call; counting goes on."""
+        tally = self._tallies.get(name)
+        if tally is None:
+            return {}
+        self._tallies[name] = {}
+        return tally
 
     def dial_failed(
         self, name: ServicePortName, endpoint: EndpointKey, client_ip: str, now: float

@@ -16,8 +16,18 @@ the remainder over the `top_k` best remote nodes — `balancer.rap.node_shares`)
   exactly kube-proxy's uniform random choice.
 
 Relay measurements (queues, latency — what the default `rap` policy decides from) do not exist
-in kernel mode; the connections never reach userspace. That is the price of the fast path, and
-why it is per Service and not the default.
+for connections the kernel forwards; they never reach userspace. Utilization alone is a poor
+guide once the node is overloaded: it saturates, so `rap-aimd`'s share only ever shrinks, and in
+the edge grid it sent every connection over the WAN (0.64x userspace `rap` with node-1
+overloaded at 10 ms). So while this node is overloaded (the only time `rap` spills at all) a
+Service under the `rap` policy lets the proxy decide a *sample* of its connections
+(`dataplane.kernelSampleShare`, REDIRECTed to the relay by the kernel chain): those get `rap`'s
+full per-connection decision from queues, latency curves and stalls, and the split they were
+given becomes the kernel's weights for the rest (`observed_split`, `blend`, `split_weights`).
+This is a feedback loop: too much kept local queues the local pods, the sampled connections
+see it and leave, the local share falls; too little, and they come back. The smoothing
+(`SAMPLE_BLEND`) damps it to the period. Below `MIN_SAMPLES` decisions in a period the split is
+not trusted and the previous one is kept.
 
 Pure: the caller passes candidates, a telemetry snapshot and the time.
 
@@ -30,7 +40,7 @@ whether their weights moved is judged once per layout (`shares_moved`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rapproxy.balancer.rap import node_shares
@@ -98,6 +108,64 @@ def kernel_weights(
         split.decision.value,
         split.local_share,
     )
+
+
+MIN_SAMPLES = 8  # sampled decisions in a period below which their split is not trusted
+SAMPLE_BLEND = 0.5  # weight of a period's observed split against the smoothed one before it
+
+NodeSplit = Mapping[str | None, float]
+
+
+def observed_split(tally: Mapping[str | None, int]) -> dict[str | None, float] | None:
+    """The fraction of the sampled decisions each node got; None below `MIN_SAMPLES`."""
+    total = sum(count for count in tally.values() if count > 0)
+    if total < MIN_SAMPLES:
+        return None
+    return {node: count / total for node, count in tally.items() if count > 0}
+
+
+def blend(
+    previous: NodeSplit | None, observed: NodeSplit, weight: float
+) -> dict[str | None, float]:
+    """`weight` of `observed` plus the rest of `previous` (an EWMA over periods), normalized."""
+    if previous is None:
+        mixed = dict(observed)
+    else:
+        nodes = set(previous) | set(observed)
+        mixed = {
+            node: weight * observed.get(node, 0.0) + (1.0 - weight) * previous.get(node, 0.0)
+            for node in nodes
+        }
+    total = sum(mixed.values())
+    if total <= 0:
+        return {}
+    return {node: share / total for node, share in mixed.items() if share > 0}
+
+
+def split_of(weights: KernelWeights) -> dict[str | None, float]:
+    """Each node's total share in `weights`: the starting point of a sampled split."""
+    out: dict[str | None, float] = {}
+    for share in weights.shares:
+        out[share.node] = out.get(share.node, 0.0) + share.share
+    return out
+
+
+def split_weights(
+    candidates: Sequence[Endpoint], split: NodeSplit, local_node: str, decision: str
+) -> KernelWeights | None:
+    """Each node's share of `split`, spread evenly over its candidates; renormalized over the
+    nodes that still have one. None when no candidate's node has a share."""
+    members: dict[str | None, int] = {}
+    for endpoint in candidates:
+        members[endpoint.node_name] = members.get(endpoint.node_name, 0) + 1
+    placed = sum(split.get(node, 0.0) for node in members)
+    if placed <= 0:
+        return None
+    shares = tuple(
+        _share(e, split.get(e.node_name, 0.0) / placed / members[e.node_name]) for e in candidates
+    )
+    local = sum(s.share for s in shares if s.node == local_node)
+    return KernelWeights(shares, decision, local)
 
 
 def uniform_weights(candidates: Sequence[Endpoint], reason: str) -> KernelWeights:

@@ -16,7 +16,9 @@ Per Service port `X` (the hash `h` is of its name, as kube-proxy hashes; names s
     RAPPROXY-EXT-h     externalTrafficPolicy Cluster: mark for SNAT, then -j RAPPROXY-SVC-h.
                        Local: pod sources (clusterCidrs) and the node itself go cluster-wide (the
                        node's own traffic SNATed), everything else -j RAPPROXY-SVL-h.
-    RAPPROXY-SVC-h     cluster-wide endpoints: [SNAT mark for sources outside clusterCidrs, or
+    RAPPROXY-SVC-h     cluster-wide endpoints: [a sample REDIRECTed to the proxy, whose `rap`
+                       decisions set the weights (balancer/kernel_weights.py)] [SNAT mark for
+                       sources outside clusterCidrs, or
                        all with masqueradeAll] [ClientIP affinity: `recent --rcheck` per
                        endpoint] then `statistic --mode random --probability p_i` per endpoint
                        (the last unconditional), p_i = w_i / (w_i + ... + w_n), so endpoint i is
@@ -124,12 +126,23 @@ class KernelTarget:
 
     `cluster` are the endpoints for cluster-wide traffic (RAP-weighted), `local` this node's
     endpoints (for traffic policy Local). Both already categorized (balancer/categorize.py).
+    `sample_share` of the cluster-wide connections is REDIRECTed to the proxy instead, whose
+    `rap` decisions set the weights (balancer/kernel_weights.py); 0 for none. Ignored under
+    ClientIP affinity: the kernel's `recent` entries and the relay's table would disagree.
     """
 
     service_port: ServicePort
     cluster: tuple[WeightedEndpoint, ...]
     local: tuple[WeightedEndpoint, ...]
     fallback_port: int
+    sample_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_share < 1.0:
+            raise KernelRenderError(
+                f"{comment_for(self.service_port.name)}: sample share {self.sample_share}"
+                " must be in [0, 1)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +413,14 @@ def _balance_chain(
     proto = _proto(port.protocol, name)
     comment = comment_for(name)
     rules: list[str] = []
+    if cluster_wide and target.sample_share > 0 and port.affinity_timeout_seconds is None:
+        # First, before any SNAT mark: the proxy sees the client as it is.
+        rules.append(
+            f"-A {chain} -p {proto} -m comment"
+            f" --comment {_quote(f'{comment} sample decided by the proxy')}"
+            f" -m statistic --mode random --probability {target.sample_share:.11f}"
+            f" -j REDIRECT --to-ports {target.fallback_port}"
+        )
     if cluster_wide:
         pod_cidr = config.cluster_cidr(family)
         if config.masquerade_all or pod_cidr is not None:

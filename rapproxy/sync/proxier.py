@@ -56,12 +56,17 @@ from typing import Any, Literal
 from rapproxy.balancer.balancer import Balancer, PolicyFactory
 from rapproxy.balancer.categorize import Locality, categorize
 from rapproxy.balancer.kernel_weights import (
+    SAMPLE_BLEND,
     KernelWeights,
     Layout,
+    blend,
     kernel_weights,
     layout_of,
+    observed_split,
     relabel,
     shares_moved,
+    split_of,
+    split_weights,
     uniform_weights,
     weights_moved,
 )
@@ -94,6 +99,7 @@ log = logging.getLogger(__name__)
 
 EXTERNAL_SUFFIX = " (external)"
 _RAP_POLICIES = (LbPolicy.RAP, LbPolicy.RAP_AIMD, LbPolicy.RAP_SWITCH)
+_SAMPLED = "sampled: the proxy's rap decisions on a sample of connections"
 
 
 class PortRangeExhausted(RuntimeError):
@@ -249,6 +255,9 @@ class Proxier:
         self._weight_basis: dict[ServicePortName, KernelWeights] = {}
         self._kernel_candidates: dict[ServicePortName, _KernelCandidates] = {}
         self._weights_changed_at: dict[ServicePortName, float] = {}
+        # Services whose weights follow the proxy's decisions on a sample of their connections
+        # (while this node is overloaded): the smoothed split per node.
+        self._sampled_split: dict[ServicePortName, dict[str | None, float]] = {}
         self._rules_lock = asyncio.Lock()
         # Asked for when a weight change cannot be written alone (its endpoints changed too).
         self.request_sync: Callable[[], None] | None = None
@@ -583,6 +592,7 @@ class Proxier:
         self._weight_basis.pop(name, None)
         self._weights_changed_at.pop(name, None)
         self._kernel_candidates.pop(name, None)
+        self._stop_sampling(name)
 
     def _refresh_kernel(self, name: ServicePortName, fallback_port: int) -> None:
         """(Re)build a kernel-mode service port's rules target, with freshly computed weights."""
@@ -590,11 +600,18 @@ class Proxier:
         candidates = self._candidates(name, entry)
         basis = self._compute_weights(candidates, self._clock())
         weights = relabel(basis, candidates.cluster)
+        sample_share = 0.0
+        split = self._sampled_split.get(name)
+        if split is not None:  # keep sampling through an endpoint change
+            sampled = split_weights(candidates.cluster, split, self.node_name, _SAMPLED)
+            if sampled is not None:
+                weights = sampled
+                sample_share = self.config.dataplane.kernel_sample_share
         if weights_moved(self._weights.get(name), weights, 0.0):
             self._weights_changed_at[name] = self._wall_clock()
         self._weights[name] = weights
         self._weight_basis[name] = basis
-        self._kernel[name] = self._kernel_target(candidates, weights, fallback_port)
+        self._kernel[name] = self._kernel_target(candidates, weights, fallback_port, sample_share)
 
     def _kernel_chain_changes(self) -> list[tuple[KernelTarget, KernelTarget]] | None:
         """(written, wanted) for every kernel-mode service port whose rules differ, when only
@@ -641,14 +658,58 @@ class Proxier:
         return kernel_weights(cluster, self._telemetry(), self.node_name, now, self._rap_settings)
 
     def _kernel_target(
-        self, candidates: _KernelCandidates, weights: KernelWeights, fallback_port: int
+        self,
+        candidates: _KernelCandidates,
+        weights: KernelWeights,
+        fallback_port: int,
+        sample_share: float = 0.0,
     ) -> KernelTarget:
         return KernelTarget(
             service_port=candidates.entry.port,
             cluster=tuple(WeightedEndpoint(s.ip, s.port, s.share) for s in weights.shares),
             local=tuple(WeightedEndpoint(e.ip, e.port, 1.0) for e in candidates.local),
             fallback_port=fallback_port,
+            sample_share=sample_share,
         )
+
+    def _wants_sample(
+        self, candidates: _KernelCandidates, view: TelemetryView | None, now: float
+    ) -> bool:
+        """Whether the proxy should decide a sample of this Service's connections: policy `rap`,
+        this node fresh and overloaded (the only time `rap` spills), endpoints here and
+        elsewhere to choose between, and no ClientIP affinity."""
+        if view is None or self.config.dataplane.kernel_sample_share <= 0:
+            return False
+        if candidates.layout[0] is not LbPolicy.RAP:
+            return False
+        if candidates.entry.port.affinity_timeout_seconds is not None:
+            return False
+        local_peer = view.nodes.get(self.node_name)
+        if local_peer is None or not local_peer.overloaded:
+            return False
+        if not view.is_fresh(self.node_name, now):
+            return False
+        nodes = set(candidates.layout[1])
+        return self.node_name in nodes and len(nodes) > 1
+
+    def _sampled_weights(
+        self, name: ServicePortName, candidates: _KernelCandidates, basis: KernelWeights
+    ) -> KernelWeights:
+        """The split the proxy gave this period's sampled connections, smoothed over periods;
+        it starts from the telemetry split and holds when too few were decided."""
+        self.balancer.count_choices(name)
+        previous = self._sampled_split.get(name)
+        if previous is None:
+            previous = split_of(relabel(basis, candidates.cluster))
+        observed = observed_split(self.balancer.take_tally(name))
+        split = previous if observed is None else blend(previous, observed, SAMPLE_BLEND)
+        self._sampled_split[name] = split
+        weights = split_weights(candidates.cluster, split, self.node_name, _SAMPLED)
+        return weights if weights is not None else relabel(basis, candidates.cluster)
+
+    def _stop_sampling(self, name: ServicePortName) -> None:
+        self._sampled_split.pop(name, None)
+        self.balancer.stop_counting(name)
 
     async def refresh_weights(self) -> int:
         """Recompute every kernel Service's weights; write those that moved. Returns how many.
@@ -668,6 +729,8 @@ class Proxier:
             moved: list[ServicePortName] = []
             bases: dict[tuple[LbPolicy, Layout], KernelWeights] = {}
             verdicts: dict[tuple[tuple[LbPolicy, Layout], int], bool] = {}
+            view = self._telemetry() if self._telemetry is not None else None
+            sample_share = self.config.dataplane.kernel_sample_share
             for name, entry in self._kernel_wanted.items():
                 target = self._kernel.get(name)
                 if target is None:
@@ -677,6 +740,27 @@ class Proxier:
                 basis = bases.get(layout)
                 if basis is None:
                     basis = bases[layout] = self._compute_weights(candidates, now)
+                sampling = self._wants_sample(candidates, view, now)
+                if sampling or name in self._sampled_split:
+                    # Per Service: its own sample's split, or back to the layout's weights.
+                    if sampling:
+                        weights = self._sampled_weights(name, candidates, basis)
+                        share = sample_share
+                    else:
+                        self._stop_sampling(name)
+                        weights = relabel(basis, candidates.cluster)
+                        share = 0.0
+                    if share == target.sample_share and not weights_moved(
+                        self._weights.get(name), weights, threshold
+                    ):
+                        continue
+                    self._weights[name] = weights
+                    self._weight_basis[name] = basis
+                    self._kernel[name] = self._kernel_target(
+                        candidates, weights, target.fallback_port, share
+                    )
+                    moved.append(name)
+                    continue
                 previous = self._weight_basis.get(name)
                 verdict_key = (layout, id(previous))
                 verdict = verdicts.get(verdict_key)

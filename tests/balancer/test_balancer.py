@@ -606,3 +606,25 @@ def test_choose_only_ever_returns_an_endpoint_usable_for_that_traffic(
         else:
             b.connection_closed((f"10.0.0.{pick}", 8080))
     json.dumps(b.describe(now))
+
+
+# -- decision counts (the kernel fast path's sample) ----------------------------------------------
+
+
+def test_choices_are_counted_per_node_only_for_services_asked_for() -> None:
+    b = balancer(
+        (port(), (ep(1, "node-a"), ep(2, "node-b"), ep(3, "node-b"))),
+        (port(API), (ep(4, "node-a"),)),
+    )
+    assert b.take_tally(WEB) == {}  # not counted until asked
+    b.count_choices(WEB)
+    chosen(b, 6)  # round-robin: a, b, b, a, b, b
+    chosen(b, 2, API)
+    assert b.take_tally(WEB) == {"node-a": 2, "node-b": 4}
+    assert b.take_tally(API) == {}
+    assert b.take_tally(WEB) == {}  # taken: counting starts again from zero
+    chosen(b, 3)
+    assert b.take_tally(WEB) == {"node-a": 1, "node-b": 2}
+    b.stop_counting(WEB)
+    chosen(b, 3)
+    assert b.take_tally(WEB) == {}

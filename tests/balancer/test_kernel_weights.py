@@ -10,10 +10,14 @@ from hypothesis import strategies as st
 
 from rapproxy.balancer.kernel_weights import (
     KernelWeights,
+    blend,
     kernel_weights,
     layout_of,
+    observed_split,
     relabel,
     shares_moved,
+    split_of,
+    split_weights,
     uniform_weights,
     weights_moved,
 )
@@ -167,3 +171,38 @@ def test_shares_moved_compares_by_position_against_the_threshold() -> None:
     assert not shares_moved(old, moved, 0.2)
     with pytest.raises(ValueError, match="2 shares for 3 candidates"):
         relabel(uniform_weights(endpoints([LOCAL], 2), "even"), endpoints([LOCAL], 3))
+
+
+# -- the sampled split: the proxy's decisions on a sample become the weights ----------------------
+
+
+def test_a_split_is_observed_only_from_enough_decisions() -> None:
+    assert observed_split({"n0": 3, "n1": 4}) is None  # 7 < MIN_SAMPLES
+    assert observed_split({"n0": 6, "n1": 2, "n2": 0}) == {"n0": 0.75, "n1": 0.25}
+
+
+def test_blend_moves_half_way_to_what_was_observed_and_stays_normalized() -> None:
+    previous = {"n0": 1.0}
+    mixed = blend(previous, {"n0": 0.2, "n1": 0.8}, 0.5)
+    assert mixed == pytest.approx({"n0": 0.6, "n1": 0.4})
+    assert blend(None, {"n1": 1.0}, 0.5) == {"n1": 1.0}
+    assert blend({"n0": 0.0}, {"n0": 0.0}, 0.5) == {}
+
+
+def test_split_weights_spread_a_nodes_share_over_its_endpoints_and_drop_gone_nodes() -> None:
+    candidates = endpoints(["n0", "n1"])  # two endpoints each
+    weights = split_weights(candidates, {"n0": 0.6, "n1": 0.2, "n9": 0.2}, LOCAL, "sampled")
+    assert weights is not None
+    # n9 has no candidate any more: the others keep their proportions, 0.75 / 0.25.
+    assert [s.share for s in weights.shares] == pytest.approx([0.375, 0.375, 0.125, 0.125])
+    assert weights.local_share == pytest.approx(0.75)
+    assert weights.decision == "sampled"
+    assert split_weights(candidates, {"n9": 1.0}, LOCAL, "sampled") is None
+
+
+def test_split_of_sums_each_nodes_shares() -> None:
+    view = tracker(0.95, {"n1": (0.1, 0.01), "n2": (0.1, 0.01)}, samples=2).snapshot()
+    weights = kernel_weights(endpoints(["n0", "n1", "n2"]), view, LOCAL, NOW, SETTINGS)
+    split = split_of(weights)
+    assert split[LOCAL] == pytest.approx(weights.local_share)
+    assert sum(split.values()) == pytest.approx(1.0)

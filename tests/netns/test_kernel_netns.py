@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import select
 import socket
 from collections import Counter
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from rapproxy.balancer.rap import rap_policy_factory
 from rapproxy.config import from_mapping
 from rapproxy.model.service import ServicePort, ServicePortName
 from rapproxy.model.telemetry import NodeStats, RapSettings, TelemetryTracker
@@ -191,7 +193,10 @@ async def test_weights_follow_the_injected_load_of_the_local_node(
     telemetry.record_local(NodeStats("n0", 0.2, 0.2, now))
     telemetry.record_peer("n1", NodeStats("n1", 0.1, 0.2, now), 0.001)
     telemetry.record_peer("n2", NodeStats("n2", 0.1, 0.2, now), 0.001)
-    config = from_mapping({"dataplane": {"mode": "kernel", "weightThreshold": 0.02}})
+    # Telemetry alone (no sample): the weights are rap-aimd's split.
+    config = from_mapping(
+        {"dataplane": {"mode": "kernel", "weightThreshold": 0.02, "kernelSampleShare": 0}}
+    )
     proxier = Proxier(
         config,
         "n0",
@@ -227,6 +232,98 @@ async def test_weights_follow_the_injected_load_of_the_local_node(
         saved = await proxier.iptables[0].save()
         assert "RAPPROXY-SVC" not in saved
         assert f"-d {CLUSTER_IP}/32" in saved and "REDIRECT --to-ports 15001" in saved
+        await proxier.cleanup_rules()
+        assert "RAPPROXY" not in await proxier.iptables[0].save()
+
+
+def routed(node: Namespace, listeners: dict[str, socket.socket], count: int) -> list[str]:
+    """Open `count` connections to the ClusterIP one after another; which listener got each
+    (by name), and for the backends' listener which endpoint address. Blocking: run in a thread."""
+    out: list[str] = []
+    for _ in range(count):
+        client = node.socket()
+        with client:
+            client.settimeout(5)
+            client.connect((CLUSTER_IP, 80))
+            ready, _, _ = select.select(list(listeners.values()), [], [], 5)
+            assert ready, "no listener got the connection"
+            which = next(name for name, sock in listeners.items() if sock is ready[0])
+            accepted, _ = ready[0].accept()
+            with accepted:
+                out.append(which if which == "proxy" else accepted.getsockname()[0])
+    return out
+
+
+async def test_while_overloaded_a_sample_reaches_the_proxy_and_its_decisions_set_the_weights(
+    make_namespace: MakeNamespace,
+) -> None:
+    """The sample rule REDIRECTs its share to the proxy's port; the decisions the proxier makes
+    for those connections (its `choose`, which the relay calls per connection, here with the
+    real `rap` policy) move the weights of the rest; healthy again, the sample rule goes."""
+    node, _, listener = await world(make_namespace)
+    settings = RapSettings()
+    telemetry = TelemetryTracker("n0", settings)
+    now = 100.0
+    telemetry.record_local(NodeStats("n0", 0.2, 0.2, now))
+    telemetry.record_peer("n1", NodeStats("n1", 0.1, 0.2, now), 0.001)
+    telemetry.record_peer("n2", NodeStats("n2", 0.1, 0.2, now), 0.001)
+    config = from_mapping(
+        {"dataplane": {"mode": "kernel", "weightThreshold": 0.02, "kernelSampleShare": 0.3}}
+    )
+    proxier = Proxier(
+        config,
+        "n0",
+        iptables=[await runner_in(node)],
+        policy_factory=rap_policy_factory(telemetry.snapshot, settings, random.Random(3)),
+        clock=lambda: now,
+        telemetry=telemetry.snapshot,
+        rap_settings=settings,
+    )
+    service, endpoint_slice = objects({})
+    proxier.tracker.service_updated(service)
+    proxier.tracker.slice_updated(endpoint_slice)
+    proxy = node.socket()
+    proxy.bind(("0.0.0.0", 15001))
+    proxy.listen(512)
+    listeners = {"proxy": proxy, "backends": listener}
+    with listener, proxy:
+        await proxier.sync()
+        assert await proxier.refresh_weights() == 0  # healthy: no sample, nothing moves
+        assert "sample decided by the proxy" not in await proxier.iptables[0].save()
+
+        telemetry.record_local(NodeStats("n0", 0.95, 0.2, now))
+        telemetry.record_local(NodeStats("n0", 0.95, 0.2, now))
+        assert await proxier.refresh_weights() == 1
+        state = proxier.describe()["kernel"]["default/web:http"]
+        assert state["decision"].startswith("sampled")
+        assert state["local_share"] == pytest.approx(0.49)  # rap-aimd's split to start from
+
+        seen = Counter(await asyncio.to_thread(routed, node, listeners, CONNECTIONS))
+        assert abs(seen["proxy"] - CONNECTIONS * 0.3) <= sigma5(CONNECTIONS, 0.3), dict(seen)
+        assert_shares(Counter({ip: seen[ip] for ip in ENDPOINTS}), (0.49, 0.255, 0.255))
+
+        # Play the relay: one decision per connection the proxy received.
+        key = proxier.service_for("TCP", CLUSTER_IP, 80)
+        assert key is not None
+        decided: Counter[str] = Counter()
+        for _ in range(seen["proxy"]):
+            backend = proxier.choose(key, "10.200.0.1", frozenset())
+            assert backend is not None
+            decided[backend.ip] += 1
+        observed_local = decided[ENDPOINTS[0]] / sum(decided.values())
+        assert await proxier.refresh_weights() == 1
+        state = proxier.describe()["kernel"]["default/web:http"]
+        expected_local = 0.5 * 0.49 + 0.5 * observed_local
+        assert state["local_share"] == pytest.approx(expected_local)
+        assert state["weights"][f"{ENDPOINTS[0]}:8080"] == pytest.approx(expected_local)
+
+        # Healthy again (below the exit threshold): the sample rule goes, all stays local.
+        for _ in range(10):
+            telemetry.record_local(NodeStats("n0", 0.1, 0.2, now))
+        assert await proxier.refresh_weights() == 1
+        assert "sample decided by the proxy" not in await proxier.iptables[0].save()
+        seen = Counter(await asyncio.to_thread(routed, node, listeners, 50))
+        assert seen == Counter({ENDPOINTS[0]: 50})
         await proxier.cleanup_rules()
         assert "RAPPROXY" not in await proxier.iptables[0].save()
 

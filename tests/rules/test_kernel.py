@@ -126,6 +126,38 @@ def test_client_ip_affinity_checks_recent_lists_before_drawing() -> None:
     assert f"-m recent --set --name {sep_a} --mask 255.255.255.255 --rsource" in text
 
 
+def sampled(service: ServicePort | None = None, share: float = 0.2) -> KernelTarget:
+    return KernelTarget(service or port(), (A, B, C), (A,), 15001, sample_share=share)
+
+
+def test_a_sample_is_redirected_to_the_proxy_first_then_the_weights_draw() -> None:
+    config = KernelConfig(cluster_cidrs=("10.244.0.0/16",))
+    text = render_rules([], RuleConfig(kernel=config), kernel=[sampled()])
+    chain = lines(text, SVC)
+    assert chain[0] == (
+        f'-A {SVC} -p tcp -m comment --comment "default/web:http sample decided by the proxy"'
+        " -m statistic --mode random --probability 0.20000000000 -j REDIRECT --to-ports 15001"
+    )
+    assert "RAPPROXY-MARK-MASQ" in chain[1]  # the SNAT mark comes after: the proxy sees the client
+    assert len(chain) == 5
+    # Only the cluster-wide chain samples; the weight update carries the sample rule.
+    assert not any("REDIRECT" in line for line in lines(text, SVL))
+    update = render_weight_update([sampled()], config, 4)
+    assert lines(update, SVC) == chain
+
+
+def test_no_sample_under_client_ip_affinity_or_at_share_zero() -> None:
+    for target_ in (sampled(port(affinity_timeout_seconds=600)), sampled(share=0.0)):
+        text = render_rules([], RuleConfig(), kernel=[target_])
+        assert not any("REDIRECT" in line for line in lines(text, SVC))
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, 1.5])
+def test_a_sample_share_outside_zero_to_one_is_refused(share: float) -> None:
+    with pytest.raises(KernelRenderError, match="sample share"):
+        sampled(share=share)
+
+
 def test_nodeport_and_external_ips_go_through_the_external_chain_which_masquerades() -> None:
     service = port(node_port=30080, external_ips=("192.0.2.7",), load_balancer_ips=("192.0.2.8",))
     text = render_rules([], RuleConfig(), kernel=[target(service)])

@@ -672,24 +672,22 @@ class Proxier:
             sample_share=sample_share,
         )
 
-    def _wants_sample(
-        self, candidates: _KernelCandidates, view: TelemetryView | None, now: float
+    def _layout_wants_sample(
+        self, layout: tuple[LbPolicy, Layout], view: TelemetryView | None, now: float
     ) -> bool:
-        """Whether the proxy should decide a sample of this Service's connections: policy `rap`,
-        this node fresh and overloaded (the only time `rap` spills), endpoints here and
-        elsewhere to choose between, and no ClientIP affinity."""
+        """Whether the proxy should decide a sample of the connections of Services of this
+        layout (without ClientIP affinity): policy `rap`, this node fresh and overloaded (the
+        only time `rap` spills), and endpoints here and elsewhere to choose between."""
         if view is None or self.config.dataplane.kernel_sample_share <= 0:
             return False
-        if candidates.layout[0] is not LbPolicy.RAP:
-            return False
-        if candidates.entry.port.affinity_timeout_seconds is not None:
+        if layout[0] is not LbPolicy.RAP:
             return False
         local_peer = view.nodes.get(self.node_name)
         if local_peer is None or not local_peer.overloaded:
             return False
         if not view.is_fresh(self.node_name, now):
             return False
-        nodes = set(candidates.layout[1])
+        nodes = set(layout[1])
         return self.node_name in nodes and len(nodes) > 1
 
     def _sampled_weights(
@@ -698,10 +696,18 @@ class Proxier:
         """The split the proxy gave this period's sampled connections, smoothed over periods;
         it starts from the telemetry split and holds when too few were decided."""
         self.balancer.count_choices(name)
+        observed = observed_split(self.balancer.take_tally(name))
         previous = self._sampled_split.get(name)
+        current = self._weights.get(name)
+        if (
+            observed is None
+            and previous is not None
+            and current is not None
+            and current.decision == _SAMPLED
+        ):
+            return current  # nothing new was decided: what is written stands
         if previous is None:
             previous = split_of(relabel(basis, candidates.cluster))
-        observed = observed_split(self.balancer.take_tally(name))
         split = previous if observed is None else blend(previous, observed, SAMPLE_BLEND)
         self._sampled_split[name] = split
         weights = split_weights(candidates.cluster, split, self.node_name, _SAMPLED)
@@ -731,6 +737,7 @@ class Proxier:
             verdicts: dict[tuple[tuple[LbPolicy, Layout], int], bool] = {}
             view = self._telemetry() if self._telemetry is not None else None
             sample_share = self.config.dataplane.kernel_sample_share
+            sample_layouts: dict[tuple[LbPolicy, Layout], bool] = {}
             for name, entry in self._kernel_wanted.items():
                 target = self._kernel.get(name)
                 if target is None:
@@ -740,9 +747,13 @@ class Proxier:
                 basis = bases.get(layout)
                 if basis is None:
                     basis = bases[layout] = self._compute_weights(candidates, now)
-                sampling = self._wants_sample(candidates, view, now)
+                sampling = sample_layouts.get(layout)
+                if sampling is None:
+                    sampling = sample_layouts[layout] = self._layout_wants_sample(layout, view, now)
+                sampling = sampling and entry.port.affinity_timeout_seconds is None
                 if sampling or name in self._sampled_split:
                     # Per Service: its own sample's split, or back to the layout's weights.
+                    current = self._weights.get(name)
                     if sampling:
                         weights = self._sampled_weights(name, candidates, basis)
                         share = sample_share
@@ -750,8 +761,8 @@ class Proxier:
                         self._stop_sampling(name)
                         weights = relabel(basis, candidates.cluster)
                         share = 0.0
-                    if share == target.sample_share and not weights_moved(
-                        self._weights.get(name), weights, threshold
+                    if share == target.sample_share and (
+                        weights is current or not weights_moved(current, weights, threshold)
                     ):
                         continue
                     self._weights[name] = weights

@@ -21,7 +21,8 @@ connection), below the lowest likewise. The lowest level is the pod's unloaded b
 pod that serves one request after another has a straight curve (n-th in line waits n service
 times); a pod stalled by its CPU quota has a flat one (everyone waits for the stall); a fixed
 "service time x (in flight + 1)" model, fitted to either, mispredicts the other by the size of
-the queue. The curve is rebuilt from the levels measured within `hold` seconds on every sample.
+the queue. The curve is made of the levels measured within `hold` seconds of the latest
+sample.
 
 **Averages.** Each figure is a moving average whose weight per sample is the larger of a
 fixed weight (`rise` for a sample above the average, `fall` below) and the share of the time
@@ -78,11 +79,29 @@ class EndpointSignal:
     service_at: float = -math.inf
     last_response: float = 0.0  # the latest raw first-byte time, for operators
     # (in flight, server time) of the levels measured within `hold` of the last sample,
-    # ordered by in flight: what `server_time` reads. Rebuilt on each sample.
-    curve: tuple[tuple[float, float], ...] = ()
+    # ordered by in flight: what `server_time` reads (`curve`). Rebuilt when first read after
+    # a sample, not on each one: a healthy node's lone local endpoint is never priced, and
+    # the rebuild was ~5 % of a short connection's CPU. `_curve_horizon`: the oldest level
+    # time the pending rebuild keeps (None: `_curve` is current).
+    _curve: tuple[tuple[float, float], ...] = ()
+    _curve_horizon: float | None = None
     # The last GAPS silences, in arrival order and sorted (what `residual` reads).
     gaps: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=GAPS))
     gaps_sorted: list[float] = field(default_factory=list)
+
+    @property
+    def curve(self) -> tuple[tuple[float, float], ...]:
+        horizon = self._curve_horizon
+        if horizon is not None:
+            self._curve = tuple(
+                sorted(
+                    (self.load[i], self.latency[i])
+                    for i in range(LEVELS)
+                    if self.level_at[i] >= horizon
+                )
+            )
+            self._curve_horizon = None
+        return self._curve
 
     def residual(self, age: float) -> float:
         """Expected further wait for an answer, `age` seconds into a silence.
@@ -203,14 +222,7 @@ class EndpointSignals:
         record.service_samples += 1
         record.service_at = now
         record.last_response = response_seconds
-        horizon = now - self.hold
-        record.curve = tuple(
-            sorted(
-                (record.load[i], record.latency[i])
-                for i in range(LEVELS)
-                if record.level_at[i] >= horizon
-            )
-        )
+        record._curve_horizon = now - self.hold
 
     def silence_ended(self, key: EndpointKey, gap: float) -> None:
         """An endpoint with requests awaiting an answer answered after `gap` seconds of

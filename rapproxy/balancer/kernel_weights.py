@@ -142,14 +142,6 @@ def blend(
     return {node: share / total for node, share in mixed.items() if share > 0}
 
 
-def split_of(weights: KernelWeights) -> dict[str | None, float]:
-    """Each node's total share in `weights`: the starting point of a sampled split."""
-    out: dict[str | None, float] = {}
-    for share in weights.shares:
-        out[share.node] = out.get(share.node, 0.0) + share.share
-    return out
-
-
 def split_weights(
     candidates: Sequence[Endpoint], split: NodeSplit, local_node: str, decision: str
 ) -> KernelWeights | None:

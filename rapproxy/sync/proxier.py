@@ -65,7 +65,6 @@ from rapproxy.balancer.kernel_weights import (
     observed_split,
     relabel,
     shares_moved,
-    split_of,
     split_weights,
     uniform_weights,
     weights_moved,
@@ -694,7 +693,11 @@ class Proxier:
         self, name: ServicePortName, candidates: _KernelCandidates, basis: KernelWeights
     ) -> KernelWeights:
         """The split the proxy gave this period's sampled connections, smoothed over periods;
-        it starts from the telemetry split and holds when too few were decided."""
+        it starts all local, as `rap` does, and holds when too few were decided.
+
+        Not from `rap-aimd`'s split: by the time a node is overloaded that has often shrunk
+        to nothing, and the edge grid's 5-second runs with two clients then spent most of
+        their time climbing back (0.53x userspace `rap`, which stays local there)."""
         self.balancer.count_choices(name)
         observed = observed_split(self.balancer.take_tally(name))
         previous = self._sampled_split.get(name)
@@ -707,7 +710,7 @@ class Proxier:
         ):
             return current  # nothing new was decided: what is written stands
         if previous is None:
-            previous = split_of(relabel(basis, candidates.cluster))
+            previous = {self.node_name: 1.0}  # where `rap` starts: local first
         split = previous if observed is None else blend(previous, observed, SAMPLE_BLEND)
         self._sampled_split[name] = split
         weights = split_weights(candidates.cluster, split, self.node_name, _SAMPLED)

@@ -16,7 +16,6 @@ from rapproxy.balancer.kernel_weights import (
     observed_split,
     relabel,
     shares_moved,
-    split_of,
     split_weights,
     uniform_weights,
     weights_moved,
@@ -199,10 +198,3 @@ def test_split_weights_spread_a_nodes_share_over_its_endpoints_and_drop_gone_nod
     assert weights.decision == "sampled"
     assert split_weights(candidates, {"n9": 1.0}, LOCAL, "sampled") is None
 
-
-def test_split_of_sums_each_nodes_shares() -> None:
-    view = tracker(0.95, {"n1": (0.1, 0.01), "n2": (0.1, 0.01)}, samples=2).snapshot()
-    weights = kernel_weights(endpoints(["n0", "n1", "n2"]), view, LOCAL, NOW, SETTINGS)
-    split = split_of(weights)
-    assert split[LOCAL] == pytest.approx(weights.local_share)
-    assert sum(split.values()) == pytest.approx(1.0)

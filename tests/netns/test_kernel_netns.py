@@ -296,12 +296,18 @@ async def test_while_overloaded_a_sample_reaches_the_proxy_and_its_decisions_set
         assert await proxier.refresh_weights() == 1
         state = proxier.describe()["kernel"]["default/web:http"]
         assert state["decision"].startswith("sampled")
-        assert state["local_share"] == pytest.approx(0.49)  # rap-aimd's split to start from
+        assert state["local_share"] == 1.0  # where rap starts: local first
 
         seen = Counter(await asyncio.to_thread(routed, node, listeners, CONNECTIONS))
         assert abs(seen["proxy"] - CONNECTIONS * 0.3) <= sigma5(CONNECTIONS, 0.3), dict(seen)
-        assert_shares(Counter({ip: seen[ip] for ip in ENDPOINTS}), (0.49, 0.255, 0.255))
+        assert seen[ENDPOINTS[0]] == CONNECTIONS - seen["proxy"], dict(seen)
 
+        # The local pod answers in 200 ms, the remote ones in 1 ms: rap spills what it decides.
+        for ip, seconds in zip(ENDPOINTS, (0.2, 0.001, 0.001), strict=True):
+            for _ in range(3):
+                queued = proxier.balancer.connection_opened((ip, 8080), 0.0005, now)
+                proxier.balancer.first_response((ip, 8080), 0.0005, seconds, now, queued)
+                proxier.balancer.connection_closed((ip, 8080), awaiting=False)
         # Play the relay: one decision per connection the proxy received.
         key = proxier.service_for("TCP", CLUSTER_IP, 80)
         assert key is not None
@@ -311,11 +317,14 @@ async def test_while_overloaded_a_sample_reaches_the_proxy_and_its_decisions_set
             assert backend is not None
             decided[backend.ip] += 1
         observed_local = decided[ENDPOINTS[0]] / sum(decided.values())
+        assert observed_local < 0.5, dict(decided)
         assert await proxier.refresh_weights() == 1
         state = proxier.describe()["kernel"]["default/web:http"]
-        expected_local = 0.5 * 0.49 + 0.5 * observed_local
+        expected_local = 0.5 * 1.0 + 0.5 * observed_local
         assert state["local_share"] == pytest.approx(expected_local)
         assert state["weights"][f"{ENDPOINTS[0]}:8080"] == pytest.approx(expected_local)
+        remote = state["weights"][f"{ENDPOINTS[1]}:8080"] + state["weights"][f"{ENDPOINTS[2]}:8080"]
+        assert remote == pytest.approx(1.0 - expected_local)
 
         # Healthy again (below the exit threshold): the sample rule goes, all stays local.
         for _ in range(10):

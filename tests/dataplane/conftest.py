@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from rapproxy.dataplane.native import NativeTcpRelayServer
 from rapproxy.dataplane.routing import Backend, L4Protocol
 from rapproxy.dataplane.stats import RelayStats
-from rapproxy.dataplane.native import NativeTcpRelayServer
 from rapproxy.dataplane.tcp import TcpRelayServer, TcpRelaySettings, fixed_destination
 
 SERVICE = "default/web:80/TCP"

@@ -126,8 +126,8 @@ class ProxySettings:
         "and its timeouts, byte copying, half-close, resets, idle and cap in C; the "
         "balancing decisions and accounting stay in Python, so every lbPolicy works the same. "
         "'asyncio': the all-Python relay on uvloop. A missing native build is an error at "
-        "start, never a silent fall-back. The native engine counts a connection's bytes when "
-        "it ends, and allows at most 8 dialTimeouts.",
+        "start, never a silent fall-back. The native engine adds a connection's bytes to the "
+        "counters once a second rather than per read, and allows at most 8 dialTimeouts.",
         default=RelayEngine.NATIVE,
     )
     drain_timeout: float = _doc(

@@ -48,6 +48,7 @@
 #define READS_PER_EVENT 8
 #define FIN_PEEKS 4
 #define NOT_REGISTERED 0xffffffffu
+#define FLUSH_EVERY 1.0 /* seconds between byte-count reports of live relays */
 
 enum kind { K_LISTENER = 1, K_SIDE = 2, K_TIMER = 3 };
 enum state { DIALING = 1, RELAYING = 2, DEAD = 3 };
@@ -82,6 +83,7 @@ typedef struct conn {
     struct conn *dead_next;
     double dial_started, deadline, request_at;
     unsigned long long bytes[2];
+    unsigned long long reported[2]; /* bytes already handed to Python (progress, finished) */
     int attempt;
     uint8_t state, in_fifo, opened, awaiting, timing, touched, idle_ticks, peeks_left;
 } conn;
@@ -91,11 +93,11 @@ typedef struct {
     int ep, tfd;
     uint8_t timer_kind;
     PyObject *on_accept, *on_dial_failed, *on_opened, *on_answered, *on_request;
-    PyObject *on_backend_done, *on_finished, *on_rejected;
+    PyObject *on_backend_done, *on_finished, *on_rejected, *on_progress;
     PyObject *fixed_ip, *fixed_port;
     double timeouts[MAX_ATTEMPTS];
     int ntimeouts;
-    double idle, next_sweep, armed;
+    double idle, next_sweep, next_flush, armed;
     size_t chunk;
     long max_conns, active;
     conn *all;
@@ -207,6 +209,8 @@ static void fifo_append(Engine *e, conn *c) {
  * would cost a syscall per connection. */
 static void rearm(Engine *e) {
     double want = e->idle > 0 ? e->next_sweep : 0;
+    if (e->all && (want == 0 || e->next_flush < want))
+        want = e->next_flush;
     for (int k = 0; k < e->ntimeouts; k++) {
         conn *h = e->fifo_head[k];
         if (h && (want == 0 || h->deadline < want))
@@ -259,8 +263,8 @@ static void finish(Engine *e, conn *c, int how) {
     c->dead_next = e->dead;
     e->dead = c;
     e->active--;
-    PyObject *b0 = PyLong_FromUnsignedLongLong(c->bytes[0]);
-    PyObject *b1 = PyLong_FromUnsignedLongLong(c->bytes[1]);
+    PyObject *b0 = PyLong_FromUnsignedLongLong(c->bytes[0] - c->reported[0]);
+    PyObject *b1 = PyLong_FromUnsignedLongLong(c->bytes[1] - c->reported[1]);
     PyObject *aw = PyLong_FromLong(c->opened ? c->awaiting : -1);
     PyObject *idle = how == END_IDLE ? Py_True : Py_False;
     c->opened = 0;
@@ -682,6 +686,8 @@ static void accept_one(Engine *e, int fd, struct sockaddr_storage *peer, socklen
     Py_DECREF(r);
     c->state = DIALING;
     c->s[0].fd = fd;
+    if (e->all == NULL && e->next_flush < now)
+        e->next_flush = now + FLUSH_EVERY;
     c->next = e->all;
     if (e->all)
         e->all->prev = c;
@@ -728,6 +734,28 @@ static void sweep_idle(Engine *e) {
     }
 }
 
+/* Hand Python the bytes relayed since the last report, so a long-lived connection's traffic
+ * shows in the counters while it lasts: once per FLUSH_EVERY, only for relays that moved any. */
+static void flush_bytes(Engine *e) {
+    for (conn *c = e->all; c; c = c->next) {
+        if (c->state != RELAYING ||
+            (c->bytes[0] == c->reported[0] && c->bytes[1] == c->reported[1]))
+            continue;
+        PyObject *b0 = PyLong_FromUnsignedLongLong(c->bytes[0] - c->reported[0]);
+        PyObject *b1 = PyLong_FromUnsignedLongLong(c->bytes[1] - c->reported[1]);
+        if (b0 && b1) {
+            PyObject *args[3] = {c->ctx, b0, b1};
+            call_void(e->on_progress, args, 3);
+            c->reported[0] = c->bytes[0];
+            c->reported[1] = c->bytes[1];
+        } else {
+            PyErr_WriteUnraisable(NULL);
+        }
+        Py_XDECREF(b0);
+        Py_XDECREF(b1);
+    }
+}
+
 static void on_timer(Engine *e, double now) {
     uint64_t expirations;
     if (read(e->tfd, &expirations, sizeof expirations) < 0) { /* spurious: nothing to read */
@@ -742,6 +770,10 @@ static void on_timer(Engine *e, double now) {
     if (e->idle > 0 && now >= e->next_sweep) {
         e->next_sweep = now + e->idle / 4;
         sweep_idle(e);
+    }
+    if (now >= e->next_flush) {
+        e->next_flush = now + FLUSH_EVERY;
+        flush_bytes(e);
     }
 }
 
@@ -930,6 +962,7 @@ static int Engine_clear(Engine *e) {
     Py_CLEAR(e->on_backend_done);
     Py_CLEAR(e->on_finished);
     Py_CLEAR(e->on_rejected);
+    Py_CLEAR(e->on_progress);
     return 0;
 }
 
@@ -957,6 +990,7 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     Py_VISIT(e->on_backend_done);
     Py_VISIT(e->on_finished);
     Py_VISIT(e->on_rejected);
+    Py_VISIT(e->on_progress);
     for (conn *c = e->all; c; c = c->next)
         Py_VISIT(c->ctx);
     return 0;
@@ -1021,12 +1055,12 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
         e->fixed_ip = Py_NewRef(PyTuple_GET_ITEM(fixed, 0));
         e->fixed_port = Py_NewRef(PyTuple_GET_ITEM(fixed, 1));
     }
-    const char *names[] = {"accept", "dial_failed", "opened", "answered",
-                           "request_again", "backend_done", "finished", "rejected"};
+    const char *names[] = {"accept",        "dial_failed", "opened",   "answered", "request_again",
+                           "backend_done",  "finished",    "rejected", "progress"};
     PyObject **slots[] = {&e->on_accept,  &e->on_dial_failed,  &e->on_opened,
                           &e->on_answered, &e->on_request,     &e->on_backend_done,
-                          &e->on_finished, &e->on_rejected};
-    for (int k = 0; k < 8; k++) {
+                          &e->on_finished, &e->on_rejected,    &e->on_progress};
+    for (int k = 0; k < 9; k++) {
         PyObject *fn = PyObject_GetAttrString(handler, names[k]);
         if (fn == NULL) {
             Engine_clear(e);

@@ -20,8 +20,7 @@ answered, backend FIN, finished); nothing per chunk.
 Differences from the asyncio relay, by design:
 - While dialling, nothing is read from the client: its bytes wait in the kernel (the asyncio
   relay holds one read). A client reset still ends the dial at once.
-- Byte counters are added when a relay ends, not per chunk: a long-lived connection's traffic
-  shows in the metrics when it closes.
+- Byte counters are added once a second for live relays and when a relay ends, not per chunk.
 - Destinations: the engine answers `intercepted_destination` (SO_ORIGINAL_DST, IPv4 and IPv6)
   and `fixed_destination` itself, in C; any other resolver is refused at construction.
 - At most 8 dial attempts (the C engine keeps one deadline queue per attempt).
@@ -238,6 +237,11 @@ class _Handler:
         finally:
             if server.active_connections == 0:
                 server.drained.set()
+
+    def progress(self, relay: _Relay, bytes_from_client: int, bytes_to_client: int) -> None:
+        counters = relay.counters
+        counters.bytes_from_clients += bytes_from_client
+        counters.bytes_to_clients += bytes_to_client
 
     def rejected(self) -> None:
         try:

@@ -141,3 +141,30 @@ async def test_many_dials_timing_out_together_each_move_on_once(
         assert selector.opened.count(alive) == 100
     finally:
         await server.aclose()
+
+
+async def test_a_long_lived_connection_s_bytes_show_while_it_lasts(
+    echo_backend, make_selector, eventually
+) -> None:
+    backend = await echo_backend()
+    server = NativeTcpRelayServer(
+        make_selector([backend]), destination=fixed_destination("10.96.0.10", 80)
+    )
+    await server.start([("127.0.0.1", 0)])
+    try:
+        reader, writer = await asyncio.open_connection(*server.addresses[0])
+        writer.write(b"y" * 500)
+        assert await reader.readexactly(500) == b"y" * 500
+
+        def counted() -> tuple[int, int]:
+            counters = server.stats.snapshot().services[SERVICE]
+            return counters.bytes_from_clients, counters.bytes_to_clients
+
+        await eventually(lambda: counted() == (500, 500), within=3, what="the bytes counted")
+        writer.write(b"z" * 100)  # after a report: only the rest is added at the end
+        assert await reader.readexactly(100) == b"z" * 100
+        writer.close()
+        await eventually(lambda: server.active_connections == 0, what="the relay to end")
+        assert counted() == (600, 600)
+    finally:
+        await server.aclose()

@@ -376,12 +376,12 @@ static void relay_read(Engine *e, conn *c, int i, double now) {
             a->eof = 1;
             if (i == 1)
                 backend_done(e, c);
-            if (a->len == 0)
-                shut_peer(b);
-            if (both_ended(c)) {
+            if (both_ended(c)) { /* close() sends the FIN a shutdown() would have */
                 finish(e, c, END_CLOSE);
                 return;
             }
+            if (a->len == 0)
+                shut_peer(b);
             break;
         } else {
             if (errno == EINTR)
@@ -413,12 +413,12 @@ static void relay_write(Engine *e, conn *c, int j) {
         free(a->buf); /* an idle relay keeps no buffer */
         a->buf = NULL;
         a->off = 0;
-        if (a->eof)
-            shut_peer(b);
         if (both_ended(c)) {
             finish(e, c, END_CLOSE);
             return;
         }
+        if (a->eof)
+            shut_peer(b);
     }
     update_interest(e, c);
 }

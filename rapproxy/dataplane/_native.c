@@ -58,6 +58,7 @@ struct conn;
 
 typedef struct listener {
     uint8_t kind;
+    uint8_t paused; /* out of the epoll set after EMFILE, until a relay frees descriptors */
     int fd;
     struct listener *next;
 } listener;
@@ -104,6 +105,7 @@ typedef struct {
     conn *fifo_head[MAX_ATTEMPTS], *fifo_tail[MAX_ATTEMPTS];
     conn *dead;
     listener *listeners;
+    int listeners_paused;
     char *scratch;
     int in_run;
     struct sockaddr_storage last_peer;
@@ -280,6 +282,18 @@ static void finish(Engine *e, conn *c, int how) {
 }
 
 static void free_dead(Engine *e) {
+    if (e->dead && e->listeners_paused) {
+        e->listeners_paused = 0;
+        for (listener *l = e->listeners; l; l = l->next) {
+            if (l->paused) {
+                struct epoll_event ev = {.events = EPOLLIN, .data.ptr = l};
+                if (epoll_ctl(e->ep, EPOLL_CTL_ADD, l->fd, &ev) == 0)
+                    l->paused = 0;
+                else
+                    e->listeners_paused = 1;
+            }
+        }
+    }
     while (e->dead) {
         conn *c = e->dead;
         e->dead = c->dead_next;
@@ -709,7 +723,14 @@ static void on_listener(Engine *e, listener *l, double now) {
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            return; /* EAGAIN; or EMFILE and the like: try again on the next event */
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* Out of descriptors: the listener stays readable, and a level-triggered wait
+                 * would spin. Leave the set until a relay ends; clients wait in the queue. */
+                epoll_ctl(e->ep, EPOLL_CTL_DEL, l->fd, NULL);
+                l->paused = 1;
+                e->listeners_paused = 1;
+            }
+            return; /* EAGAIN: the queue is empty */
         }
         accept_one(e, fd, &peer, plen, now);
     }

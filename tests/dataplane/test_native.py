@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import resource
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -167,4 +173,88 @@ async def test_a_long_lived_connection_s_bytes_show_while_it_lasts(
         await eventually(lambda: server.active_connections == 0, what="the relay to end")
         assert counted() == (600, 600)
     finally:
+        await server.aclose()
+
+
+def limit_leaving_free(free: int) -> int:
+    """The RLIMIT_NOFILE under which exactly `free` more descriptors can be opened (the limit
+    bounds descriptor numbers, and a new descriptor takes the lowest free number)."""
+    lowest_free = os.dup(0)  # the number listdir's own descriptor will take, then give back
+    os.close(lowest_free)
+    used = {int(name) for name in os.listdir("/proc/self/fd")} - {lowest_free}
+    limit = 0
+    while free:
+        if limit not in used:
+            free -= 1
+        limit += 1
+    return limit
+
+
+_ECHO_PROCESS = """
+import socket, threading
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(16)
+print(server.getsockname()[1], flush=True)
+def echo(conn):
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+while True:
+    threading.Thread(target=echo, args=(server.accept()[0],), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def echo_process() -> Iterator[Backend]:
+    """An echo backend in a process of its own (its descriptors are not this process's)."""
+    process = subprocess.Popen([sys.executable, "-c", _ECHO_PROCESS], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        yield Backend("127.0.0.1", int(process.stdout.readline()))
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_out_of_descriptors_the_listener_waits_instead_of_spinning(
+    make_selector, eventually, echo_process: Backend
+) -> None:
+    """EMFILE leaves the listening socket readable: a level-triggered wait would spin on it.
+    The engine leaves the epoll set until a relay ends; clients meanwhile wait in the queue.
+    The backend runs in another process, so only the relay spends this process's descriptors."""
+    server = NativeTcpRelayServer(
+        make_selector([echo_process]), destination=fixed_destination("10.96.0.10", 80)
+    )
+    await server.start([("127.0.0.1", 0)])
+    clients = [socket.socket() for _ in range(3)]  # made now: connect() needs no descriptor
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    loop = asyncio.get_running_loop()
+    try:
+        for client in clients:
+            client.setblocking(False)
+        # Room for exactly one relay: its client and upstream sockets.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving_free(2), hard))
+        for client in clients:
+            await loop.sock_connect(client, server.addresses[0])
+        await eventually(lambda: server.active_connections == 1, what="one relay")
+        cpu_before = time.process_time()
+        await asyncio.sleep(0.3)  # long enough for a spinning loop to burn most of it
+        assert time.process_time() - cpu_before < 0.15
+        assert server.active_connections == 1
+        async with asyncio.timeout(5):
+            await loop.sock_sendall(clients[0], b"ping")
+            assert await loop.sock_recv(clients[0], 4) == b"ping"
+        # Descriptors again, and a relay ends: the listener is back, the queue is served.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        clients[0].close()
+        for client in clients[1:]:
+            async with asyncio.timeout(5):
+                await loop.sock_sendall(client, b"pong")
+                assert await loop.sock_recv(client, 4) == b"pong"
+            client.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for client in clients:
+            client.close()
         await server.aclose()

@@ -1,5 +1,9 @@
 """The TCP relay: accept intercepted connections, dial a backend, copy bytes both ways.
 
+This is the all-Python engine (`proxy.relayEngine: asyncio`); `native.py` is the default one,
+the same behaviours with the I/O in C. Both serve the interface of `TcpRelayServer` below and
+pass the same tests; what the native engine does differently is listed in its docstring.
+
 Why Protocols and not streams: a StreamReader/StreamWriter pair costs a coroutine wake-up and a
 buffer copy per chunk; a relay built from two `asyncio.Protocol` objects writes each chunk straight
 from one transport's `data_received` into the other transport (uvloop measures ~2.4x the echo

@@ -3,9 +3,10 @@
 iptables REDIRECTs Service traffic to sockets owned here. The TCP relay recovers the original
 destination (SO_ORIGINAL_DST), asks a `BackendSelector` which endpoint to dial, and copies bytes
 both ways, in C (`native`, the default) or with asyncio Protocol pairs (`tcp`); the UDP relay
-keeps one upstream socket per client. The data plane knows nothing about Kubernetes objects or balancing policies: everything it needs to
-decide arrives through the small `routing.BackendSelector` seam, and everything it observes leaves
-through plain counters in `stats.RelayStats`.
+keeps one upstream socket per client. The data plane knows nothing about Kubernetes objects or
+balancing policies: everything it needs to decide arrives through the small
+`routing.BackendSelector` seam, and everything it observes leaves through plain counters in
+`stats.RelayStats`.
 """
 
 from rapproxy.dataplane.native import NativeEngineUnavailable, NativeTcpRelayServer

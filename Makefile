@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-fast lint demo bench bench-loopback bench-churn bench-edge clean deps docs manifests-check
 
-$(STAMP): setup.cfg pyproject.toml
+# setup.py builds the native relay engine (rapproxy/dataplane/_native.c): editing it rebuilds.
+$(STAMP): setup.cfg setup.py pyproject.toml rapproxy/dataplane/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,demo]'
@@ -14,10 +15,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests, demo and benchmarks drive (root only; CI runs it).
+# Debian packages the tests, demo and benchmarks drive, and the C compiler and Python headers the
+# native relay engine is built with (root only; CI runs it).
 deps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    build-essential python3-dev \
 	    iptables iproute2 conntrack wrk hey haproxy nginx-light redis-server redis-tools kmod procps >/dev/null; \
 	else echo "make deps: not root, skipping Debian packages (root-only tests will skip)"; fi
 

@@ -71,6 +71,17 @@ class IptablesSettings:
     )
 
 
+class RelayEngine(enum.StrEnum):
+    """What runs the userspace TCP relay (rapproxy/dataplane/tcp.py and native.py)."""
+
+    ASYNCIO = "asyncio"  # asyncio Protocols on uvloop, all Python
+    NATIVE = "native"  # the C engine (_native.c) on the loop's thread; decisions in Python
+
+
+NATIVE_MAX_DIAL_ATTEMPTS = 8
+"""The native engine's limit on proxy.dialTimeouts (one deadline queue per attempt)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     tcp_port: int = _doc(
@@ -108,6 +119,16 @@ class ProxySettings:
         "it measures itself, so RAP's queue signal sees 1/workers of the node's connections "
         "(docs/architecture.md).",
         default=1,
+    )
+    relay_engine: RelayEngine = _doc(
+        "What relays TCP connections. 'native': a C engine built with the package (make "
+        "install), driven from the event loop's thread: accept, original destination, dial "
+        "and its timeouts, byte copying, half-close, resets, idle and cap in C; the "
+        "balancing decisions and accounting stay in Python, so every lbPolicy works the same. "
+        "'asyncio': the all-Python relay on uvloop. A missing native build is an error at "
+        "start, never a silent fall-back. The native engine adds a connection's bytes to the "
+        "counters once a second rather than per read, and allows at most 8 dialTimeouts.",
+        default=RelayEngine.NATIVE,
     )
     drain_timeout: float = _doc(
         "Seconds a stopping rapproxy (SIGTERM) keeps relaying the TCP connections it already "
@@ -591,6 +612,14 @@ def validate(config: RapproxyConfiguration) -> None:
         raise ConfigError("proxy.dialTimeouts: needs at least one attempt")
     for i, timeout in enumerate(proxy.dial_timeouts):
         _positive(timeout, f"proxy.dialTimeouts[{i}]")
+    if (
+        proxy.relay_engine is RelayEngine.NATIVE
+        and len(proxy.dial_timeouts) > NATIVE_MAX_DIAL_ATTEMPTS
+    ):
+        raise ConfigError(
+            f"proxy.dialTimeouts: relayEngine 'native' makes at most {NATIVE_MAX_DIAL_ATTEMPTS} "
+            f"attempts, got {len(proxy.dial_timeouts)}"
+        )
     _positive(proxy.idle_timeout, "proxy.idleTimeout")
     _positive(proxy.udp_idle_timeout, "proxy.udpIdleTimeout")
     if proxy.max_connections < 1:

@@ -6,7 +6,7 @@ this one isolates the data plane (fixed-destination mode, no iptables, no model,
 crash under `Connection: close` load (the uvloop "double free" failure mode) shows up at once.
 
 Usage: `.venv/bin/python benchmarks/loopback/relay_micro.py [--duration 5] [--loop uvloop]
-[--workers 1]`. Prints one line per (target, test): req/s, MB/s, p50/p99 latency and the proxy
+[--workers 1] [--engines asyncio,native]` (each relay engine is a target of its own). Prints one line per (target, test): req/s, MB/s, p50/p99 latency and the proxy
 process's CPU ms per 1000 requests. wrk is closed-loop: its percentiles under-report tail latency
 (coordinated omission). Processes float over all cores, sharing them with wrk and nginx.
 """
@@ -118,7 +118,8 @@ def run_wrk(url: str, connections: int, duration: float, close: bool) -> dict[st
     }
 
 
-async def serve(listen_port: int, backend_port: int, loop_name: str) -> None:
+async def serve(listen_port: int, backend_port: int, loop_name: str, engine: str) -> None:
+    from rapproxy.dataplane.native import NativeTcpRelayServer
     from rapproxy.dataplane.routing import Backend, L4Protocol
     from rapproxy.dataplane.tcp import TcpRelayServer, TcpRelaySettings, fixed_destination
 
@@ -158,7 +159,8 @@ async def serve(listen_port: int, backend_port: int, loop_name: str) -> None:
         def connection_closed(self, service: str, backend: Backend, awaiting: bool = True) -> None:
             pass
 
-    server = TcpRelayServer(
+    server_type = NativeTcpRelayServer if engine == "native" else TcpRelayServer
+    server = server_type(
         One(),
         settings=TcpRelaySettings(reuse_port=True, max_connections=20000),
         destination=fixed_destination("10.96.0.10", 80),
@@ -169,7 +171,7 @@ async def serve(listen_port: int, backend_port: int, loop_name: str) -> None:
     await stop.wait()
     snapshot = server.stats.snapshot()
     await server.aclose()
-    print(f"relay[{os.getpid()}] {loop_name}: {snapshot}", file=sys.stderr)
+    print(f"relay[{os.getpid()}] {engine} on {loop_name}: {snapshot}", file=sys.stderr)
 
 
 def main() -> None:
@@ -177,15 +179,20 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--workers", type=int, default=1, help="relay processes (SO_REUSEPORT)")
-    parser.add_argument("--serve", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--engines",
+        default="asyncio,native",
+        help="relay engines to measure side by side (proxy.relayEngine values, comma-separated)",
+    )
+    parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         if args.loop == "uvloop":
             import uvloop
 
-            uvloop.run(serve(args.serve[0], args.serve[1], args.loop))
+            uvloop.run(serve(int(args.serve[0]), int(args.serve[1]), args.loop, args.serve[2]))
         else:
-            asyncio.run(serve(args.serve[0], args.serve[1], args.loop))
+            asyncio.run(serve(int(args.serve[0]), int(args.serve[1]), args.loop, args.serve[2]))
         return
 
     for tool in ("nginx", "haproxy", "wrk"):
@@ -196,7 +203,9 @@ def main() -> None:
         (work / "tmp").mkdir()
         (work / "big.bin").write_bytes(os.urandom(10 * 1024 * 1024))
         work.chmod(0o755)
-        nginx_port, haproxy_port, relay_port = free_port(), free_port(), free_port()
+        engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+        nginx_port, haproxy_port = free_port(), free_port()
+        relay_ports = {engine: free_port() for engine in engines}
         (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=nginx_port))
         (work / "haproxy.cfg").write_text(
             HAPROXY_CONF.format(port=haproxy_port, backend_port=nginx_port)
@@ -206,19 +215,32 @@ def main() -> None:
             procs.append(subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-p", tmp]))
             haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(work / "haproxy.cfg")])
             procs.append(haproxy)
-            serve_argv = ["--loop", args.loop, "--serve", str(relay_port), str(nginx_port)]
-            relays = [
-                subprocess.Popen([sys.executable, __file__, *serve_argv])
-                for _ in range(args.workers)
-            ]
-            procs.extend(relays)
-            for port in (nginx_port, haproxy_port, relay_port):
-                wait_listening(port)
-            targets = {
+            targets: dict[str, tuple[int, list[int]]] = {
                 "direct": (nginx_port, []),
                 "haproxy": (haproxy_port, [haproxy.pid]),
-                f"relay-{args.loop}x{args.workers}": (relay_port, [p.pid for p in relays]),
             }
+            relays: list[subprocess.Popen[bytes]] = []
+            for engine, relay_port in relay_ports.items():
+                serve_argv = [
+                    "--loop",
+                    args.loop,
+                    "--serve",
+                    str(relay_port),
+                    str(nginx_port),
+                    engine,
+                ]
+                started = [
+                    subprocess.Popen([sys.executable, __file__, *serve_argv])
+                    for _ in range(args.workers)
+                ]
+                relays.extend(started)
+                procs.extend(started)
+                targets[f"{engine}-{args.loop}x{args.workers}"] = (
+                    relay_port,
+                    [p.pid for p in started],
+                )
+            for port, _ in targets.values():
+                wait_listening(port)
             tests = (
                 ("keepalive", "/", 32, False),
                 ("close", "/", 32, True),

@@ -16,7 +16,7 @@ on one. Load comes from wrk (one thread, closed loop): it sends the next request
 previous one answered, so its percentiles under-report tail latency (coordinated omission).
 
 Usage (root): `make bench-loopback` or `.venv/bin/python benchmarks/loopback/run.py
-[--duration S] [--rounds N] [--workers N] [--quick] [--targets a,b,...] [--output DIR]`.
+[--duration S] [--rounds N] [--workers N] [--relay-engine native|asyncio] [--quick] [--targets a,b,...] [--output DIR]`.
 `--workers N` runs rapproxy with `proxy.workers=N` and HAProxy with `nbthread N`
 (`--haproxy-threads` to differ); proxy CPU is summed over rapproxy's worker processes. Results go to
 `benchmarks/loopback/results/loopback-<UTC date-time>.{md,json}`.
@@ -484,7 +484,8 @@ def finish(report: dict[str, Any]) -> None:
     }
     workers = report.get("workers", 1)
     report["notes"] = [
-        f"rapproxy ran with proxy.workers={workers} (relay processes sharing one listener); "
+        f"rapproxy ran with proxy.workers={workers} (relay processes sharing one listener) and "
+        f"proxy.relayEngine={report.get('relay_engine', 'asyncio')}; "
         f"HAProxy with nbthread {report.get('haproxy_threads', 1)}. Proxy CPU is summed over "
         "rapproxy's processes.",
         f"{report['machine']['cpus']} CPUs, nothing pinned: wrk (1 thread), nginx (1 worker), the proxy "
@@ -522,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke check")
     parser.add_argument("--workers", type=int, default=1, help="rapproxy's proxy.workers")
+    parser.add_argument(
+        "--relay-engine",
+        choices=("native", "asyncio"),
+        help="rapproxy's proxy.relayEngine (default: its configured default)",
+    )
     parser.add_argument(
         "--haproxy-threads", type=int, help="HAProxy nbthread (default: as many as --workers)"
     )
@@ -573,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "workers": args.workers,
+        "relay_engine": args.relay_engine or "default",
         "haproxy_threads": haproxy_threads,
         "machine": machine_note(),
         "versions": versions(),
@@ -587,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.monotonic()
     with Testbed() as bed:
         bed.start(
-            extra_args=[f"--set=proxy.workers={args.workers}"],
+            extra_args=[f"--set=proxy.workers={args.workers}"]
+            + ([f"--set=proxy.relayEngine={args.relay_engine}"] if args.relay_engine else []),
             haproxy_threads=haproxy_threads,
             with_redis=with_redis,
         )
@@ -644,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "loopback-"
         + started.strftime("%Y-%m-%dT%H%MZ")
         + (f"-w{args.workers}" if args.workers != 1 else "")
+        + (f"-{args.relay_engine}" if args.relay_engine else "")
         + ("-quick" if args.quick else "")
     )
     markdown = render_markdown(report)

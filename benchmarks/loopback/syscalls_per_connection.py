@@ -7,7 +7,8 @@ This counts them: the relay alone (relay_micro.py's fixed-destination server) un
 EOF), so the counts divide by N. Not a load test: sequential, bounded, loopback only. Start-up
 calls are not counted (strace attaches once the relay serves).
 
-Usage: `.venv/bin/python benchmarks/loopback/syscalls_per_connection.py [--connections 500]`
+Usage: `.venv/bin/python benchmarks/loopback/syscalls_per_connection.py [--connections 500]
+[--engine native|asyncio]`
 (needs strace; strace slows every call, so read counts, not times).
 """
 
@@ -44,6 +45,7 @@ def serve_backend(listener: socket.socket) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--connections", type=int, default=500)
+    parser.add_argument("--engine", choices=("native", "asyncio"), default="native")
     args = parser.parse_args()
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -54,7 +56,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="relay-strace-") as tmp:
         out = Path(tmp) / "strace.txt"
         relay = subprocess.Popen(
-            [sys.executable, str(RELAY), "--serve", str(relay_port), str(listener.getsockname()[1])]
+            [
+                sys.executable,
+                str(RELAY),
+                "--serve",
+                str(relay_port),
+                str(listener.getsockname()[1]),
+                args.engine,
+            ]
         )
         tracer: subprocess.Popen[bytes] | None = None
         try:

@@ -2,12 +2,14 @@
 
 iptables REDIRECTs Service traffic to sockets owned here. The TCP relay recovers the original
 destination (SO_ORIGINAL_DST), asks a `BackendSelector` which endpoint to dial, and copies bytes
-both ways with asyncio Protocol pairs; the UDP relay keeps one upstream socket per client. The
-data plane knows nothing about Kubernetes objects or balancing policies: everything it needs to
-decide arrives through the small `routing.BackendSelector` seam, and everything it observes leaves
-through plain counters in `stats.RelayStats`.
+both ways, in C (`native`, the default) or with asyncio Protocol pairs (`tcp`); the UDP relay
+keeps one upstream socket per client. The data plane knows nothing about Kubernetes objects or
+balancing policies: everything it needs to decide arrives through the small
+`routing.BackendSelector` seam, and everything it observes leaves through plain counters in
+`stats.RelayStats`.
 """
 
+from rapproxy.dataplane.native import NativeEngineUnavailable, NativeTcpRelayServer
 from rapproxy.dataplane.original_dst import NoOriginalDestination, original_destination
 from rapproxy.dataplane.routing import Backend, BackendSelector, L4Protocol
 from rapproxy.dataplane.stats import (
@@ -19,6 +21,7 @@ from rapproxy.dataplane.stats import (
 from rapproxy.dataplane.tcp import (
     DestinationResolver,
     InvalidTcpRelaySettings,
+    RelayView,
     TcpRelayServer,
     TcpRelaySettings,
     fixed_destination,
@@ -33,9 +36,12 @@ __all__ = [
     "InvalidTcpRelaySettings",
     "InvalidUdpRelaySettings",
     "L4Protocol",
+    "NativeEngineUnavailable",
+    "NativeTcpRelayServer",
     "NoOriginalDestination",
     "RelayStats",
     "RelayStatsSnapshot",
+    "RelayView",
     "ServiceCounters",
     "ServiceCountersSnapshot",
     "TcpRelayServer",

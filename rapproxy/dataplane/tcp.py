@@ -1,5 +1,9 @@
 """The TCP relay: accept intercepted connections, dial a backend, copy bytes both ways.
 
+This is the all-Python engine (`proxy.relayEngine: asyncio`); `native.py` is the default one,
+the same behaviours with the I/O in C. Both serve the interface of `TcpRelayServer` below and
+pass the same tests; what the native engine does differently is listed in its docstring.
+
 Why Protocols and not streams: a StreamReader/StreamWriter pair costs a coroutine wake-up and a
 buffer copy per chunk; a relay built from two `asyncio.Protocol` objects writes each chunk straight
 from one transport's `data_received` into the other transport (uvloop measures ~2.4x the echo
@@ -109,17 +113,66 @@ def intercepted_destination(transport: asyncio.BaseTransport) -> tuple[str, int]
     return original_destination(sock)
 
 
-def fixed_destination(ip: str, port: int) -> DestinationResolver:
+@dataclass(frozen=True, slots=True)
+class FixedDestination:
     """A resolver that claims every client wanted (ip, port): one listener, one service.
 
-    Serves a service without iptables — loopback tests and benchmarks use it.
+    A class rather than a closure so the native engine can read `address` and answer in C.
     """
-    destination = (ip, port)
 
-    def resolve(_transport: asyncio.BaseTransport) -> tuple[str, int]:
-        return destination
+    address: tuple[str, int]
 
-    return resolve
+    def __call__(self, _transport: asyncio.BaseTransport) -> tuple[str, int]:
+        return self.address
+
+
+def fixed_destination(ip: str, port: int) -> FixedDestination:
+    """Serves a service without iptables — loopback tests and benchmarks use it."""
+    return FixedDestination((ip, port))
+
+
+@dataclass(frozen=True, slots=True)
+class RelayView:
+    """One relay as either engine sees it, for tests and /debug (not the connection path)."""
+
+    client_fd: int
+    upstream_fd: int | None
+    """None while no upstream socket exists (or, for the asyncio engine, while dialling)."""
+    dialing: bool
+    held_from_client: int
+    """Bytes read from the client that the upstream socket has not taken yet."""
+    held_to_client: int
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A bound, non-blocking, not yet listening TCP socket for (host, port); IPv6 is V6ONLY."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must be IPPROTO_TCP, not 0: accepted sockets inherit it, and the stock loop
+    # sets TCP_NODELAY only on sockets whose proto says TCP.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _fd(transport: asyncio.BaseTransport | None) -> int:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock.fileno() if sock is not None else -1
+
+
+def _buffered(side: _Side | None) -> int:
+    if side is None or side.transport is None or side.closing:
+        return 0
+    return side.transport.get_write_buffer_size()
 
 
 class InvalidTcpRelaySettings(ValueError):
@@ -835,7 +888,11 @@ class TcpRelayServer:
                 adopted = inherited.get((host, port))
                 if adopted is not None:
                     adopted.setblocking(False)
-                sock = adopted if adopted is not None else self._listening_socket(host, port)
+                sock = (
+                    adopted
+                    if adopted is not None
+                    else listening_socket(host, port, reuse_port=self.settings.reuse_port)
+                )
                 try:
                     server = await self._loop.create_server(
                         functools.partial(self._new_client, sock.family),
@@ -855,24 +912,6 @@ class TcpRelayServer:
         self._watchdog = self._loop.create_task(
             self._watch_dials(min(self.settings.dial_timeouts) / _DIAL_TICKS_PER_TIMEOUT)
         )
-
-    def _listening_socket(self, host: str, port: int) -> socket.socket:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # proto must be IPPROTO_TCP, not 0: accepted sockets inherit it, and the stock loop
-        # sets TCP_NODELAY only on sockets whose proto says TCP.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.settings.reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, port))
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
     def bound_descriptors(self) -> list[int]:
         """The descriptor of every listening socket, accepting or not (for worker processes)."""
@@ -916,6 +955,23 @@ class TcpRelayServer:
             self.drained.clear()
             if self.relays:
                 await self.drained.wait()
+
+    def relay_views(self) -> list[RelayView]:
+        """Every relay's descriptors and held bytes (tests, /debug)."""
+        views = []
+        for relay in self.relays:
+            client, upstream = relay.client, relay.upstream
+            views.append(
+                RelayView(
+                    client_fd=_fd(client.transport),
+                    upstream_fd=_fd(upstream.transport) if upstream is not None else None,
+                    dialing=relay.dialing,
+                    held_from_client=sum(map(len, client.pending)) + _buffered(upstream),
+                    held_to_client=_buffered(client)
+                    + (sum(map(len, upstream.pending)) if upstream is not None else 0),
+                )
+            )
+        return views
 
     def _new_client(self, family: int) -> _ClientSide:
         return _TcpRelay(self, family).client

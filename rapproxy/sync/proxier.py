@@ -70,8 +70,9 @@ from rapproxy.balancer.kernel_weights import (
     weights_moved,
 )
 from rapproxy.balancer.signals import EndpointSignals
-from rapproxy.config import RapproxyConfiguration, parse_port_range
+from rapproxy.config import RapproxyConfiguration, RelayEngine, parse_port_range
 from rapproxy.dataplane.handover import listener_name
+from rapproxy.dataplane.native import NativeTcpRelayServer
 from rapproxy.dataplane.routing import Backend
 from rapproxy.dataplane.stats import RelayStats, RelayStatsSnapshot, merge_snapshots
 from rapproxy.dataplane.tcp import TcpRelayServer, TcpRelaySettings
@@ -212,7 +213,10 @@ class Proxier:
             ),
         )
         proxy = config.proxy
-        self.tcp = TcpRelayServer(
+        relay_server = (
+            NativeTcpRelayServer if proxy.relay_engine is RelayEngine.NATIVE else TcpRelayServer
+        )
+        self.tcp: TcpRelayServer | NativeTcpRelayServer = relay_server(
             self,
             settings=TcpRelaySettings(
                 dial_timeouts=proxy.dial_timeouts,

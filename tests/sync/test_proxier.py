@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from rapproxy.config import ProxySettings, RapproxyConfiguration
+from rapproxy.config import ProxySettings, RapproxyConfiguration, RelayEngine
+from rapproxy.dataplane.native import NativeTcpRelayServer
+from rapproxy.dataplane.tcp import TcpRelayServer
 from rapproxy.model.service import L4Protocol, ServicePortName
 from rapproxy.model.table import ServiceTable
 from rapproxy.rules.render import RedirectTarget, RuleConfig
@@ -271,3 +273,12 @@ async def test_handed_over_udp_sockets_keep_their_ports_and_stale_ones_are_close
         assert proxier.listening_descriptors() == {}, "a draining proxy offers nothing"
     finally:
         await proxier.aclose()
+
+
+@pytest.mark.parametrize(
+    ("engine", "server_type"),
+    [(RelayEngine.NATIVE, NativeTcpRelayServer), (RelayEngine.ASYNCIO, TcpRelayServer)],
+)
+def test_the_tcp_relay_engine_is_the_configured_one(engine: RelayEngine, server_type: type) -> None:
+    config = RapproxyConfiguration(proxy=ProxySettings(relay_engine=engine))
+    assert type(Proxier(config, "node").tcp) is server_type

@@ -805,6 +805,7 @@ class Proxier:
         """
         needs_sync = False
         wrote = False
+        written_count = batches = 0
         for start in range(0, len(moved), NFT_WEIGHT_BATCH):
             if start:
                 self._rules_lock.release()
@@ -838,6 +839,8 @@ class Proxier:
                 if applied is not None:
                     applied[name] = target
                 self._weights_changed_at[name] = changed_at
+                written_count += 1
+            batches += 1
             if failed:
                 log.warning(
                     "kernel weights of %d service ports not written (the sync retries): %s",
@@ -846,8 +849,15 @@ class Proxier:
                 )
             wrote = True
         if wrote:
+            elapsed = time.monotonic() - started
             self.metrics.kernel_weight_writes.inc()
-            self.metrics.kernel_weight_write_duration.observe(time.monotonic() - started)
+            self.metrics.kernel_weight_write_duration.observe(elapsed)
+            log.info(
+                "kernel weights of %d service ports written in %.3f s (%d batches)",
+                written_count,
+                elapsed,
+                batches,
+            )
         if needs_sync and self.request_sync is not None:
             self.request_sync()
         return len(moved)

@@ -125,6 +125,7 @@ class NftRunner:
         if base != self._base:
             groups.append(base)
         changed: list[ServicePortName] = []
+        pairs: list[tuple[KernelTarget | None, KernelTarget | None]] = []
         names = list(wanted)
         if remove:
             names.extend(name for name in written if name not in wanted)
@@ -132,12 +133,21 @@ class NftRunner:
             old, new = written.get(name), wanted.get(name)
             if old is new or old == new:
                 continue
-            before = render_port(old, config.kernel, self._family) if old is not None else None
-            after = render_port(new, config.kernel, self._family) if new is not None else None
-            group = render_change(before, after, self._family)
-            if group is not None:
-                groups.append(group)
+            pairs.append((old, new))
             changed.append(name)
+
+        def render() -> list[NftGroup]:
+            out = []
+            for old, new in pairs:
+                before = render_port(old, config.kernel, self._family) if old else None
+                after = render_port(new, config.kernel, self._family) if new else None
+                group = render_change(before, after, self._family)
+                if group is not None:
+                    out.append(group)
+            return out
+
+        # A sync usually changes a port or two; the first ones after a start, thousands.
+        groups.extend(await asyncio.to_thread(render) if len(pairs) > 50 else render())
         if not groups:
             for name in changed:  # nothing to write in this family, but now the wanted state
                 self._record(name, wanted.get(name))
@@ -160,11 +170,17 @@ class NftRunner:
         written = self._written
         if written is None:
             return NftWriteResult()
-        groups = []
-        for target in kernel:
-            group = render_weights(target, config.kernel, self._family)
-            if group is not None and target.service_port.name in written:
-                groups.append(group)
+
+        def render() -> list[NftGroup]:
+            groups = []
+            for target in kernel:
+                group = render_weights(target, config.kernel, self._family)
+                if group is not None and target.service_port.name in written:
+                    groups.append(group)
+            return groups
+
+        # Pure and on immutable targets: rendered off the event loop, as IptablesRunner does.
+        groups = await asyncio.to_thread(render)
         if not groups:
             return NftWriteResult()
         failed = await self._apply(groups)
@@ -195,8 +211,12 @@ class NftRunner:
     async def _rebuild(
         self, wanted: dict[ServicePortName, KernelTarget], base: NftGroup, config: RuleConfig
     ) -> NftWriteResult:
-        ports = [render_port(t, config.kernel, self._family) for t in wanted.values()]
-        groups = render_rebuild(base, ports, self._family)
+
+        def render() -> list[NftGroup]:
+            ports = [render_port(t, config.kernel, self._family) for t in wanted.values()]
+            return render_rebuild(base, ports, self._family)
+
+        groups = await asyncio.to_thread(render)  # 10k ports: most of a second of pure Python
         failed = await self._apply(groups)
         self._written = {name: t for name, t in wanted.items() if name not in failed}
         self._base = base

@@ -15,14 +15,16 @@ the model, names included):
     nat-postrouting (hook postrouting, priority 99)   jump masquerading
     services        daddr . l4proto . dport vmap @service-ips           (O(1), not a rule per IP)
                     [not loopback] fib daddr type local  l4proto . dport vmap @service-nodeports
-    svc-<h>         cluster-wide endpoints of one service port: [SNAT marks] [hairpin marks]
+    masquerading    ct status dnat  saddr . daddr @hairpin  mark; then SNAT what is marked
+    svc-<h>         cluster-wide endpoints of one service port: [SNAT marks]
                     [affinity: saddr @aff-<e> goto sep-<e>]
                     `numgen random mod 1000000 < T_i` + DNAT per endpoint, T_i from
                     p_i = w_i / (w_i + ... + w_n) (the last unconditional): RAP's weights
     svl-<h>         the same over this node's endpoints, evenly, no SNAT (traffic policy Local)
     ext-<h>         external entries (NodePort, externalIPs, LB IPs), as rules/kernel.py's EXT
-    sep-<e>         affinity Services only: hairpin mark, `update @aff-<e> { saddr }`, DNAT
+    sep-<e>         affinity Services only: `update @aff-<e> { saddr }`, DNAT
     aff-<e>-<t>     affinity Services only: the clients recently sent to endpoint e (timeout t)
+    hairpin         `e . e` for every endpoint address e written
 
 Why the priorities: nf_nat consults the nat chains of a hook in priority order only until one
 sets up a binding, so a kernel-mode Service's new connection DNATed here at -101 is never seen by
@@ -38,15 +40,18 @@ linear search in the kernel — before almost any command. With a named interval
 element`) and rewriting every Service's weights 6-10 s of mostly kernel time; anonymous maps are
 worse (a name search per map). Plain rules in one chain per Service cost about 5 µs of cache per
 chain: 0.05 s per change at 10k chains. So non-affinity Services get no endpoint chains at all
-(the DNAT is in the rule that draws the endpoint), and the only sets are the two entry maps and
-the affinity sets. Entry elements are added with the block form (`table ... { map ... {
-elements = ... } }`), which needs no element cache; only deleting one does.
+(the DNAT is in the rule that draws the endpoint), and the only sets are the two entry maps, the
+hairpin set and the affinity sets. Elements are added with the block form (`table ... { map ...
+{ elements = ... } }`), which needs no element cache; only deleting one does.
 
 Hairpin (an endpoint connecting to its own Service and DNATed back to itself) needs SNAT. With
-the endpoint drawn in the same rule as the DNAT there is no per-endpoint chain to put the mark
-in, so a connection from any endpoint of the Service is marked before the draw: it is SNATed
-also when it lands on another endpoint (harmless: that endpoint sees the node's address).
-Affinity Services keep kube-proxy's exact hairpin rule in their endpoint chains.
+the endpoint drawn in the rule that DNATs it there is no per-endpoint chain to put kube-proxy's
+mark in, so it is decided after the fact, in postrouting: a DNATed connection whose source is
+its destination is a hairpin, whichever Service it went through, and nft cannot compare two
+fields but can look a pair up, so the set `hairpin` holds `e . e` for every endpoint address
+written. Addresses are only added (a stale pair matches only a hairpin anyway, which needs the
+SNAT whatever it is), and the set starts afresh when the table is rebuilt. That also keeps a
+weight write to the draw rules alone.
 
 `render_port` gives one service port's objects; `render_change` the commands that turn what the
 kernel holds for it into what is wanted, as one group that stands or falls alone (a group never
@@ -79,6 +84,7 @@ SERVICE_NODEPORTS = "service-nodeports"
 MARK_CHAIN = "mark-for-masquerade"
 MASQUERADING_CHAIN = "masquerading"
 SERVICES_CHAIN = "services"
+HAIRPIN_SET = "hairpin"
 DNAT_PRIORITY = -101  # before iptables' nat (dstnat, -100)
 SNAT_PRIORITY = 99  # before iptables' nat (srcnat, 100)
 SCALE = 1_000_000  # numgen modulus: weights are resolved to one millionth
@@ -90,13 +96,15 @@ _LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
 @dataclass(frozen=True, slots=True)
 class NftPort:
     """One service port's objects in one family: chains (name, rule bodies in order), affinity
-    sets (name, declaration), entry map elements (map, key, chain) and the weighted chain."""
+    sets (name, declaration), entry map elements (map, key, chain), the weighted chain and the
+    endpoint addresses (for the hairpin set)."""
 
     name: ServicePortName
     chains: tuple[tuple[str, tuple[str, ...]], ...] = ()
     sets: tuple[tuple[str, str], ...] = ()
     entries: tuple[tuple[str, str, str], ...] = ()
     weighted: str | None = None
+    endpoints: frozenset[str] = frozenset()  # addresses, for the hairpin set
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +143,7 @@ def render_base(config: KernelConfig, family: int, node_port_cidrs: Sequence[str
         f"add chain {t} {MASQUERADING_CHAIN}",
         f"add map {t} {SERVICE_IPS} {_service_ips_type(family)}",
         f"add map {t} {SERVICE_NODEPORTS} {_nodeports_type()}",
+        f"add set {t} {HAIRPIN_SET} {_hairpin_type(family)}",
     ]
     rules: dict[str, list[str]] = {
         "nat-prerouting": [f"jump {SERVICES_CHAIN}"],
@@ -143,6 +152,7 @@ def render_base(config: KernelConfig, family: int, node_port_cidrs: Sequence[str
         SERVICES_CHAIN: [f"{ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}"],
         MARK_CHAIN: [f"meta mark set meta mark | {mark}"],
         MASQUERADING_CHAIN: [
+            f"ct status dnat {ip} saddr . {ip} daddr @{HAIRPIN_SET} meta mark set meta mark | {mark}",
             f"meta mark & {mark} == 0 return",
             f"meta mark set meta mark ^ {mark}",
             "masquerade fully-random",
@@ -222,6 +232,7 @@ def render_port(target: KernelTarget, config: KernelConfig, family: int) -> NftP
         tuple(sorted(sets.items())),
         tuple(entries),
         svc if svc_used else None,
+        frozenset(e.ip for e in (*cluster, *local)),
     )
 
 
@@ -263,6 +274,14 @@ def render_change(old: NftPort | None, new: NftPort | None, family: int) -> NftG
         if before_entries.get((m, k)) != chain:
             added.setdefault(m, []).append(f"{k} : goto {chain}")
     lines.extend(_add_elements(family, added))
+    new_endpoints = sorted(
+        (new.endpoints if new is not None else frozenset())
+        - (old.endpoints if old is not None else frozenset())
+    )
+    if new_endpoints:
+        pairs = ", ".join(f"{ip} . {ip}" for ip in new_endpoints)
+        spec = _hairpin_type(family)[2:-2]
+        lines.append(f"table {t} {{ set {HAIRPIN_SET} {{ {spec} elements = {{ {pairs} }} ; }} ; }}")
     for chain in before_chains:
         if chain not in after_chains:
             lines.extend((f"flush chain {t} {chain}", f"delete chain {t} {chain}"))
@@ -359,9 +378,7 @@ def _balance(
                 for cip in cluster_ips
             )
     affinity = port.affinity_timeout_seconds
-    if affinity is None:
-        rules.extend(f"{ip} saddr {e.ip} jump {MARK_CHAIN}" for e in endpoints)
-    else:
+    if affinity is not None:
         for endpoint in endpoints:
             key = endpoint_hash(name, endpoint.ip, endpoint.port)
             sep, aff = f"sep-{key}", f"aff-{key}-{affinity}"
@@ -369,7 +386,6 @@ def _balance(
                 f"{{ type {_ADDR_TYPE[family]} ; flags dynamic,timeout ; timeout {affinity}s ; }}"
             )
             endpoint_chains[sep] = (
-                f"{ip} saddr {endpoint.ip} jump {MARK_CHAIN}",
                 f"update @{aff} {{ {ip} saddr }}",
                 f"meta l4proto {proto} {_dnat(endpoint)}",
             )
@@ -444,6 +460,10 @@ def _add_elements(family: int, added: Mapping[str, Sequence[str]]) -> list[str]:
 
 def _service_ips_type(family: int) -> str:
     return f"{{ type {_ADDR_TYPE[family]} . inet_proto . inet_service : verdict ; }}"
+
+
+def _hairpin_type(family: int) -> str:
+    return f"{{ type {_ADDR_TYPE[family]} . {_ADDR_TYPE[family]} ; }}"
 
 
 def _nodeports_type() -> str:

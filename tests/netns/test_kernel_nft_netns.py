@@ -44,6 +44,13 @@ def sigma5(n: int, p: float) -> float:
 
 
 async def world(make_namespace: MakeNamespace) -> tuple[Namespace, socket.socket]:
+    node, _, listener = await world_with_backends(make_namespace)
+    return node, listener
+
+
+async def world_with_backends(
+    make_namespace: MakeNamespace,
+) -> tuple[Namespace, Namespace, socket.socket]:
     node = await make_namespace("node")
     backends = await make_namespace("backends")
     veth = await node.add_veth_peer(backends, "10.200.0.1", "10.200.0.2", 24)
@@ -54,7 +61,7 @@ async def world(make_namespace: MakeNamespace) -> tuple[Namespace, socket.socket
     listener.bind(("0.0.0.0", 8080))
     listener.listen(512)
     listener.setblocking(False)
-    return node, listener
+    return node, backends, listener
 
 
 async def chosen(
@@ -197,4 +204,29 @@ async def test_a_flushed_ruleset_is_rebuilt_by_the_verifying_sync(
         assert not (await runner.sync([target], RuleConfig())).ran  # nothing changed, it thinks
         assert (await runner.sync([target], RuleConfig(), verify=True)).ran
         assert await chosen(node, listener, 5) == Counter({ENDPOINTS[0]: 5})
+        await runner.cleanup()
+
+
+async def test_an_endpoint_reaching_itself_through_its_service_is_snatted(
+    make_namespace: MakeNamespace,
+) -> None:
+    """Hairpin: an endpoint's connection DNATed back to itself needs the node's source address,
+    or the reply would never leave the endpoint's namespace and the connection would hang."""
+    node, backends, listener = await world_with_backends(make_namespace)
+    with listener:
+        await node.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        await backends.add_route("10.96.0.0/16", via="10.200.0.1")
+        runner = NftRunner(4, exec_prefix=node.exec_prefix)
+        await runner.sync(
+            [KernelTarget(service_port(), weighted(1, 0, 0), (), FALLBACK)], RuleConfig()
+        )
+        loop = asyncio.get_running_loop()
+        client = backends.socket()
+        client.setblocking(False)
+        client.bind((ENDPOINTS[0], 0))
+        with client:
+            await asyncio.wait_for(loop.sock_connect(client, (CLUSTER_IP, 80)), 5)
+            accepted, peer = await asyncio.wait_for(loop.sock_accept(listener), 5)
+            accepted.close()
+        assert peer[0] == "10.200.0.1"  # the node's address on the way back
         await runner.cleanup()

@@ -463,7 +463,7 @@ async def cleanup(exec_prefix: Sequence[str] = ()) -> int:
         if await runner.cleanup():
             removed += 1
     if shutil.which("nft") is not None:  # whatever the configured backend: everything goes
-        for runner in runners:
-            if await NftRunner(runner.family, exec_prefix=exec_prefix).cleanup():
+        for family in (4, 6):
+            if await NftRunner(family, exec_prefix=exec_prefix).cleanup():
                 removed += 1
     return removed

@@ -42,6 +42,7 @@ from rapproxy.rules.render import Family, RuleConfig
 
 _ERROR_LINE = re.compile(r"^(?:/dev/stdin|-):(\d+):[\d-]+: Error: (.*)$", re.M)
 _MAX_MESSAGE = 2000
+_FAMILY_WORD = {4: "ip", 6: "ip6"}
 
 
 class NftError(RuntimeError):
@@ -191,8 +192,9 @@ class NftRunner:
         return NftWriteResult(True, failed)
 
     async def cleanup(self) -> bool:
-        """Remove the table; True when it was there."""
-        present = await self._table_present()
+        """Remove the table, whatever is in it; True when it was there."""
+        listed = await self._run(None, ("list", "tables", _FAMILY_WORD[self._family]))
+        present = f"table {table_ref(self._family)}" in listed.splitlines()
         self._written = None
         self._base = None
         if present:

@@ -226,3 +226,8 @@ async def test_switching_modes_under_load_loses_no_new_connection(
         assert peers and peers <= expected, (index, mode, peers)
     backends = {a.backend for a in report.attempts}
     assert backends == {"b1", "b2"}, backends
+
+    # `rapproxy cleanup` leaves nothing of either backend behind.
+    await world.node.exec([RAPPROXY, "cleanup"])
+    assert "RAPPROXY" not in (await world.node.exec(["iptables-save"])).stdout
+    assert "rapproxy" not in (await world.node.exec(["nft", "list", "tables"])).stdout

@@ -1077,6 +1077,7 @@ class Proxier:
         state["changes_pending"] = self.tracker.pending
         state["last_sync_error"] = self.last_sync_error
         state["kernel"] = self.describe_kernel()
+        state["kernel_backend"] = self.config.dataplane.kernel_backend.value
         for name, describe in self.extra_state.items():
             state[name] = describe(now)
         return state

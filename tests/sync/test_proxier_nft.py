@@ -158,6 +158,10 @@ async def test_a_refused_port_fails_the_sync_by_name_after_the_others_are_writte
     assert set(table.held) == {WEB}
     written: Mapping[ServicePortName, KernelTarget] = p._applied_kernel or {}
     assert set(written) == {WEB}  # /debug/state and metrics show what is in force
+    state = p.describe()
+    assert state["kernel_backend"] == "nftables"
+    assert state["kernel"][str(API)]["written"] is False
+    assert state["kernel"][str(WEB)]["weights"] == {"10.244.0.1:8080": 1.0}
     table.refuse.clear()
     await p.sync()  # the retry writes it
     assert set(table.held) == {WEB, API}

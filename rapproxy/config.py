@@ -151,13 +151,28 @@ class ProxySettings:
     )
 
 
+class KernelBackend(enum.StrEnum):
+    """Which kernel interface programs kernel-mode Services (rules/kernel.py, rules/nftables.py)."""
+
+    IPTABLES = "iptables"
+    NFTABLES = "nftables"
+
+
 @dataclass(frozen=True, slots=True)
 class DataplaneSettings:
     mode: DataplaneMode = _doc(
         "Default data plane of a Service: 'userspace' (the relay, every RAP policy) or "
-        "'kernel' (DNAT in iptables, probabilities from RAP's telemetry weights); a Service "
+        "'kernel' (DNAT in the kernel, probabilities from RAP's telemetry weights); a Service "
         "overrides it with annotation rapproxy.io/dataplane.",
         default=DataplaneMode.USERSPACE,
+    )
+    kernel_backend: KernelBackend = _doc(
+        "Kernel mode: 'iptables' (chains beside the userspace redirects, written with "
+        "iptables-restore; kube-proxy's iptables layout) or 'nftables' (rapproxy's own nft "
+        "tables 'ip rapproxy' and 'ip6 rapproxy', hooked before iptables' nat, written with "
+        "'nft -f'; only the changed Services are written, needs the nft command). Userspace "
+        "Services keep their iptables redirects either way.",
+        default=KernelBackend.IPTABLES,
     )
     weight_period: float = _doc(
         "Kernel mode: seconds between recomputations of the endpoint weights from telemetry.",

@@ -33,12 +33,18 @@ from rapproxy.bps.controller import default_identity, run_controller
 from rapproxy.cluster.client import ENDPOINT_SLICES, NODES, SERVICES, ClientSettings, KubeClient
 from rapproxy.cluster.informer import Callbacks, Informer
 from rapproxy.cluster.static import Objects, StaticSource
-from rapproxy.config import RapproxyConfiguration, handover_address, parse_host_port
+from rapproxy.config import (
+    KernelBackend,
+    RapproxyConfiguration,
+    handover_address,
+    parse_host_port,
+)
 from rapproxy.dataplane.handover import HandoverServer, listener_name, take_over
 from rapproxy.http.server import HttpServer, health_app, metrics_app
 from rapproxy.model.service import LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.backend import detect_backend, tools_for
+from rapproxy.rules.nft_apply import NftRunner
 from rapproxy.sync.proxier import Proxier
 from rapproxy.sync.runner import BoundedRunner, RunnerTimings
 from rapproxy.telemetry.runtime import RapRuntime
@@ -72,6 +78,19 @@ async def iptables_runners(exec_prefix: Sequence[str] = ()) -> list[IptablesRunn
     return runners
 
 
+def nft_runners(
+    config: RapproxyConfiguration,
+    iptables: Sequence[IptablesRunner],
+    exec_prefix: Sequence[str] = (),
+) -> list[NftRunner]:
+    """Kernel mode's nft runners (one per family iptables programs), when configured."""
+    if config.dataplane.kernel_backend is not KernelBackend.NFTABLES:
+        return []
+    if shutil.which("nft") is None:
+        raise StartupError("dataplane.kernelBackend: nftables needs the nft command (nftables)")
+    return [NftRunner(runner.family, exec_prefix=exec_prefix) for runner in iptables]
+
+
 def raise_fd_limit(max_connections: int) -> int:
     """Each relayed connection holds two descriptors; lift the soft limit to fit the cap.
 
@@ -103,6 +122,7 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         config,
         node_name,
         iptables=runners,
+        nftables=nft_runners(config, runners, options.exec_prefix),
         netns=options.netns,
         policy_factory=rap.policy_factory,
         telemetry=rap.tracker.snapshot,
@@ -436,9 +456,14 @@ class _Shutdown(Exception):
 
 
 async def cleanup(exec_prefix: Sequence[str] = ()) -> int:
-    """Remove every rapproxy chain and jump; returns how many families had something."""
+    """Remove every rapproxy chain, jump and nft table; returns how many tables had something."""
     removed = 0
-    for runner in await iptables_runners(exec_prefix):
+    runners = await iptables_runners(exec_prefix)
+    for runner in runners:
         if await runner.cleanup():
             removed += 1
+    if shutil.which("nft") is not None:  # whatever the configured backend: everything goes
+        for family in (4, 6):
+            if await NftRunner(family, exec_prefix=exec_prefix).cleanup():
+                removed += 1
     return removed

@@ -35,6 +35,13 @@ per Service here: 1,000 Services' full write 2.7 s, 2,000 16 s), and kernel mode
 finished its first write. `nft monitor` sees nothing of legacy tables, so there the weight write
 is timed by polling Service 0's weighted chain (`iptables -S`, every 0.5 s) until it changes.
 
+`--kernel --nftables` sets `dataplane.kernelBackend: nftables`: kernel mode in rapproxy's own nft
+table (rules/nftables.py). There a weight write is ~120k rule events in batches of 500 Services
+(sync/proxier.py), and `nft monitor` printing them would compete with the daemon for the two
+CPUs, so the monitor does not run; the weight write is timed from the load file's write to the
+daemon's own log line written when the last batch's `nft` has exited (JSON logs, ms timestamps:
+`--log-format json`), and only writes that moved at least 90% of the Services count.
+
 Every endpoint is live: `10.244.0.0/14` is a local route in the namespace and one backend
 process listens on 0.0.0.0:8080, answering each connection with the address it was reached at
 (i.e. the endpoint the relay chose). The probe runs in a worker process inside the namespace.
@@ -326,6 +333,8 @@ class Bench:
             flags = ["--node-name", "node", "--lb-policy", "rap"]
             flags += ["--set", "dataplane.mode=kernel"]
             flags += ["--set", f"rap.loadSource=file:{self.load_file}"]
+            if self.args.nftables:
+                flags += ["--set", "dataplane.kernelBackend=nftables", "--log-format", "json"]
         else:
             flags = ["--node-name", "node", "--lb-policy", "round-robin"]
         for setting in self.args.set:
@@ -463,6 +472,29 @@ async def time_weight_writes(
             matched += len(waiting)
 
 
+def nft_weight_writes(
+    log_path: Path, wall_offset: float, at_least: float
+) -> list[tuple[float, int, float]]:
+    """--nftables: (monotonic end, service ports, seconds) of each weight write the daemon logged
+    (JSON lines) that wrote at least `at_least` service ports."""
+    found: list[tuple[float, int, float]] = []
+    pattern = re.compile(r"kernel weights of (\d+) service ports written in ([\d.]+) s")
+    for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        match = pattern.search(str(record.get("msg", "")))
+        if match is None or int(match.group(1)) < at_least:
+            continue
+        stamp = datetime.datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        wall = stamp.replace(tzinfo=datetime.UTC).timestamp()
+        found.append((wall - wall_offset, int(match.group(1)), float(match.group(2))))
+    return found
+
+
 async def flip_load(
     bench: Bench, onsets: list[float], stop: asyncio.Event, high: float, low: float
 ) -> None:
@@ -525,6 +557,12 @@ async def measure(args: Any, workdir: Path) -> Result:
             )
             result.cold_listed_rss_mib = proc_status(bench.daemon_pid()).get("VmRSS", 0) / 1024
             progress(f"cold first sync {result.cold_first_sync:.2f}s")
+            if args.nftables:
+                listed = await node.exec(["nft", "list", "chains", "ip"])
+                result.notes.append(
+                    f"kernel mode (nftables): {listed.stdout.count('chain svc-')} svc chains, "
+                    f"{listed.stdout.count('chain sep-')} endpoint chains after the cold start"
+                )
             save = "iptables-legacy-save" if args.legacy else "iptables-save"
             saved = await node.exec([save, "-t", "nat"])
             result.iptables_rules = saved.stdout.count("-A RAPPROXY-SERVICES")
@@ -537,7 +575,8 @@ async def measure(args: Any, workdir: Path) -> Result:
             # 3. Endpoint changes, each measured from the registry write to a real connection
             #    being served by the new endpoint.
             events: list[tuple[float, str]] = []
-            monitor = asyncio.create_task(rule_monitor(node, events))
+            monitor = None if args.nftables else asyncio.create_task(rule_monitor(node, events))
+            wall_offset = time.time() - time.monotonic()
             polled: list[tuple[float, float]] = []
             onsets: list[float] = []
             poller = (
@@ -601,9 +640,10 @@ async def measure(args: Any, workdir: Path) -> Result:
                 bench.set_load(0.1)
                 await asyncio.sleep(3.0)  # the last onset's write
             await asyncio.sleep(0.5)
-            monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await monitor
+            if monitor is not None:
+                monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor
             if poller is not None:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -620,6 +660,29 @@ async def measure(args: Any, workdir: Path) -> Result:
                 result.weight_notes.append(
                     "iptables-legacy: timed by polling Service 0's weighted chain every 0.5 s "
                     f"(each poll a legacy table read); {len(onsets)} onsets, {len(polled)} seen"
+                )
+            elif args.nftables:
+                writes = nft_weight_writes(log_path, wall_offset, 0.9 * args.services)
+                result.weight_bursts = len(writes)
+                for onset in onsets:
+                    after = [w for w in writes if w[0] >= onset]
+                    if not after:
+                        result.weight_notes.append(
+                            f"onset at +{onset - phase_start:.1f} s: no write"
+                        )
+                        continue
+                    end, ports, seconds = after[0]
+                    result.weight_writes.append(
+                        {
+                            "at": onset - phase_start,
+                            "seconds": end - onset,
+                            "rule_events": ports,
+                            "events_seconds": seconds,
+                        }
+                    )
+                result.weight_notes.append(
+                    "nftables: timed to the daemon's log line after the write's last batch "
+                    "(`rule_events` here: the service ports written; `nft monitor` not run)"
                 )
             elif args.kernel:
                 weight_bursts = [b for b in bursts(events, gap=0.2) if b["svc_only"]]
@@ -746,12 +809,22 @@ def render(result: Result, meta: dict[str, Any]) -> str:
         "",
         "## iptables writes during the change phase",
         "",
-        f"{len(result.rule_writes)} rewrite(s) of the RAPPROXY chains seen by `nft monitor` "
-        f"during {len(latencies)} endpoint-only changes "
-        "(periodic full resyncs every `iptables.syncPeriod` are expected; "
-        "a rewrite per change is not):",
-        "",
     ]
+    if "dataplane.kernelBackend=nftables" in result.daemon_flags:
+        lines += [
+            "Not watched: with the nftables backend an endpoint change of a kernel-mode Service "
+            "is a rules write by design, and `nft monitor` was not run (see the weight writes "
+            "below).",
+            "",
+        ]
+    else:
+        lines += [
+            f"{len(result.rule_writes)} rewrite(s) of the RAPPROXY chains seen by `nft monitor` "
+            f"during {len(latencies)} endpoint-only changes "
+            "(periodic full resyncs every `iptables.syncPeriod` are expected; "
+            "a rewrite per change is not):",
+            "",
+        ]
     for write in result.rule_writes:
         lines.append(
             f"- at +{write['at']:.1f} s, {write['rule_events']} rule events over "
@@ -765,9 +838,14 @@ def render(result: Result, meta: dict[str, Any]) -> str:
             "## Kernel mode: weight writes after a telemetry change (issue 13)",
             "",
             f"{len(result.weight_writes)} onsets of overload, each moving every Service's "
-            "weights; from the load file's write to the first rule event of the weight write "
-            "(a transaction touching RAPPROXY-SVC chains alone) seen by `nft monitor`. This "
-            "includes waiting for the next telemetry sample (`rap.telemetryInterval`, 1 s) and "
+            "weights; from the load file's write to "
+            + (
+                "the daemon's log line after the last batch of the weight write (nftables)"
+                if "dataplane.kernelBackend=nftables" in result.daemon_flags
+                else "the first rule event of the weight write (a transaction touching "
+                "RAPPROXY-SVC chains alone) seen by `nft monitor`"
+            )
+            + ". This includes waiting for the next telemetry sample (`rap.telemetryInterval`, 1 s) and "
             "for the next weight period (`dataplane.weightPeriod`, 1 s), then computing and "
             f"writing. {result.weight_bursts} weight writes were seen in all.",
             "",
@@ -887,6 +965,11 @@ def main() -> int:
         "--legacy",
         action="store_true",
         help="the namespace's kubelet hint says iptables-legacy: the daemon writes there",
+    )
+    parser.add_argument(
+        "--nftables",
+        action="store_true",
+        help="--kernel through rapproxy's nft tables (dataplane.kernelBackend: nftables)",
     )
     parser.add_argument("--overload-s", type=float, default=1.5, help="--kernel: overloaded for")
     parser.add_argument("--recover-s", type=float, default=7.0, help="--kernel: then idle for")

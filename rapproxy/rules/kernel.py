@@ -156,11 +156,21 @@ class KernelRules:
 
 def service_chain(name: ServicePortName, kind: str) -> str:
     """`RAPPROXY-<kind>-<hash>` for kind SVC, SVL or EXT."""
-    return f"RAPPROXY-{kind}-{_hash(f'{name}/{name.protocol.value}')}"
+    return f"RAPPROXY-{kind}-{port_hash(name)}"
 
 
 def endpoint_chain(name: ServicePortName, ip: str, port: int) -> str:
-    return f"RAPPROXY-SEP-{_hash(f'{name}/{name.protocol.value}/{ip}/{port}')}"
+    return f"RAPPROXY-SEP-{endpoint_hash(name, ip, port)}"
+
+
+def port_hash(name: ServicePortName) -> str:
+    """14 base32 characters naming a service port's objects (chains here, nftables too)."""
+    return _hash(f"{name}/{name.protocol.value}")
+
+
+def endpoint_hash(name: ServicePortName, ip: str, port: int) -> str:
+    """14 base32 characters naming one endpoint of a service port's objects."""
+    return _hash(f"{name}/{name.protocol.value}/{ip}/{port}")
 
 
 def is_kernel_chain(chain: str) -> bool:

@@ -92,6 +92,7 @@ from rapproxy.model.telemetry import RapSettings, TelemetryView
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.conntrack import delete_udp_entries
 from rapproxy.rules.kernel import KernelConfig, KernelRenderError, KernelTarget, WeightedEndpoint
+from rapproxy.rules.nft_apply import NftRunner
 from rapproxy.rules.render import RedirectTarget, RuleConfig
 from rapproxy.sync.tracker import ChangeTracker, TableChange
 
@@ -100,6 +101,13 @@ log = logging.getLogger(__name__)
 EXTERNAL_SUFFIX = " (external)"
 _RAP_POLICIES = (LbPolicy.RAP, LbPolicy.RAP_AIMD, LbPolicy.RAP_SWITCH)
 _SAMPLED = "sampled: the proxy's rap decisions on a sample of connections"
+# nftables backend: service ports per weight transaction. The rules lock is released between
+# two, so an endpoint change waits for one batch (~0.2 s of nft at 10k Services), not for all.
+NFT_WEIGHT_BATCH = 500
+
+
+class KernelWriteError(RuntimeError):
+    """Some kernel-mode service ports could not be written; the others were. Names each."""
 
 
 class PortRangeExhausted(RuntimeError):
@@ -165,6 +173,7 @@ class Proxier:
         node_name: str,
         *,
         iptables: Sequence[IptablesRunner] = (),
+        nftables: Sequence[NftRunner] = (),
         policy_factory: PolicyFactory | None = None,
         metrics: ProxyMetrics | None = None,
         zone: str | None = None,
@@ -203,6 +212,9 @@ class Proxier:
         self.metrics.watch_kernel(self._kernel_weight_rows)
         self.health = HealthState(sync_period=config.iptables.sync_period)
         self.iptables = list(iptables)
+        # Kernel mode's nft tables (dataplane.kernelBackend: nftables); empty: kernel mode
+        # rides in the iptables transactions.
+        self.nftables = list(nftables)
         dataplane = config.dataplane
         self.rule_config = RuleConfig(
             node_port_cidrs=config.iptables.node_port_addresses,
@@ -327,6 +339,8 @@ class Proxier:
     async def cleanup_rules(self) -> None:
         for runner in self.iptables:
             await runner.cleanup()
+        for nft in self.nftables:
+            await nft.cleanup()
 
     # -- the sync -----------------------------------------------------------------------------
 
@@ -350,10 +364,15 @@ class Proxier:
         self._apply_to_memory(change, forget_all_stale_stats=full)
         stale_udp = await self._reconcile_udp() if self._serve_udp else []
         self._refresh_udp_targets()
+        failed: Mapping[ServicePortName, str] = {}
         async with self._rules_lock:
             previous_targets = self._applied_targets or {}
             previous_kernel = self._applied_kernel or {}
-            changes = None if full or not self.iptables else self._kernel_chain_changes()
+            if self.nftables:
+                failed = await self._write_nftables(full, previous_kernel)
+            changes = (
+                None if full or not self.iptables or self.nftables else self._kernel_chain_changes()
+            )
             if changes:
                 try:
                     for runner in self.iptables:
@@ -364,7 +383,9 @@ class Proxier:
                     applied = dict(previous_kernel)
                     applied.update((wanted.service_port.name, wanted) for _, wanted in changes)
                     self._applied_kernel = applied
-            if self.iptables and (
+            if self.nftables:
+                pass  # written above, redirects included
+            elif self.iptables and (
                 full
                 or self._targets != self._applied_targets
                 or self._kernel != self._applied_kernel
@@ -410,6 +431,50 @@ class Proxier:
                 len(change.services),
                 (self._clock() - started) * 1000,
             )
+        if failed:
+            raise KernelWriteError(
+                f"{len(failed)} kernel-mode service port(s) not written (the others were; "
+                "retried): " + "; ".join(f"{name}: {error}" for name, error in failed.items())
+            )
+
+    async def _write_nftables(
+        self, full: bool, previous_kernel: Mapping[ServicePortName, KernelTarget]
+    ) -> dict[ServicePortName, str]:
+        """Kernel mode in nft, redirects in iptables, ordered so no new connection is lost.
+
+        A Service switching to kernel mode gets its nft entry before its redirect goes (nft's
+        DNAT at priority -101 wins over the REDIRECT at -100 while both exist); one switching to
+        userspace keeps its nft entry until its redirect is in place. So: nft additions and
+        changes, then the iptables write, then nft removals. Returns the service ports nft
+        refused (left as they were; the others are written).
+        """
+        wanted = list(self._kernel.values())
+        failed: dict[ServicePortName, str] = {}
+        for nft in self.nftables:
+            failed.update(
+                (await nft.sync(wanted, self.rule_config, verify=full, remove=False)).failed
+            )
+        if self.iptables and (full or self._targets != self._applied_targets):
+            written = dict(self._targets)
+            await self._write_rules_absorbing(written, dict(self._kernel), repair_jumps=full)
+            self._applied_targets = written
+        elif not self.iptables:
+            self._applied_targets = dict(self._targets)
+        for nft in self.nftables:
+            failed.update((await nft.sync(wanted, self.rule_config)).failed)
+        applied: dict[ServicePortName, KernelTarget] = {}
+        for name, target in self._kernel.items():
+            if name not in failed:
+                applied[name] = target
+            elif name in previous_kernel:
+                applied[name] = previous_kernel[name]
+        for name, target in previous_kernel.items():
+            if name not in self._kernel and name in failed:
+                applied[name] = target
+        self._applied_kernel = applied
+        for name in applied.keys() - previous_kernel.keys():
+            self._weights_changed_at.setdefault(name, self._wall_clock())
+        return failed
 
     def note_change(self) -> None:
         """Called by sources after recording a change: keeps /healthz's staleness honest, and
@@ -437,7 +502,8 @@ class Proxier:
 
         async def write() -> None:
             targets = list(written.values())
-            kernel = list(written_kernel.values())
+            # With the nftables backend kernel mode is not in the iptables transaction.
+            kernel = [] if self.nftables else list(written_kernel.values())
             for runner in self.iptables:
                 if kernel:
                     await runner.sync(
@@ -742,6 +808,9 @@ class Proxier:
         lookup per Service unless its weights move (balancer/kernel_weights.py).
         """
         threshold = self.config.dataplane.weight_threshold
+        # nftables: the new targets wait here until their batch is written (`_write_nft_weights`),
+        # so a sync in between writes only what it changed, not every moved Service's weights.
+        pending: dict[ServicePortName, KernelTarget] = {}
         async with self._rules_lock:
             started = time.monotonic()
             now = self._clock()
@@ -780,9 +849,11 @@ class Proxier:
                         continue
                     self._weights[name] = weights
                     self._weight_basis[name] = basis
-                    self._kernel[name] = self._kernel_target(
-                        candidates, weights, target.fallback_port, share
-                    )
+                    sampled = self._kernel_target(candidates, weights, target.fallback_port, share)
+                    if self.nftables:
+                        pending[name] = sampled
+                    else:
+                        self._kernel[name] = sampled
                     moved.append(name)
                     continue
                 previous = self._weight_basis.get(name)
@@ -795,10 +866,16 @@ class Proxier:
                 weights = relabel(basis, candidates.cluster)
                 self._weights[name] = weights
                 self._weight_basis[name] = basis
-                self._kernel[name] = self._kernel_target(candidates, weights, target.fallback_port)
+                new = self._kernel_target(candidates, weights, target.fallback_port)
+                if self.nftables:
+                    pending[name] = new
+                else:
+                    self._kernel[name] = new
                 moved.append(name)
             if not moved:
                 return 0
+            if self.nftables:
+                return await self._write_nft_weights(moved, pending, started)
             applied = self._applied_kernel
             updates: list[KernelTarget] = []
             needs_sync = False
@@ -820,6 +897,77 @@ class Proxier:
             if updates and self.iptables:
                 self.metrics.kernel_weight_writes.inc()
                 self.metrics.kernel_weight_write_duration.observe(time.monotonic() - started)
+        if needs_sync and self.request_sync is not None:
+            self.request_sync()
+        return len(moved)
+
+    async def _write_nft_weights(
+        self,
+        moved: list[ServicePortName],
+        pending: dict[ServicePortName, KernelTarget],
+        started: float,
+    ) -> int:
+        """Write `pending` weights in batches of NFT_WEIGHT_BATCH, each under the rules lock.
+
+        Called holding the lock, returns holding it; between batches the lock is free, so a sync
+        (an endpoint change) runs in between rather than after every batch. A Service the sync
+        rebuilt meanwhile (other endpoints) is skipped: the sync wrote fresh weights for it.
+        """
+        needs_sync = False
+        wrote = False
+        written_count = batches = 0
+        for start in range(0, len(moved), NFT_WEIGHT_BATCH):
+            if start:
+                self._rules_lock.release()
+                try:
+                    await asyncio.sleep(0)  # let a waiting sync take the lock
+                finally:
+                    await self._rules_lock.acquire()
+            applied = self._applied_kernel
+            updates: list[KernelTarget] = []
+            for name in moved[start : start + NFT_WEIGHT_BATCH]:
+                current, new = self._kernel.get(name), pending[name]
+                if current is None or not _same_paths(current, new):
+                    continue
+                self._kernel[name] = new
+                written = None if applied is None else applied.get(name)
+                if written is not None and _same_paths(written, new):
+                    updates.append(new)
+                else:
+                    needs_sync = True
+            if not updates:
+                continue
+            failed: dict[ServicePortName, str] = {}
+            for nft in self.nftables:
+                failed.update((await nft.update_weights(updates, self.rule_config)).failed)
+            changed_at = self._wall_clock()
+            for target in updates:
+                name = target.service_port.name
+                if name in failed:
+                    needs_sync = True
+                    continue
+                if applied is not None:
+                    applied[name] = target
+                self._weights_changed_at[name] = changed_at
+                written_count += 1
+            batches += 1
+            if failed:
+                log.warning(
+                    "kernel weights of %d service ports not written (the sync retries): %s",
+                    len(failed),
+                    "; ".join(f"{n}: {e}" for n, e in list(failed.items())[:5]),
+                )
+            wrote = True
+        if wrote:
+            elapsed = time.monotonic() - started
+            self.metrics.kernel_weight_writes.inc()
+            self.metrics.kernel_weight_write_duration.observe(elapsed)
+            log.info(
+                "kernel weights of %d service ports written in %.3f s (%d batches)",
+                written_count,
+                elapsed,
+                batches,
+            )
         if needs_sync and self.request_sync is not None:
             self.request_sync()
         return len(moved)
@@ -1039,6 +1187,7 @@ class Proxier:
         state["changes_pending"] = self.tracker.pending
         state["last_sync_error"] = self.last_sync_error
         state["kernel"] = self.describe_kernel()
+        state["kernel_backend"] = self.config.dataplane.kernel_backend.value
         for name, describe in self.extra_state.items():
             state[name] = describe(now)
         return state

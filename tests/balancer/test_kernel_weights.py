@@ -197,4 +197,3 @@ def test_split_weights_spread_a_nodes_share_over_its_endpoints_and_drop_gone_nod
     assert weights.local_share == pytest.approx(0.75)
     assert weights.decision == "sampled"
     assert split_weights(candidates, {"n9": 1.0}, LOCAL, "sampled") is None
-

@@ -17,6 +17,11 @@ dialled comes from the node's address on the backend's link, one the kernel DNAT
 client's own address (no SNAT is configured). Run twice: with the default mode userspace and the
 annotation asking for kernel, and the other way round (`dataplane.mode: kernel`, the annotation
 asking for userspace), so both the annotation and the configured default are switched from.
+
+And for both kernel backends: with `dataplane.kernelBackend: nftables` the kernel path is an
+element of rapproxy's nft map `service-ips` (its nat chains run before iptables'), the relay's
+REDIRECT stays in iptables, and the switch is two transactions ordered so that the new path is
+in place before the old one goes (rules/nftables.py, Proxier._write_nftables).
 """
 
 from __future__ import annotations
@@ -90,6 +95,13 @@ class World:
         assert len(rules) <= 1, rules
         return rules[0] if rules else ""
 
+    async def nft_entry(self) -> bool:
+        """Whether rapproxy's nft table sends the ClusterIP to a kernel-mode chain."""
+        listed = await self.node.exec(
+            ["nft", "list", "map", "ip", "rapproxy", "service-ips"], check=False
+        )
+        return f"{CLUSTER_IP} . tcp . 80 : goto svc-" in listed.stdout
+
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
@@ -114,20 +126,26 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             await namespace.aclose()
 
 
-async def wait_for_mode(world: World, kernel: bool, within: float) -> float:
-    """Poll the nat table until the ClusterIP's rule is the mode's; returns when it was seen."""
+async def wait_for_mode(world: World, kernel: bool, within: float, backend: str) -> float:
+    """Poll the rules until the ClusterIP's path is the mode's alone; returns when it was seen."""
     deadline = time.monotonic() + within
     while True:
         rule = await world.cluster_ip_rule()
-        if ("-j RAPPROXY-SVC-" in rule) if kernel else ("-j REDIRECT" in rule):
+        if backend == "nftables":
+            entry = await world.nft_entry()
+            done = (entry and not rule) if kernel else ("-j REDIRECT" in rule and not entry)
+        else:
+            done = ("-j RAPPROXY-SVC-" in rule) if kernel else ("-j REDIRECT" in rule)
+        if done:
             return time.time()
         assert time.monotonic() < deadline, f"not in {'kernel' if kernel else 'userspace'} mode"
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
 @pytest.mark.parametrize("default", ["userspace", "kernel"])
 async def test_switching_modes_under_load_loses_no_new_connection(
-    world: World, default: str
+    world: World, default: str, backend: str
 ) -> None:
     other = "kernel" if default == "userspace" else "userspace"
     world.write_manifest(None)
@@ -144,6 +162,8 @@ async def test_switching_modes_under_load_loses_no_new_connection(
                 "--set",
                 f"dataplane.mode={default}",
                 "--set",
+                f"dataplane.kernelBackend={backend}",
+                "--set",
                 "iptables.minSyncPeriod=0.05",
                 # One patient dial: a backend starved of CPU by other jobs on the box must not
                 # turn into a reset that has nothing to do with the switch.
@@ -157,7 +177,7 @@ async def test_switching_modes_under_load_loses_no_new_connection(
         await world.client.call(probes.wait_http, f"http://{CLUSTER_IP}/", STARTUP)
         # Start in the default mode; then the annotation, then without it, twice.
         modes = [default, other, default, other, default]
-        seen = [await wait_for_mode(world, default == "kernel", STARTUP)]
+        seen = [await wait_for_mode(world, default == "kernel", STARTUP, backend)]
 
         stop = world.tmp_path / "load.stop"
         spec = LoadSpec(
@@ -175,7 +195,7 @@ async def test_switching_modes_under_load_loses_no_new_connection(
         for mode in modes[1:]:
             switched.append(time.time())
             world.write_manifest(mode if mode != default else None)
-            seen.append(await wait_for_mode(world, mode == "kernel", 30))
+            seen.append(await wait_for_mode(world, mode == "kernel", 30, backend))
             await asyncio.sleep(PHASE)  # this mode's share of the load
         switched.append(time.time())
         stop.write_text("")
@@ -206,3 +226,8 @@ async def test_switching_modes_under_load_loses_no_new_connection(
         assert peers and peers <= expected, (index, mode, peers)
     backends = {a.backend for a in report.attempts}
     assert backends == {"b1", "b2"}, backends
+
+    # `rapproxy cleanup` leaves nothing of either backend behind.
+    await world.node.exec([RAPPROXY, "cleanup"])
+    assert "RAPPROXY" not in (await world.node.exec(["iptables-save"])).stdout
+    assert "rapproxy" not in (await world.node.exec(["nft", "list", "tables"])).stdout

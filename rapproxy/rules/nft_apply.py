@@ -1,0 +1,299 @@
+"""Running kernel mode's nftables transactions: `nft -f -` as a subprocess, one runner per family.
+
+`nft -f` is nftables' transactional interface, as `iptables-restore` is iptables': the whole text
+is one commit, so the kernel sees a Service's old objects or its new ones, never a Service
+without a path. One `NftRunner` owns one family's table (`ip rapproxy` or `ip6 rapproxy`, see
+rules/nftables.py) and remembers the kernel-mode targets it wrote, so a sync writes only the
+service ports that changed, and a weight write only the weighted chains.
+
+How it fails: a non-zero exit raises `NftError` carrying nft's own messages and the line numbers
+it names. One broken service port must not keep the others out of the kernel (iptables' runner
+fails the whole transaction, which is right there: its text is one rewrite of shared chains),
+so here every service port is a group of its own and a failed transaction is retried without
+the groups nft's messages point at; those are reported as failed, with nft's message, and the
+kernel keeps what it had for them. A failure nft does not attribute to a line is narrowed down by
+halving. Only the table's own objects failing, or the first write (which replaces the table),
+fails the call. A command that hangs is killed after `timeout` seconds; then, and after any
+failure not attributed to a service port, the runner no longer knows what the kernel holds and
+its next sync replaces the whole table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from rapproxy.model.service import ServicePortName
+from rapproxy.rules.kernel import KernelTarget
+from rapproxy.rules.nftables import (
+    NftGroup,
+    join_groups,
+    render_base,
+    render_change,
+    render_cleanup,
+    render_port,
+    render_rebuild,
+    render_weights,
+    table_ref,
+)
+from rapproxy.rules.render import Family, RuleConfig
+
+_ERROR_LINE = re.compile(r"^(?:/dev/stdin|-):(\d+):[\d-]+: Error: (.*)$", re.M)
+_MAX_MESSAGE = 2000
+_FAMILY_WORD = {4: "ip", 6: "ip6"}
+
+
+class NftError(RuntimeError):
+    """An nft command failed; `stderr` is its own explanation, `errors` its messages by line."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        self.errors: dict[int, str] = {}
+        for match in _ERROR_LINE.finditer(stderr):
+            self.errors.setdefault(int(match.group(1)), match.group(2).strip())
+        status = "timed out" if returncode is None else f"exited {returncode}"
+        text = stderr.strip()[:_MAX_MESSAGE] or "(no stderr)"
+        super().__init__(f"{' '.join(self.argv)} {status}: {text}")
+
+
+@dataclass(frozen=True, slots=True)
+class NftWriteResult:
+    """What a write did: whether nft ran, and the service ports left out (nft's message each)."""
+
+    ran: bool = False
+    failed: Mapping[ServicePortName, str] = field(default_factory=dict)
+
+
+class NftRunner:
+    """Applies kernel-mode Services to one family's nft table.
+
+    `exec_prefix` runs every command through a wrapper — `("ip", "netns", "exec", NAME)` in the
+    tests; empty on a node.
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        *,
+        exec_prefix: Sequence[str] = (),
+        timeout: float = 60.0,
+        command: str = "nft",
+    ) -> None:
+        self._family: Family = family
+        self._prefix = tuple(exec_prefix)
+        self._timeout = timeout
+        self._command = command
+        # What the kernel holds, per service port; None: unknown, the next sync rebuilds.
+        self._written: dict[ServicePortName, KernelTarget] | None = None
+        self._base: NftGroup | None = None
+
+    @property
+    def family(self) -> Family:
+        return self._family
+
+    @property
+    def written(self) -> Mapping[ServicePortName, KernelTarget]:
+        """The targets the kernel holds (empty before the first write)."""
+        return dict(self._written or {})
+
+    async def sync(
+        self,
+        kernel: Sequence[KernelTarget],
+        config: RuleConfig,
+        *,
+        remove: bool = True,
+        verify: bool = False,
+    ) -> NftWriteResult:
+        """Bring the table to `kernel`: only the service ports that differ are written.
+
+        `remove=False` keeps the service ports written earlier and no longer in `kernel` (a
+        switch to userspace mode removes them only once the redirect is in place). `verify`
+        first checks that the table is still there (someone may have flushed the ruleset) and
+        rebuilds it if not; do it on the periodic full sync.
+        """
+        wanted = {target.service_port.name: target for target in kernel}
+        base = render_base(config.kernel, self._family, config.node_port_cidrs)
+        if verify and self._written is not None and not await self._table_present():
+            self._written = None
+        if self._written is None:
+            return await self._rebuild(wanted, base, config)
+        written = self._written
+        groups: list[NftGroup] = []
+        if base != self._base:
+            groups.append(base)
+        changed: list[ServicePortName] = []
+        pairs: list[tuple[KernelTarget | None, KernelTarget | None]] = []
+        names = list(wanted)
+        if remove:
+            names.extend(name for name in written if name not in wanted)
+        for name in names:
+            old, new = written.get(name), wanted.get(name)
+            if old is new or old == new:
+                continue
+            pairs.append((old, new))
+            changed.append(name)
+
+        def render() -> list[NftGroup]:
+            out = []
+            for old, new in pairs:
+                before = render_port(old, config.kernel, self._family) if old else None
+                after = render_port(new, config.kernel, self._family) if new else None
+                group = render_change(before, after, self._family)
+                if group is not None:
+                    out.append(group)
+            return out
+
+        # A sync usually changes a port or two; the first ones after a start, thousands.
+        groups.extend(await asyncio.to_thread(render) if len(pairs) > 50 else render())
+        if not groups:
+            for name in changed:  # nothing to write in this family, but now the wanted state
+                self._record(name, wanted.get(name))
+            return NftWriteResult()
+        failed = await self._apply(groups)
+        self._base = base
+        for name in changed:
+            if name not in failed:
+                self._record(name, wanted.get(name))
+        return NftWriteResult(True, failed)
+
+    async def update_weights(
+        self, kernel: Sequence[KernelTarget], config: RuleConfig
+    ) -> NftWriteResult:
+        """Rewrite only the weighted chains of `kernel`, whose endpoints must be those written.
+
+        One transaction; each chain is flushed and refilled inside it, so no Service is ever
+        without a path.
+        """
+        written = self._written
+        if written is None:
+            return NftWriteResult()
+
+        def render() -> list[NftGroup]:
+            groups = []
+            for target in kernel:
+                group = render_weights(target, config.kernel, self._family)
+                if group is not None and target.service_port.name in written:
+                    groups.append(group)
+            return groups
+
+        # Pure and on immutable targets: rendered off the event loop, as IptablesRunner does.
+        groups = await asyncio.to_thread(render)
+        if not groups:
+            return NftWriteResult()
+        failed = await self._apply(groups)
+        for target in kernel:
+            name = target.service_port.name
+            if name in written and name not in failed:
+                written[name] = target
+        return NftWriteResult(True, failed)
+
+    async def cleanup(self) -> bool:
+        """Remove the table, whatever is in it; True when it was there."""
+        listed = await self._run(None, ("list", "tables", _FAMILY_WORD[self._family]))
+        present = f"table {table_ref(self._family)}" in listed.splitlines()
+        self._written = None
+        self._base = None
+        if present:
+            await self._run(render_cleanup(self._family))
+        return present
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _record(self, name: ServicePortName, target: KernelTarget | None) -> None:
+        assert self._written is not None
+        if target is None:
+            self._written.pop(name, None)
+        else:
+            self._written[name] = target
+
+    async def _rebuild(
+        self, wanted: dict[ServicePortName, KernelTarget], base: NftGroup, config: RuleConfig
+    ) -> NftWriteResult:
+
+        def render() -> list[NftGroup]:
+            ports = [render_port(t, config.kernel, self._family) for t in wanted.values()]
+            return render_rebuild(base, ports, self._family)
+
+        groups = await asyncio.to_thread(render)  # 10k ports: most of a second of pure Python
+        failed = await self._apply(groups)
+        self._written = {name: t for name, t in wanted.items() if name not in failed}
+        self._base = base
+        return NftWriteResult(True, failed)
+
+    async def _apply(self, groups: Sequence[NftGroup]) -> dict[ServicePortName, str]:
+        """Run `groups` as one transaction; leave out the service ports nft refuses."""
+        failed: dict[ServicePortName, str] = {}
+        pending = list(groups)
+        while pending:
+            text, spans = join_groups(pending)
+            try:
+                await self._run(text)
+            except NftError as error:
+                lines = text.splitlines()
+                culprits = {
+                    index
+                    for index, span in enumerate(spans)
+                    if any(number in span for number in error.errors)
+                }
+                if any(pending[i].owner is None for i in culprits) or error.returncode is None:
+                    self._written = None
+                    raise
+                if not culprits:
+                    return {**failed, **await self._narrow(pending, error)}
+                for index in culprits:
+                    owner = pending[index].owner
+                    assert owner is not None
+                    number = next(n for n in error.errors if n in spans[index])
+                    failed[owner] = f"{error.errors[number]} [line: {lines[number - 1][:300]}]"
+                pending = [g for i, g in enumerate(pending) if i not in culprits]
+            else:
+                return failed
+        return failed
+
+    async def _narrow(
+        self, groups: Sequence[NftGroup], error: NftError
+    ) -> dict[ServicePortName, str]:
+        """nft named no line: halve until the failing service ports are alone."""
+        owned = [g for g in groups if g.owner is not None]
+        if len(owned) != len(groups):  # the table's own objects in the lot: not a port's fault
+            self._written = None
+            raise error
+        if len(owned) == 1:
+            owner = owned[0].owner
+            assert owner is not None
+            return {owner: str(error)}
+        middle = len(owned) // 2
+        failed: dict[ServicePortName, str] = {}
+        for half in (owned[:middle], owned[middle:]):
+            failed.update(await self._apply(half))
+        return failed
+
+    async def _table_present(self) -> bool:
+        try:
+            await self._run(None, ("list", "chain", *table_ref(self._family).split(), "services"))
+        except NftError:
+            return False
+        return True
+
+    async def _run(self, stdin_text: str | None, args: Sequence[str] = ("-f", "-")) -> str:
+        argv = (*self._prefix, self._command, *args)
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin_text is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        data = stdin_text.encode() if stdin_text is not None else None
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(data), self._timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise NftError(argv, None, f"no answer within {self._timeout} s") from None
+        if process.returncode != 0:
+            raise NftError(argv, process.returncode, stderr.decode(errors="replace"))
+        return stdout.decode(errors="replace")

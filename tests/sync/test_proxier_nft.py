@@ -1,0 +1,167 @@
+"""The Proxier with the nftables kernel backend, without the kernel: the order of its writes.
+
+Stand-in runners record what they were asked to write, in one shared log, so a test can say
+which path a Service had at every step of a mode switch. The real thing, under load, is
+tests/integration/test_kernel_switch_netns.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from rapproxy.config import RapproxyConfiguration, from_mapping
+from rapproxy.model.service import L4Protocol, ServicePortName
+from rapproxy.rules.kernel import KernelTarget
+from rapproxy.rules.nft_apply import NftWriteResult
+from rapproxy.rules.render import RedirectTarget, RuleConfig
+from rapproxy.sync.proxier import KernelWriteError, Proxier
+
+WEB = ServicePortName("default", "web", "", L4Protocol.TCP)
+API = ServicePortName("default", "api", "", L4Protocol.TCP)
+Log = list[tuple[str, Any]]
+
+
+def objects(name: str, ip: str, mode: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    annotations = {"rapproxy.io/dataplane": mode} if mode else {}
+    service = {
+        "metadata": {"namespace": "default", "name": name, "annotations": annotations},
+        "spec": {"clusterIP": ip, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    endpoint_slice = {
+        "metadata": {
+            "namespace": "default",
+            "name": f"{name}-abc",
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"port": 8080}],
+        "endpoints": [{"addresses": ["10.244.0.1"], "nodeName": "node"}],
+    }
+    return service, endpoint_slice
+
+
+class Redirects:
+    """Stands in for IptablesRunner: the userspace redirects."""
+
+    family = 4
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    async def sync(
+        self,
+        targets: Sequence[RedirectTarget],
+        config: RuleConfig,
+        *,
+        repair_jumps: bool = True,
+        kernel: Sequence[KernelTarget] = (),
+    ) -> bool:
+        assert not kernel, "kernel mode is not iptables' job with the nftables backend"
+        self.log.append(("redirects", {t.service_port.name for t in targets}))
+        return True
+
+
+class Table:
+    """Stands in for NftRunner: keeps what it was told, refuses the ports in `refuse`."""
+
+    family = 4
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.held: dict[ServicePortName, KernelTarget] = {}
+        self.refuse: set[ServicePortName] = set()
+
+    async def sync(
+        self,
+        kernel: Sequence[KernelTarget],
+        config: RuleConfig,
+        *,
+        remove: bool = True,
+        verify: bool = False,
+    ) -> NftWriteResult:
+        wanted = {t.service_port.name: t for t in kernel}
+        failed: dict[ServicePortName, str] = {}
+        for name, target in wanted.items():
+            if name in self.refuse:
+                failed[name] = "Error: Could not process rule: Device or resource busy"
+            else:
+                self.held[name] = target
+        if remove:
+            for name in [n for n in self.held if n not in wanted and n not in self.refuse]:
+                del self.held[name]
+        self.log.append(("nft", set(self.held)))
+        return NftWriteResult(True, failed)
+
+    async def update_weights(
+        self, kernel: Sequence[KernelTarget], config: RuleConfig
+    ) -> NftWriteResult:
+        return NftWriteResult()
+
+
+def proxier(log: Log, table: Table) -> Proxier:
+    config: RapproxyConfiguration = from_mapping({"dataplane": {"kernelBackend": "nftables"}})
+    return Proxier(config, "node", iptables=[Redirects(log)], nftables=[table])  # type: ignore[list-item]
+
+
+async def apply(p: Proxier, mode: str | None) -> None:
+    service, endpoint_slice = objects("web", "10.96.0.10", mode)
+    p.tracker.service_updated(service)
+    p.tracker.slice_updated(endpoint_slice)
+    await p.sync()
+
+
+def paths(log: Log) -> list[set[str]]:
+    """After each write, which paths WEB had: 'kernel' (nft entry), 'relay' (redirect)."""
+    nft: set[ServicePortName] = set()
+    redirects: set[ServicePortName] = set()
+    out = []
+    for kind, names in log:
+        if kind == "nft":
+            nft = names
+        else:
+            redirects = names
+        out.append(
+            {path for path, has in (("kernel", WEB in nft), ("relay", WEB in redirects)) if has}
+        )
+    return out
+
+
+@pytest.mark.parametrize(("before", "after"), [(None, "kernel"), ("kernel", None)])
+async def test_a_mode_switch_adds_the_new_path_before_it_removes_the_old(
+    before: str | None, after: str | None
+) -> None:
+    log: Log = []
+    table = Table(log)
+    p = proxier(log, table)
+    await apply(p, before)
+    start = len(log)
+    await apply(p, after)
+    steps = paths(log)[start - 1 :]  # from the state before the switch
+    assert all(steps), f"a write left the Service without a path: {steps}"
+    assert steps[-1] == ({"kernel"} if after else {"relay"})
+
+
+async def test_a_refused_port_fails_the_sync_by_name_after_the_others_are_written() -> None:
+    log: Log = []
+    table = Table(log)
+    p = proxier(log, table)
+    table.refuse.add(API)
+    for name, ip in (("web", "10.96.0.10"), ("api", "10.96.0.11")):
+        service, endpoint_slice = objects(name, ip, "kernel")
+        p.tracker.service_updated(service)
+        p.tracker.slice_updated(endpoint_slice)
+    with pytest.raises(KernelWriteError, match="default/api"):
+        await p.sync()
+    assert set(table.held) == {WEB}
+    written: Mapping[ServicePortName, KernelTarget] = p._applied_kernel or {}
+    assert set(written) == {WEB}  # /debug/state and metrics show what is in force
+    state = p.describe()
+    assert state["kernel_backend"] == "nftables"
+    assert state["kernel"][str(API)]["written"] is False
+    assert state["kernel"][str(WEB)]["weights"] == {"10.244.0.1:8080": 1.0}
+    table.refuse.clear()
+    await p.sync()  # the retry writes it
+    assert set(table.held) == {WEB, API}

@@ -276,9 +276,7 @@ class ProcessRuntime:
             try:
                 code = await process.wait()
             finally:
-                readiness.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await readiness
+                await cancel_and_wait(readiness)
             status.ready[index] = False
             if not should_restart(plan.restart_policy, code):
                 await status.publish()
@@ -316,8 +314,12 @@ class ProcessRuntime:
             await asyncio.sleep(probe.period)  # the probe's own cadence
 
     async def _probe(self, probe: ProbeSpec) -> bool:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the probe completes, and the readiness loop then never ended (a test's
+        # teardown hung on it under load).
         try:
-            return await asyncio.wait_for(self._probe_once(probe), probe.timeout)
+            async with asyncio.timeout(probe.timeout):
+                return await self._probe_once(probe)
         except (OSError, TimeoutError, ValueError):
             return False
 
@@ -390,3 +392,16 @@ class ProcessRuntime:
         for process in live:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.wait(), _KILL_WAIT_SECONDS)
+
+
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it has ended, cancelling again if it swallowed the first.
+
+    A task may survive one cancel (a cancellation caught by wait_for as its inner awaitable
+    completes, on 3.11); awaiting it once would then wait for as long as it runs.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled():
+        task.result()  # an error of its own still surfaces, as awaiting it did

@@ -27,7 +27,7 @@ from rapproxy.bps.activation import activate
 from rapproxy.model.bps import ANNOTATION_ACTIVATION_TOKEN, ENV_ACTIVATION_TOKEN, ENV_POD_IP
 from rapproxy.testing.apiserver import EmulatedApiServer, KubeletConfig, StandInRuntime
 from rapproxy.testing.apiserver.resources import PODS
-from rapproxy.testing.edge.runtime import ProcessRuntime
+from rapproxy.testing.edge.runtime import ProcessRuntime, cancel_and_wait
 
 from .conftest import eventually
 
@@ -211,3 +211,25 @@ async def test_a_cold_backup_reads_the_same_from_the_stand_in_and_from_real_proc
         (waiter,) = each["status"]["initContainerStatuses"]
         assert waiter["state"]["terminated"]["exitCode"] == 0
         assert waiter["state"]["terminated"]["reason"] == "Completed"
+
+
+async def test_a_task_that_swallows_a_cancel_is_cancelled_again_until_it_ends() -> None:
+    """The readiness loop once survived its cancel (wait_for on 3.11) and a teardown awaited it
+    forever; the runtime now cancels until the task has ended."""
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed > 2:
+                    raise
+
+    task = asyncio.get_running_loop().create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task), 5)
+    assert task.cancelled()
+    assert swallowed == 3

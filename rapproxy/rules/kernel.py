@@ -202,13 +202,13 @@ def render_target(target: KernelTarget, config: KernelConfig, family: int) -> Ke
     """Everything one kernel-mode service port needs in one address family."""
     port = target.service_port
     name = port.name
-    proto = _proto(port.protocol, name)
+    proto = l4_keyword(port.protocol, name)
     comment = comment_for(name)
-    cluster_ips = _of_family(port.cluster_ips, family, name)
+    cluster_ips = of_family(port.cluster_ips, family, name)
     if not cluster_ips:  # single-stack Service of the other family: nothing here, as render.py
         return KernelRules((), (), ())
-    cluster = tuple(e for e in target.cluster if _family(e.ip, name) == family)
-    local = tuple(e for e in target.local if _family(e.ip, name) == family)
+    cluster = tuple(e for e in target.cluster if family_of(e.ip, name) == family)
+    local = tuple(e for e in target.local if family_of(e.ip, name) == family)
     svc = service_chain(name, "SVC") if cluster else None
     svl = service_chain(name, "SVL") if local else None
     redirect = f"-j REDIRECT --to-ports {target.fallback_port}"
@@ -219,9 +219,7 @@ def render_target(target: KernelTarget, config: KernelConfig, family: int) -> Ke
     chains: dict[str, tuple[str, ...]] = {}
     used_endpoints: dict[str, WeightedEndpoint] = {}
     internal = svl if port.internal_traffic_local else svc
-    needs_ext = bool(
-        port.node_port is not None or _of_family(port.external_addresses, family, name)
-    )
+    needs_ext = bool(port.node_port is not None or of_family(port.external_addresses, family, name))
     ext = service_chain(name, "EXT") if needs_ext and (svc or svl) else None
     # EXT always names the cluster-wide chain (policy Cluster, or the node's own traffic under
     # policy Local) and, under policy Local, the local one.
@@ -267,7 +265,7 @@ def render_target(target: KernelTarget, config: KernelConfig, family: int) -> Ke
     )
     seen = set(cluster_ips)
     for ip, label in labelled:
-        if _family(ip, name) != family or ip in seen:
+        if family_of(ip, name) != family or ip in seen:
             continue
         seen.add(ip)
         service_rules.append(
@@ -289,11 +287,11 @@ def weighted_chain(target: KernelTarget, config: KernelConfig, family: int) -> t
     Raises `KernelRenderError` when the target has no such chain in this family.
     """
     name = target.service_port.name
-    cluster_ips = _of_family(target.service_port.cluster_ips, family, name)
-    cluster = tuple(e for e in target.cluster if _family(e.ip, name) == family)
+    cluster_ips = of_family(target.service_port.cluster_ips, family, name)
+    cluster = tuple(e for e in target.cluster if family_of(e.ip, name) == family)
     port = target.service_port
     reached = not port.internal_traffic_local or bool(
-        port.node_port is not None or _of_family(port.external_addresses, family, name)
+        port.node_port is not None or of_family(port.external_addresses, family, name)
     )
     if not cluster_ips or not cluster or not reached:
         raise KernelRenderError(f"{comment_for(name)}: no weighted chain in IPv{family}")
@@ -420,7 +418,7 @@ def _balance_chain(
 ) -> tuple[str, ...]:
     port = target.service_port
     name = port.name
-    proto = _proto(port.protocol, name)
+    proto = l4_keyword(port.protocol, name)
     comment = comment_for(name)
     rules: list[str] = []
     if cluster_wide and target.sample_share > 0 and port.affinity_timeout_seconds is None:
@@ -445,7 +443,7 @@ def _balance_chain(
         for endpoint in endpoints:
             sep = endpoint_chain(name, endpoint.ip, endpoint.port)
             rules.append(
-                f"-A {chain} -m comment --comment {_quote(f'{comment} -> {_address(endpoint)}')}"
+                f"-A {chain} -m comment --comment {_quote(f'{comment} -> {endpoint_address(endpoint)}')}"
                 f" -m recent --rcheck --seconds {port.affinity_timeout_seconds} --reap"
                 f" --name {sep} --mask {_HOST_MASK[family]} --rsource -j {sep}"
             )
@@ -454,7 +452,7 @@ def _balance_chain(
         live = [WeightedEndpoint(e.ip, e.port, 1.0) for e in endpoints]
     for endpoint, probability in zip(live, probabilities([e.weight for e in live]), strict=True):
         sep = endpoint_chain(name, endpoint.ip, endpoint.port)
-        text = _quote(f"{comment} -> {_address(endpoint)}")
+        text = _quote(f"{comment} -> {endpoint_address(endpoint)}")
         if probability >= 1.0:
             rules.append(f"-A {chain} -m comment --comment {text} -j {sep}")
             break
@@ -508,7 +506,7 @@ def _external_chain(
 def _endpoint_chain(
     chain: str, port: ServicePort, endpoint: WeightedEndpoint, family: int
 ) -> tuple[str, ...]:
-    proto = _proto(port.protocol, port.name)
+    proto = l4_keyword(port.protocol, port.name)
     comment = _quote(comment_for(port.name))
     recent = (
         f" -m recent --set --name {chain} --mask {_HOST_MASK[family]} --rsource"
@@ -519,7 +517,7 @@ def _endpoint_chain(
         f"-A {chain} -s {endpoint.ip}/{_HOST_PREFIX[family]} -m comment --comment {comment}"
         f" -j {MARK_MASQ_CHAIN}",
         f"-A {chain} -p {proto} -m comment --comment {comment}{recent} -m {proto}"
-        f" -j DNAT --to-destination {_address(endpoint)}",
+        f" -j DNAT --to-destination {endpoint_address(endpoint)}",
     )
 
 
@@ -538,12 +536,12 @@ def _match(proto: str, comment: str, number: int) -> str:
     return f"-p {proto} -m comment --comment {comment} -m {proto} --dport {number}"
 
 
-def _address(endpoint: WeightedEndpoint) -> str:
+def endpoint_address(endpoint: WeightedEndpoint) -> str:
     host = f"[{endpoint.ip}]" if ":" in endpoint.ip else endpoint.ip
     return f"{host}:{endpoint.port}"
 
 
-def _proto(protocol: L4Protocol, name: ServicePortName) -> str:
+def l4_keyword(protocol: L4Protocol, name: ServicePortName) -> str:
     if protocol is L4Protocol.TCP:
         return "tcp"
     if protocol is L4Protocol.UDP:
@@ -551,17 +549,17 @@ def _proto(protocol: L4Protocol, name: ServicePortName) -> str:
     raise KernelRenderError(f"{comment_for(name)}: protocol {protocol.value} is not supported")
 
 
-def _family(ip: str, name: ServicePortName) -> int:
+def family_of(ip: str, name: ServicePortName) -> int:
     try:
         return parse_ip(ip)[0]
     except ValueError:
         raise KernelRenderError(f"{comment_for(name)}: {ip!r} is not an IP address") from None
 
 
-def _of_family(ips: Iterable[str], family: int, name: ServicePortName) -> list[str]:
+def of_family(ips: Iterable[str], family: int, name: ServicePortName) -> list[str]:
     out: list[str] = []
     for ip in ips:
-        if _family(ip, name) == family and ip not in out:
+        if family_of(ip, name) == family and ip not in out:
             out.append(ip)
     return out
 

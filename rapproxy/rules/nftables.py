@@ -66,15 +66,17 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from rapproxy.model.addresses import parse_ip
-from rapproxy.model.service import L4Protocol, ServicePort, ServicePortName
+from rapproxy.model.service import ServicePort, ServicePortName
 from rapproxy.rules.kernel import (
     KernelConfig,
     KernelRenderError,
     KernelTarget,
     WeightedEndpoint,
-    comment_for,
+    endpoint_address,
     endpoint_hash,
+    family_of,
+    l4_keyword,
+    of_family,
     port_hash,
     probabilities,
 )
@@ -178,16 +180,16 @@ def render_port(target: KernelTarget, config: KernelConfig, family: int) -> NftP
     _check_family(family)
     port = target.service_port
     name = port.name
-    proto = _proto(port.protocol, name)
-    cluster_ips = _of_family(port.cluster_ips, family, name)
+    proto = l4_keyword(port.protocol, name)
+    cluster_ips = of_family(port.cluster_ips, family, name)
     if not cluster_ips:  # single-stack Service of the other family, as rules/kernel.py
         return NftPort(name)
-    cluster = tuple(e for e in target.cluster if _family(e.ip, name) == family)
-    local = tuple(e for e in target.local if _family(e.ip, name) == family)
+    cluster = tuple(e for e in target.cluster if family_of(e.ip, name) == family)
+    local = tuple(e for e in target.local if family_of(e.ip, name) == family)
     h = port_hash(name)
     svc, svl, ext = f"svc-{h}", f"svl-{h}", f"ext-{h}"
     external = [
-        ip for ip in _of_family(port.external_addresses, family, name) if ip not in cluster_ips
+        ip for ip in of_family(port.external_addresses, family, name) if ip not in cluster_ips
     ]
     needs_ext = port.node_port is not None or bool(external)
     internal = svl if port.internal_traffic_local else svc
@@ -338,13 +340,13 @@ def join_groups(groups: Sequence[NftGroup]) -> tuple[str, list[range]]:
 def shares(target: KernelTarget, family: int) -> Mapping[str, float]:
     """The share of new cluster-wide connections each endpoint gets, as the rules draw it."""
     name = target.service_port.name
-    endpoints = [e for e in target.cluster if _family(e.ip, name) == family]
+    endpoints = [e for e in target.cluster if family_of(e.ip, name) == family]
     live = _live(endpoints)
-    out = {_address(e): 0.0 for e in endpoints}
+    out = {endpoint_address(e): 0.0 for e in endpoints}
     remaining = 1.0
     for endpoint, threshold in _thresholds(live):
         share = remaining * threshold / SCALE
-        out[_address(endpoint)] += share
+        out[endpoint_address(endpoint)] += share
         remaining -= share
     return out
 
@@ -365,7 +367,7 @@ def _balance(
 ) -> tuple[str, ...]:
     port = target.service_port
     name = port.name
-    proto = _proto(port.protocol, name)
+    proto = l4_keyword(port.protocol, name)
     ip = _FAMILY[family]
     if not endpoints:  # a policy without endpoints: the proxy decides (rejects or drops)
         return (f"meta l4proto {proto} redirect to :{target.fallback_port}",)
@@ -479,35 +481,7 @@ def _nodeports_type() -> str:
 
 
 def _dnat(endpoint: WeightedEndpoint) -> str:
-    return f"dnat to {_address(endpoint)}"
-
-
-def _address(endpoint: WeightedEndpoint) -> str:
-    host = f"[{endpoint.ip}]" if ":" in endpoint.ip else endpoint.ip
-    return f"{host}:{endpoint.port}"
-
-
-def _proto(protocol: L4Protocol, name: ServicePortName) -> str:
-    if protocol is L4Protocol.TCP:
-        return "tcp"
-    if protocol is L4Protocol.UDP:
-        return "udp"
-    raise KernelRenderError(f"{comment_for(name)}: protocol {protocol.value} is not supported")
-
-
-def _family(ip: str, name: ServicePortName) -> int:
-    try:
-        return parse_ip(ip)[0]
-    except ValueError:
-        raise KernelRenderError(f"{comment_for(name)}: {ip!r} is not an IP address") from None
-
-
-def _of_family(ips: Iterable[str], family: int, name: ServicePortName) -> list[str]:
-    out: list[str] = []
-    for ip in ips:
-        if _family(ip, name) == family and ip not in out:
-            out.append(ip)
-    return out
+    return f"dnat to {endpoint_address(endpoint)}"
 
 
 def _check_family(family: int) -> None:

@@ -34,13 +34,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from rapproxy.dataplane.routing import Backend, BackendSelector
 from rapproxy.dataplane.stats import RelayStats, ServiceCounters
 from rapproxy.dataplane.tcp import (
+    CapRejections,
     DestinationResolver,
     FixedDestination,
     InvalidTcpRelaySettings,
@@ -291,8 +291,7 @@ class NativeTcpRelayServer:
         self._listening = False
         self._engine: Engine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._cap_rejections_unlogged = 0
-        self._cap_last_logged = float("-inf")
+        self._cap_rejections = CapRejections(self.stats, self.settings)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -410,17 +409,7 @@ class NativeTcpRelayServer:
         ]
 
     def reject_over_cap(self) -> None:
-        self.stats.tcp_rejected_by_cap += 1
-        self._cap_rejections_unlogged += 1
-        now = time.monotonic()
-        if now - self._cap_last_logged >= self.settings.cap_log_interval:
-            log.warning(
-                "connection cap of %d reached: closed %d new client(s) since the last report",
-                self.settings.max_connections,
-                self._cap_rejections_unlogged,
-            )
-            self._cap_last_logged = now
-            self._cap_rejections_unlogged = 0
+        self._cap_rejections.count()
 
     def close(self) -> None:
         """Stop listening and reset every relay."""

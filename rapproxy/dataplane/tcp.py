@@ -810,6 +810,30 @@ class _TcpRelay:
             log.exception("resetting the relay after a bug failed too")
 
 
+class CapRejections:
+    """Clients closed by the global connection cap: counted at once, logged at most once per
+    `cap_log_interval` (a log line per rejected client would turn overload into disk I/O)."""
+
+    def __init__(self, stats: RelayStats, settings: TcpRelaySettings) -> None:
+        self._stats = stats
+        self._settings = settings
+        self._unlogged = 0
+        self._last_logged = float("-inf")
+
+    def count(self) -> None:
+        self._stats.tcp_rejected_by_cap += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._last_logged >= self._settings.cap_log_interval:
+            log.warning(
+                "connection cap of %d reached: closed %d new client(s) since the last report",
+                self._settings.max_connections,
+                self._unlogged,
+            )
+            self._last_logged = now
+            self._unlogged = 0
+
+
 class TcpRelayServer:
     """Owns the TCP listeners and every relay they accepted.
 
@@ -840,8 +864,7 @@ class TcpRelayServer:
         self._watchdog: asyncio.Task[None] | None = None
         self.dials: set[_TcpRelay] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._cap_rejections_unlogged = 0
-        self._cap_last_logged = float("-inf")
+        self._cap_rejections = CapRejections(self.stats, self.settings)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -977,17 +1000,7 @@ class TcpRelayServer:
         return _TcpRelay(self, family).client
 
     def reject_over_cap(self) -> None:
-        self.stats.tcp_rejected_by_cap += 1
-        self._cap_rejections_unlogged += 1
-        now = time.monotonic()
-        if now - self._cap_last_logged >= self.settings.cap_log_interval:
-            log.warning(
-                "connection cap of %d reached: closed %d new client(s) since the last report",
-                self.settings.max_connections,
-                self._cap_rejections_unlogged,
-            )
-            self._cap_last_logged = now
-            self._cap_rejections_unlogged = 0
+        self._cap_rejections.count()
 
     async def _watch_dials(self, tick: float) -> None:
         """Cancel dial attempts past their deadline.

@@ -183,31 +183,47 @@ def objects(annotations: dict[str, str]) -> list[dict[str, object]]:
     ]
 
 
-async def test_weights_follow_the_injected_load_of_the_local_node(
-    make_namespace: MakeNamespace,
-) -> None:
-    node, _, listener = await world(make_namespace)
+NOW = 100.0  # the kernel Proxier's clock: telemetry samples are taken at it
+
+
+async def kernel_proxier(node: Namespace, sample_share: float) -> tuple[TelemetryTracker, Proxier]:
+    """A kernel-mode Proxier on node n0 (the real `rap` policy), Service web known, telemetry
+    fresh: n0 healthy, its two peers idle and 1 ms away."""
     settings = RapSettings()
     telemetry = TelemetryTracker("n0", settings)
-    now = 100.0
-    telemetry.record_local(NodeStats("n0", 0.2, 0.2, now))
-    telemetry.record_peer("n1", NodeStats("n1", 0.1, 0.2, now), 0.001)
-    telemetry.record_peer("n2", NodeStats("n2", 0.1, 0.2, now), 0.001)
-    # Telemetry alone (no sample): the weights are rap-aimd's split.
+    telemetry.record_local(NodeStats("n0", 0.2, 0.2, NOW))
+    telemetry.record_peer("n1", NodeStats("n1", 0.1, 0.2, NOW), 0.001)
+    telemetry.record_peer("n2", NodeStats("n2", 0.1, 0.2, NOW), 0.001)
     config = from_mapping(
-        {"dataplane": {"mode": "kernel", "weightThreshold": 0.02, "kernelSampleShare": 0}}
+        {
+            "dataplane": {
+                "mode": "kernel",
+                "weightThreshold": 0.02,
+                "kernelSampleShare": sample_share,
+            }
+        }
     )
     proxier = Proxier(
         config,
         "n0",
         iptables=[await runner_in(node)],
-        clock=lambda: now,
+        policy_factory=rap_policy_factory(telemetry.snapshot, settings, random.Random(3)),
+        clock=lambda: NOW,
         telemetry=telemetry.snapshot,
         rap_settings=settings,
     )
     service, endpoint_slice = objects({})
     proxier.tracker.service_updated(service)
     proxier.tracker.slice_updated(endpoint_slice)
+    return telemetry, proxier
+
+
+async def test_weights_follow_the_injected_load_of_the_local_node(
+    make_namespace: MakeNamespace,
+) -> None:
+    node, _, listener = await world(make_namespace)
+    # Telemetry alone (no sample): the weights are rap-aimd's split.
+    telemetry, proxier = await kernel_proxier(node, sample_share=0)
     with listener:
         await proxier.sync()
         # The local node copes: every new connection stays on its endpoint.
@@ -217,8 +233,8 @@ async def test_weights_follow_the_injected_load_of_the_local_node(
 
         # Two overloaded samples: the local share is 0.7 * 0.7 = 0.49, the rest split evenly
         # over the two equally scored peers.
-        telemetry.record_local(NodeStats("n0", 0.95, 0.2, now))
-        telemetry.record_local(NodeStats("n0", 0.95, 0.2, now))
+        telemetry.record_local(NodeStats("n0", 0.95, 0.2, NOW))
+        telemetry.record_local(NodeStats("n0", 0.95, 0.2, NOW))
         assert await proxier.refresh_weights() == 1
         assert_shares(await chosen(node, listener, CONNECTIONS), (0.49, 0.255, 0.255))
         weights = proxier.describe()["kernel"]["default/web:http"]["weights"]
@@ -261,27 +277,7 @@ async def test_while_overloaded_a_sample_reaches_the_proxy_and_its_decisions_set
     for those connections (its `choose`, which the relay calls per connection, here with the
     real `rap` policy) move the weights of the rest; healthy again, the sample rule goes."""
     node, _, listener = await world(make_namespace)
-    settings = RapSettings()
-    telemetry = TelemetryTracker("n0", settings)
-    now = 100.0
-    telemetry.record_local(NodeStats("n0", 0.2, 0.2, now))
-    telemetry.record_peer("n1", NodeStats("n1", 0.1, 0.2, now), 0.001)
-    telemetry.record_peer("n2", NodeStats("n2", 0.1, 0.2, now), 0.001)
-    config = from_mapping(
-        {"dataplane": {"mode": "kernel", "weightThreshold": 0.02, "kernelSampleShare": 0.3}}
-    )
-    proxier = Proxier(
-        config,
-        "n0",
-        iptables=[await runner_in(node)],
-        policy_factory=rap_policy_factory(telemetry.snapshot, settings, random.Random(3)),
-        clock=lambda: now,
-        telemetry=telemetry.snapshot,
-        rap_settings=settings,
-    )
-    service, endpoint_slice = objects({})
-    proxier.tracker.service_updated(service)
-    proxier.tracker.slice_updated(endpoint_slice)
+    telemetry, proxier = await kernel_proxier(node, sample_share=0.3)
     proxy = node.socket()
     proxy.bind(("0.0.0.0", 15001))
     proxy.listen(512)
@@ -291,8 +287,8 @@ async def test_while_overloaded_a_sample_reaches_the_proxy_and_its_decisions_set
         assert await proxier.refresh_weights() == 0  # healthy: no sample, nothing moves
         assert "sample decided by the proxy" not in await proxier.iptables[0].save()
 
-        telemetry.record_local(NodeStats("n0", 0.95, 0.2, now))
-        telemetry.record_local(NodeStats("n0", 0.95, 0.2, now))
+        telemetry.record_local(NodeStats("n0", 0.95, 0.2, NOW))
+        telemetry.record_local(NodeStats("n0", 0.95, 0.2, NOW))
         assert await proxier.refresh_weights() == 1
         state = proxier.describe()["kernel"]["default/web:http"]
         assert state["decision"].startswith("sampled")
@@ -305,8 +301,8 @@ async def test_while_overloaded_a_sample_reaches_the_proxy_and_its_decisions_set
         # The local pod answers in 200 ms, the remote ones in 1 ms: rap spills what it decides.
         for ip, seconds in zip(ENDPOINTS, (0.2, 0.001, 0.001), strict=True):
             for _ in range(3):
-                queued = proxier.balancer.connection_opened((ip, 8080), 0.0005, now)
-                proxier.balancer.first_response((ip, 8080), 0.0005, seconds, now, queued)
+                queued = proxier.balancer.connection_opened((ip, 8080), 0.0005, NOW)
+                proxier.balancer.first_response((ip, 8080), 0.0005, seconds, NOW, queued)
                 proxier.balancer.connection_closed((ip, 8080), awaiting=False)
         # Play the relay: one decision per connection the proxy received.
         key = proxier.service_for("TCP", CLUSTER_IP, 80)
@@ -328,7 +324,7 @@ async def test_while_overloaded_a_sample_reaches_the_proxy_and_its_decisions_set
 
         # Healthy again (below the exit threshold): the sample rule goes, all stays local.
         for _ in range(10):
-            telemetry.record_local(NodeStats("n0", 0.1, 0.2, now))
+            telemetry.record_local(NodeStats("n0", 0.1, 0.2, NOW))
         assert await proxier.refresh_weights() == 1
         assert "sample decided by the proxy" not in await proxier.iptables[0].save()
         seen = Counter(await asyncio.to_thread(routed, node, listeners, 50))

@@ -180,7 +180,8 @@ class DataplaneSettings:
     )
     weight_threshold: float = _doc(
         "Kernel mode: a Service's probabilities are rewritten only when some endpoint's share "
-        "moved by more than this (0..1); endpoint changes are always written.",
+        "(with nftables' shared node splits: some node's) moved by more than this (0..1); "
+        "endpoint changes are always written.",
         default=0.05,
     )
     kernel_sample_share: float = _doc(
@@ -203,6 +204,16 @@ class DataplaneSettings:
         "Kernel mode: the fwmark bit (0-31) that asks for SNAT in rapproxy's POSTROUTING chain "
         "(kube-proxy's masqueradeBit).",
         default=14,
+    )
+    node_mark_mask: int = _doc(
+        "Kernel mode with nftables: the fwmark bits (contiguous, at least two; default "
+        "0xff0000, bits 16-23) that carry the node a layout's shared draw picked to the "
+        "Service's own chain, on a Service's first packet in nat prerouting/output only. The "
+        "draw clears them first and the Service's chain again as it DNATs, so they mean "
+        "nothing afterwards, but whatever another component had in them is lost: choose bits "
+        "no other component (CNI, policy agent) uses. A field of n bits tells 2^n - 2 nodes "
+        "apart; a Service whose endpoints are on more nodes gets weights of its own.",
+        default=0x00FF0000,
     )
 
 
@@ -731,6 +742,18 @@ def _validate_dataplane(dataplane: DataplaneSettings) -> None:
         )
     if not 0 <= dataplane.masquerade_bit <= 31:
         raise ConfigError(f"dataplane.masqueradeBit: {dataplane.masquerade_bit} must be 0-31")
+    mask = dataplane.node_mark_mask
+    low = mask & -mask
+    if not 0 < mask < 1 << 32 or (mask + low) & mask or mask // low < 3:
+        raise ConfigError(
+            f"dataplane.nodeMarkMask: {mask:#x} must be contiguous bits of a 32-bit mark,"
+            " at least two of them"
+        )
+    if mask & (1 << dataplane.masquerade_bit):
+        raise ConfigError(
+            f"dataplane.nodeMarkMask: {mask:#x} holds dataplane.masqueradeBit"
+            f" ({dataplane.masquerade_bit})"
+        )
     for i, cidr in enumerate(dataplane.cluster_cidrs):
         try:
             ipaddress.ip_network(cidr, strict=False)

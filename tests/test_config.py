@@ -446,3 +446,20 @@ def test_host_port_and_port_range_parsers() -> None:
     assert parse_host_port("0.0.0.0:10256", "x") == ("0.0.0.0", 10256)
     assert parse_port_range("15100-15999", "x") == range(15100, 16000)
     assert parse_port_range(" 1 - 1 ", "x") == range(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (0, "must be contiguous bits"),
+        (0x10000, "must be contiguous bits"),
+        (0x50000, "must be contiguous bits"),
+        (0x1F000, "holds dataplane.masqueradeBit"),
+    ],
+)
+def test_a_node_mark_field_that_cannot_carry_a_node_is_refused(mask: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^dataplane\.nodeMarkMask: .*{message}"):
+        from_mapping({"dataplane": {"nodeMarkMask": mask}})
+    assert from_yaml("dataplane: {nodeMarkMask: 0x3f000000}").dataplane.node_mark_mask == (
+        0x3F000000
+    )

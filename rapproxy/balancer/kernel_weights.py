@@ -213,3 +213,29 @@ def _share(endpoint: Endpoint, share: float) -> EndpointShare:
 
 def _share_of(share: EndpointShare, value: float) -> EndpointShare:
     return EndpointShare(share.ip, share.port, share.node, value)
+
+
+def node_slots(layout: Layout) -> tuple[tuple[str | None, ...], tuple[int, ...]]:
+    """A layout's nodes in order of first appearance, and each candidate's node slot (1-based):
+    how a shared node split names the nodes (rules/kernel.py's `NodeSplit`)."""
+    nodes: dict[str | None, int] = {}
+    slots = tuple(nodes.setdefault(node, len(nodes) + 1) for node in layout)
+    return tuple(nodes), slots
+
+
+def slot_shares(weights: KernelWeights, slots: Sequence[int]) -> tuple[float, ...]:
+    """Each node slot's share of `weights` (positional: computed for the slots' layout)."""
+    if len(weights.shares) != len(slots):
+        raise ValueError(f"{len(weights.shares)} shares for {len(slots)} candidates")
+    out = [0.0] * max(slots, default=0)
+    for share, slot in zip(weights.shares, slots, strict=True):
+        out[slot - 1] += share.share
+    return tuple(out)
+
+
+def slot_shares_moved(old: Sequence[float], new: Sequence[float], threshold: float) -> bool:
+    """Whether a node split is worth rewriting: another node count, or a share moved by more
+    than `threshold`."""
+    return len(old) != len(new) or any(
+        abs(a - b) > threshold for a, b in zip(old, new, strict=True)
+    )

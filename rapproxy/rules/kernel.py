@@ -69,6 +69,9 @@ _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9._/:;, >-]")
 _MAX_COMMENT = 256
 
 
+NODE_MARK_MASK = 0x00FF0000  # dataplane.nodeMarkMask's default: bits 16-23
+
+
 class KernelRenderError(ValueError):
     """A kernel-mode Service cannot be written as rules; the message names the value."""
 
@@ -83,10 +86,23 @@ class KernelConfig:
     masquerade_all: bool = False
     cluster_cidrs: tuple[str, ...] = ()
     masquerade_bit: int = 14
+    node_mark_mask: int = NODE_MARK_MASK
 
     def __post_init__(self) -> None:
         if not 0 <= self.masquerade_bit <= 31:
             raise KernelRenderError(f"masquerade_bit: {self.masquerade_bit} is not 0-31")
+        mask = self.node_mark_mask
+        if not 0 < mask < 1 << 32:
+            raise KernelRenderError(f"node_mark_mask: {mask:#x} is not a 32-bit mark field")
+        low = mask & -mask
+        if (mask + low) & mask or mask >> (low.bit_length() - 1) < 3:
+            raise KernelRenderError(
+                f"node_mark_mask: {mask:#x} must be contiguous bits, at least two of them"
+            )
+        if mask & (1 << self.masquerade_bit):
+            raise KernelRenderError(
+                f"node_mark_mask: {mask:#x} holds the masquerade bit {self.masquerade_bit}"
+            )
         families: set[int] = set()
         for index, cidr in enumerate(self.cluster_cidrs):
             try:
@@ -102,6 +118,23 @@ class KernelConfig:
     @property
     def mark(self) -> str:
         return f"0x{1 << self.masquerade_bit:x}"
+
+    @property
+    def node_slots(self) -> int:
+        """How many nodes a shared node split can tell apart (its field's values but 0, the
+        sample)."""
+        return (self.node_mark_mask >> _shift(self.node_mark_mask)) - 1
+
+    def slot_mark(self, slot: int) -> int:
+        """The mark field's value for node slot `slot` (1-based)."""
+        if not 1 <= slot <= self.node_slots:
+            raise KernelRenderError(f"node slot {slot} is not 1-{self.node_slots}")
+        return slot << _shift(self.node_mark_mask)
+
+    @property
+    def sample_mark(self) -> int:
+        """The mark field's value for a connection the proxy decides (every bit of the field)."""
+        return self.node_mark_mask
 
     def cluster_cidr(self, family: int) -> str | None:
         for cidr in self.cluster_cidrs:
@@ -121,6 +154,39 @@ class WeightedEndpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeSplit:
+    """Which node a new connection goes to, for every Service whose endpoints lie on the same
+    nodes (a node layout): drawn once, in one chain the Services share (rules/nftables.py).
+
+    `shares[i]` is node slot i+1's share; `sample_share` of the connections is left to the
+    proxy instead. `key` (`layout_hash`) names the chain. A weight change rewrites this alone,
+    not the Services: at 10k Services that is the difference between a few rules and 50k.
+    """
+
+    key: str
+    shares: tuple[float, ...]
+    sample_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.shares:
+            raise KernelRenderError(f"node split {self.key}: no node")
+        if any(not math.isfinite(s) or s < 0 for s in self.shares):
+            raise KernelRenderError(f"node split {self.key}: shares {self.shares!r}")
+        if not 0.0 <= self.sample_share < 1.0:
+            raise KernelRenderError(
+                f"node split {self.key}: sample share {self.sample_share} must be in [0, 1)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SplitRef:
+    """A Service's use of a `NodeSplit`: its key, and the node slot of each cluster endpoint."""
+
+    key: str
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class KernelTarget:
     """One kernel-mode service port: where its traffic may go, and the proxy port to fall back to.
 
@@ -129,6 +195,10 @@ class KernelTarget:
     `sample_share` of the cluster-wide connections is REDIRECTed to the proxy instead, whose
     `rap` decisions set the weights (balancer/kernel_weights.py); 0 for none. Ignored under
     ClientIP affinity: the kernel's `recent` entries and the relay's table would disagree.
+
+    With `split` (nftables only) the cluster-wide weights are not the Service's own: the node
+    is drawn by the shared `NodeSplit` it names (its sample share included), and the
+    endpoint evenly inside that node; `cluster`'s weights and `sample_share` are then unused.
     """
 
     service_port: ServicePort
@@ -136,12 +206,18 @@ class KernelTarget:
     local: tuple[WeightedEndpoint, ...]
     fallback_port: int
     sample_share: float = 0.0
+    split: SplitRef | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sample_share < 1.0:
             raise KernelRenderError(
                 f"{comment_for(self.service_port.name)}: sample share {self.sample_share}"
                 " must be in [0, 1)"
+            )
+        if self.split is not None and len(self.split.slots) != len(self.cluster):
+            raise KernelRenderError(
+                f"{comment_for(self.service_port.name)}: {len(self.split.slots)} node slots"
+                f" for {len(self.cluster)} endpoints"
             )
 
 
@@ -171,6 +247,30 @@ def port_hash(name: ServicePortName) -> str:
 def endpoint_hash(name: ServicePortName, ip: str, port: int) -> str:
     """14 base32 characters naming one endpoint of a service port's objects."""
     return _hash(f"{name}/{name.protocol.value}/{ip}/{port}")
+
+
+def layout_hash(parts: Iterable[object]) -> str:
+    """14 base32 characters naming a node layout's shared objects (its `NodeSplit`)."""
+    return _hash("/".join(str(part) for part in parts))
+
+
+def split_shares(target: KernelTarget, split: NodeSplit) -> list[float]:
+    """Each cluster endpoint's share of new connections under `split`, in `target.cluster`'s
+    order: its node's share, evenly between the node's endpoints, over the nodes present (the
+    sample left out: the proxy decides it)."""
+    ref = target.split
+    if ref is None or not ref.slots:
+        return []
+    members: dict[int, int] = {}
+    for slot in ref.slots:
+        members[slot] = members.get(slot, 0) + 1
+    node_share = {
+        slot: split.shares[slot - 1] if slot <= len(split.shares) else 0.0 for slot in members
+    }
+    total = sum(node_share.values())
+    if total <= 0:  # the chain's last rule catches it: spread as the proxy would, evenly
+        return [1.0 / len(ref.slots)] * len(ref.slots)
+    return [node_share[slot] / total / members[slot] for slot in ref.slots]
 
 
 def is_kernel_chain(chain: str) -> bool:
@@ -522,6 +622,10 @@ def _endpoint_chain(
 
 
 # -- small pieces --------------------------------------------------------------------------------
+
+
+def _shift(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1
 
 
 def _hash(text: str) -> str:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rapproxy.model.service import ServicePortName
-from rapproxy.rules.kernel import KernelTarget
+from rapproxy.rules.kernel import KernelConfig, KernelTarget, NodeSplit
 from rapproxy.rules.nftables import (
     NftGroup,
     join_groups,
@@ -35,6 +35,7 @@ from rapproxy.rules.nftables import (
     render_cleanup,
     render_port,
     render_rebuild,
+    render_split_change,
     render_weights,
     table_ref,
 )
@@ -90,6 +91,7 @@ class NftRunner:
         # What the kernel holds, per service port; None: unknown, the next sync rebuilds.
         self._written: dict[ServicePortName, KernelTarget] | None = None
         self._base: NftGroup | None = None
+        self._splits: dict[str, NodeSplit] = {}  # the node splits the kernel holds, by key
 
     @property
     def family(self) -> Family:
@@ -100,31 +102,43 @@ class NftRunner:
         """The targets the kernel holds (empty before the first write)."""
         return dict(self._written or {})
 
+    @property
+    def splits(self) -> Mapping[str, NodeSplit]:
+        """The node splits the kernel holds, by key."""
+        return dict(self._splits)
+
     async def sync(
         self,
         kernel: Sequence[KernelTarget],
         config: RuleConfig,
         *,
+        splits: Mapping[str, NodeSplit] | None = None,
         remove: bool = True,
         verify: bool = False,
     ) -> NftWriteResult:
         """Bring the table to `kernel`: only the service ports that differ are written.
 
-        `remove=False` keeps the service ports written earlier and no longer in `kernel` (a
-        switch to userspace mode removes them only once the redirect is in place). `verify`
-        first checks that the table is still there (someone may have flushed the ruleset) and
-        rebuilds it if not; do it on the periodic full sync.
+        `splits` are the node splits the targets name (`KernelTarget.split`): those new or
+        changed are written first, in the same transaction, and a split no written Service
+        names any more is deleted after. `remove=False` keeps the service ports written
+        earlier and no longer in `kernel` (a switch to userspace mode removes them only once
+        the redirect is in place). `verify` first checks that the table is still there
+        (someone may have flushed the ruleset) and rebuilds it if not; do it on the periodic
+        full sync.
         """
         wanted = {target.service_port.name: target for target in kernel}
+        splits = splits or {}
         base = render_base(config.kernel, self._family, config.node_port_cidrs)
         if verify and self._written is not None and not await self._table_present():
             self._written = None
         if self._written is None:
-            return await self._rebuild(wanted, base, config)
+            return await self._rebuild(wanted, base, config, splits)
         written = self._written
         groups: list[NftGroup] = []
         if base != self._base:
             groups.append(base)
+        split_groups, written_splits = self._split_changes(wanted.values(), splits, config.kernel)
+        groups.extend(split_groups)
         changed: list[ServicePortName] = []
         pairs: list[tuple[KernelTarget | None, KernelTarget | None]] = []
         names = list(wanted)
@@ -152,13 +166,41 @@ class NftRunner:
         if not groups:
             for name in changed:  # nothing to write in this family, but now the wanted state
                 self._record(name, wanted.get(name))
+            await self._drop_unused_splits(config.kernel)
             return NftWriteResult()
         failed = await self._apply(groups)
         self._base = base
+        self._splits.update(written_splits)
         for name in changed:
             if name not in failed:
                 self._record(name, wanted.get(name))
+        await self._drop_unused_splits(config.kernel)
         return NftWriteResult(True, failed)
+
+    async def update_splits(self, splits: Sequence[NodeSplit], config: RuleConfig) -> bool:
+        """Rewrite the node splits among `splits` that the kernel holds and that differ, in one
+        transaction (each chain flushed and refilled inside it). True when nft ran.
+
+        A split not written yet is left to the sync that writes its first Service. A failure
+        raises `NftError`, and the next sync rebuilds the table (a split is the table's).
+        """
+        if self._written is None:
+            return False
+        groups: list[NftGroup] = []
+        for split in splits:
+            held = self._splits.get(split.key)
+            if held is None or held == split:
+                continue
+            group = render_split_change(held, split, config.kernel, self._family)
+            if group is not None:
+                groups.append(group)
+        if not groups:
+            return False
+        await self._apply(groups)
+        for split in splits:
+            if split.key in self._splits:
+                self._splits[split.key] = split
+        return True
 
     async def update_weights(
         self, kernel: Sequence[KernelTarget], config: RuleConfig
@@ -197,6 +239,7 @@ class NftRunner:
         present = f"table {table_ref(self._family)}" in listed.splitlines()
         self._written = None
         self._base = None
+        self._splits = {}
         if present:
             await self._run(render_cleanup(self._family))
         return present
@@ -210,17 +253,59 @@ class NftRunner:
         else:
             self._written[name] = target
 
+    def _split_changes(
+        self,
+        targets: Iterable[KernelTarget],
+        splits: Mapping[str, NodeSplit],
+        config: KernelConfig,
+    ) -> tuple[list[NftGroup], dict[str, NodeSplit]]:
+        """Groups writing the splits `targets` name that the kernel lacks or holds otherwise."""
+        groups: list[NftGroup] = []
+        written: dict[str, NodeSplit] = {}
+        for key in sorted(_named(targets)):
+            split = splits.get(key)
+            if split is None:  # the Service's group fails on its jump, by name
+                continue
+            group = render_split_change(self._splits.get(key), split, config, self._family)
+            if group is not None:
+                groups.append(group)
+                written[key] = split
+        return groups, written
+
+    async def _drop_unused_splits(self, config: KernelConfig) -> None:
+        """Delete the split chains no written Service jumps to any more."""
+        if self._written is None:
+            return
+        unused = self._splits.keys() - _named(self._written.values())
+        if not unused:
+            return
+        groups = [
+            group
+            for key in sorted(unused)
+            if (group := render_split_change(self._splits[key], None, config, self._family))
+        ]
+        await self._apply(groups)
+        for key in unused:
+            del self._splits[key]
+
     async def _rebuild(
-        self, wanted: dict[ServicePortName, KernelTarget], base: NftGroup, config: RuleConfig
+        self,
+        wanted: dict[ServicePortName, KernelTarget],
+        base: NftGroup,
+        config: RuleConfig,
+        splits: Mapping[str, NodeSplit],
     ) -> NftWriteResult:
+        named = {key: splits[key] for key in sorted(_named(wanted.values())) if key in splits}
 
         def render() -> list[NftGroup]:
             ports = [render_port(t, config.kernel, self._family) for t in wanted.values()]
-            return render_rebuild(base, ports, self._family)
+            return render_rebuild(base, ports, self._family, named.values(), config.kernel)
 
         groups = await asyncio.to_thread(render)  # 10k ports: most of a second of pure Python
+        self._splits = {}
         failed = await self._apply(groups)
         self._written = {name: t for name, t in wanted.items() if name not in failed}
+        self._splits = named
         self._base = base
         return NftWriteResult(True, failed)
 
@@ -297,3 +382,8 @@ class NftRunner:
         if process.returncode != 0:
             raise NftError(argv, process.returncode, stderr.decode(errors="replace"))
         return stdout.decode(errors="replace")
+
+
+def _named(targets: Iterable[KernelTarget]) -> set[str]:
+    """The keys of the node splits `targets` jump to."""
+    return {t.split.key for t in targets if t.split is not None}

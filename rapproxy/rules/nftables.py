@@ -71,6 +71,7 @@ from rapproxy.rules.kernel import (
     KernelConfig,
     KernelRenderError,
     KernelTarget,
+    NodeSplit,
     WeightedEndpoint,
     endpoint_address,
     endpoint_hash,
@@ -292,15 +293,26 @@ def render_change(old: NftPort | None, new: NftPort | None, family: int) -> NftG
     return NftGroup(either.name, tuple(lines)) if lines else None
 
 
-def render_rebuild(base: NftGroup, ports: Iterable[NftPort], family: int) -> list[NftGroup]:
+def render_rebuild(
+    base: NftGroup,
+    ports: Iterable[NftPort],
+    family: int,
+    splits: Iterable[NodeSplit] = (),
+    config: KernelConfig | None = None,
+) -> list[NftGroup]:
     """Groups that replace the whole table in one transaction: the old one is deleted first.
 
     For the first write and after the kernel's state became unknown. Affinity sets start empty.
     """
+    config = config or KernelConfig()
     t = table_ref(family)
     # `add` before `delete`: deleting a table that is not there would fail the transaction.
     head = NftGroup(None, (f"add table {t}", f"delete table {t}", *base.lines))
     groups = [head]
+    for split in splits:  # before the Services that jump to them
+        group = render_split_change(None, split, config, family)
+        if group is not None:
+            groups.append(group)
     for port in ports:
         group = render_change(None, port, family)
         if group is not None:
@@ -318,6 +330,56 @@ def render_weights(target: KernelTarget, config: KernelConfig, family: int) -> N
     lines = [f"flush chain {t} {port.weighted}"]
     lines.extend(f"add rule {t} {port.weighted} {rule}" for rule in rules)
     return NftGroup(port.name, tuple(lines))
+
+
+def split_chain(key: str) -> str:
+    """The chain drawing a node layout's node: `lay-<key>`."""
+    return f"lay-{key}"
+
+
+def render_split(split: NodeSplit, config: KernelConfig) -> tuple[str, ...]:
+    """The rules of a node layout's shared draw: clear the field, then the sample (the field
+    all ones) and each node slot by its share (kube-proxy's conditional probabilities, the last
+    unconditional). A slot with share 0 is never drawn; all 0 is spread evenly."""
+    if len(split.shares) > config.node_slots:
+        raise KernelRenderError(
+            f"node split {split.key}: {len(split.shares)} nodes, the mark field"
+            f" {_hex(config.node_mark_mask)} tells {config.node_slots} apart"
+        )
+    rules = [_clear_node_mark(config)]
+    if split.sample_share > 0:
+        sample = round(split.sample_share * SCALE)
+        rules.append(
+            f"numgen random mod {SCALE} < {sample}"
+            f" meta mark set meta mark | {_hex(config.sample_mark)} return"
+        )
+    shares = split.shares if any(s > 0 for s in split.shares) else (1.0,) * len(split.shares)
+    for index, threshold in _draws(shares):
+        mark = f"meta mark set meta mark | {_hex(config.slot_mark(index + 1))}"
+        if threshold >= SCALE:
+            rules.append(mark)
+            break
+        rules.append(f"numgen random mod {SCALE} < {threshold} {mark} return")
+    return tuple(rules)
+
+
+def render_split_change(
+    old: NodeSplit | None, new: NodeSplit | None, config: KernelConfig, family: int
+) -> NftGroup | None:
+    """Commands turning the split chain `old` into `new` (None: absent), or None when equal.
+
+    A table-level group: a split chain is shared, so its failure is not one Service's."""
+    if old == new:
+        return None
+    t = table_ref(family)
+    if new is None:
+        assert old is not None
+        chain = split_chain(old.key)
+        return NftGroup(None, (f"flush chain {t} {chain}", f"delete chain {t} {chain}"))
+    chain = split_chain(new.key)
+    head = f"add chain {t} {chain}" if old is None else f"flush chain {t} {chain}"
+    body = (f"add rule {t} {chain} {rule}" for rule in render_split(new, config))
+    return NftGroup(None, (head, *body))
 
 
 def render_cleanup(family: int) -> str:
@@ -373,7 +435,18 @@ def _balance(
         return (f"meta l4proto {proto} redirect to :{target.fallback_port}",)
     rules: list[str] = []
     affinity = port.affinity_timeout_seconds
-    if cluster_wide and target.sample_share > 0 and affinity is None:
+    split = target.split if cluster_wide else None
+    if split is not None and affinity is None:
+        # The shared draw first, so a sample reaches the proxy before any SNAT mark.
+        rules.extend(
+            (
+                f"jump {split_chain(split.key)}",
+                f"meta mark & {_hex(config.node_mark_mask)} == {_hex(config.sample_mark)}"
+                f" meta l4proto {proto} {_clear_node_mark(config)}"
+                f" redirect to :{target.fallback_port}",
+            )
+        )
+    elif cluster_wide and target.sample_share > 0 and affinity is None:
         # First, before any SNAT mark: the proxy decides a sample (rules/kernel.py's SVC).
         sample = round(target.sample_share * SCALE)
         rules.append(
@@ -400,6 +473,11 @@ def _balance(
                 f"meta l4proto {proto} {_dnat(endpoint)}",
             )
             rules.append(f"{ip} saddr @{aff} goto {sep}")
+    if split is not None:
+        if affinity is not None:  # after the affinity lookups, which must not see the field
+            rules.append(f"jump {split_chain(split.key)}")
+        rules.extend(_dispatch(target, endpoints, split.slots, config))
+        return tuple(rules)
     for endpoint, threshold in _thresholds(_live(endpoints)):
         if affinity is None:
             action = f"meta l4proto {proto} {_dnat(endpoint)}"
@@ -410,6 +488,38 @@ def _balance(
             break
         rules.append(f"numgen random mod {SCALE} < {threshold} {action}")
     return tuple(rules)
+
+
+def _dispatch(
+    target: KernelTarget,
+    endpoints: Sequence[WeightedEndpoint],
+    slots: Sequence[int],
+    config: KernelConfig,
+) -> list[str]:
+    """Per node slot the split drew, an even draw over that node's endpoints; the field is
+    cleared in the rule that DNATs. Last, for a value no rule took, the proxy decides."""
+    port = target.service_port
+    name = port.name
+    proto = l4_keyword(port.protocol, name)
+    field = _hex(config.node_mark_mask)
+    clear = _clear_node_mark(config)
+    by_slot: dict[int, list[WeightedEndpoint]] = {}
+    for endpoint, slot in zip(endpoints, slots, strict=True):
+        by_slot.setdefault(slot, []).append(WeightedEndpoint(endpoint.ip, endpoint.port, 1.0))
+    rules: list[str] = []
+    for slot, members in sorted(by_slot.items()):
+        drawn = f"meta mark & {field} == {_hex(config.slot_mark(slot))}"
+        for endpoint, threshold in _thresholds(members):
+            if port.affinity_timeout_seconds is None:
+                action = f"meta l4proto {proto} {clear} {_dnat(endpoint)}"
+            else:
+                action = f"{clear} goto sep-{endpoint_hash(name, endpoint.ip, endpoint.port)}"
+            if threshold >= SCALE:
+                rules.append(f"{drawn} {action}")
+                break
+            rules.append(f"{drawn} numgen random mod {SCALE} < {threshold} {action}")
+    rules.append(f"meta l4proto {proto} {clear} redirect to :{target.fallback_port}")
+    return rules
 
 
 def _external(
@@ -439,14 +549,19 @@ def _live(endpoints: Sequence[WeightedEndpoint]) -> list[WeightedEndpoint]:
 
 
 def _thresholds(live: Sequence[WeightedEndpoint]) -> list[tuple[WeightedEndpoint, int]]:
-    """(endpoint, T) for `numgen random mod SCALE < T`, in rule order; the last T is SCALE.
+    """(endpoint, T) for `numgen random mod SCALE < T`, in rule order; the last T is SCALE."""
+    return [(live[index], t) for index, t in _draws([e.weight for e in live])]
 
-    An endpoint whose conditional share rounds to 0 gets no rule (it cannot be drawn)."""
-    out: list[tuple[WeightedEndpoint, int]] = []
-    for endpoint, p in zip(live, probabilities([e.weight for e in live]), strict=True):
+
+def _draws(weights: Sequence[float]) -> list[tuple[int, int]]:
+    """(index, T) per weight for `numgen random mod SCALE < T` rules taken in order, so that
+    index i is drawn with probability w_i / Σw; the last T is SCALE. A weight whose
+    conditional share rounds to 0 gets no rule (it cannot be drawn)."""
+    out: list[tuple[int, int]] = []
+    for index, p in enumerate(probabilities(weights)):
         threshold = SCALE if p >= 1.0 else min(SCALE, round(p * SCALE))
         if threshold > 0:
-            out.append((endpoint, threshold))
+            out.append((index, threshold))
         if threshold >= SCALE:
             break
     return out
@@ -482,6 +597,14 @@ def _nodeports_type() -> str:
 
 def _dnat(endpoint: WeightedEndpoint) -> str:
     return f"dnat to {endpoint_address(endpoint)}"
+
+
+def _hex(value: int) -> str:
+    return f"0x{value:08x}"
+
+
+def _clear_node_mark(config: KernelConfig) -> str:
+    return f"meta mark set meta mark & {_hex(~config.node_mark_mask & 0xFFFFFFFF)}"
 
 
 def _check_family(family: int) -> None:

@@ -62,9 +62,12 @@ from rapproxy.balancer.kernel_weights import (
     blend,
     kernel_weights,
     layout_of,
+    node_slots,
     observed_split,
     relabel,
     shares_moved,
+    slot_shares,
+    slot_shares_moved,
     split_weights,
     uniform_weights,
     weights_moved,
@@ -91,7 +94,16 @@ from rapproxy.model.table import Destination, ServiceEntry, ServiceTable
 from rapproxy.model.telemetry import RapSettings, TelemetryView
 from rapproxy.rules.apply import IptablesRunner
 from rapproxy.rules.conntrack import delete_udp_entries
-from rapproxy.rules.kernel import KernelConfig, KernelRenderError, KernelTarget, WeightedEndpoint
+from rapproxy.rules.kernel import (
+    KernelConfig,
+    KernelRenderError,
+    KernelTarget,
+    NodeSplit,
+    SplitRef,
+    WeightedEndpoint,
+    layout_hash,
+    split_shares,
+)
 from rapproxy.rules.nft_apply import NftRunner
 from rapproxy.rules.render import RedirectTarget, RuleConfig
 from rapproxy.sync.tracker import ChangeTracker, TableChange
@@ -114,6 +126,16 @@ class PortRangeExhausted(RuntimeError):
     """Every port of proxy.udpPortRange is taken; the message names the service port."""
 
 
+# What a kernel Service's weights depend on besides telemetry: its policy, the node of each
+# cluster-wide candidate, and whether it may be sampled (no ClientIP affinity).
+KernelLayout = tuple[LbPolicy, Layout, bool]
+
+
+def _split_key(layout: KernelLayout) -> str:
+    policy, nodes, sampleable = layout
+    return layout_hash((policy.value, int(sampleable), *nodes))
+
+
 @dataclass(frozen=True, slots=True)
 class _KernelCandidates:
     """A kernel-mode entry's categorized endpoints and its weight layout (policy, nodes)."""
@@ -121,7 +143,7 @@ class _KernelCandidates:
     entry: ServiceEntry
     cluster: tuple[Endpoint, ...]
     local: tuple[Endpoint, ...]
-    layout: tuple[LbPolicy, Layout]
+    layout: KernelLayout
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +244,7 @@ class Proxier:
                 masquerade_all=dataplane.masquerade_all,
                 cluster_cidrs=dataplane.cluster_cidrs,
                 masquerade_bit=dataplane.masquerade_bit,
+                node_mark_mask=dataplane.node_mark_mask,
             ),
         )
         proxy = config.proxy
@@ -271,9 +294,14 @@ class Proxier:
         self._kernel_candidates: dict[ServicePortName, _KernelCandidates] = {}
         self._weights_changed_at: dict[ServicePortName, float] = {}
         # Services whose weights follow the proxy's decisions on a sample of their connections
-        # (while this node is overloaded): the smoothed split per node.
-        self._sampled_split: dict[ServicePortName, dict[str | None, float]] = {}
-        self._sample_unobserved: set[ServicePortName] = set()  # still on the starting split
+        # (while this node is overloaded): the smoothed split per node, per layout.
+        self._sampled_split: dict[KernelLayout, dict[str | None, float]] = {}
+        self._sample_unobserved: set[KernelLayout] = set()  # still on the starting split
+        # Per layout: the weights last computed (positional) and, with nftables, the node
+        # split its Services share (rules/kernel.py's NodeSplit) and when it last changed.
+        self._layout_weights: dict[KernelLayout, KernelWeights] = {}
+        self._splits: dict[KernelLayout, NodeSplit] = {}
+        self._split_changed_at: dict[str, float] = {}
         self._rules_lock = asyncio.Lock()
         # Asked for when a weight change cannot be written alone (its endpoints changed too).
         self.request_sync: Callable[[], None] | None = None
@@ -449,10 +477,15 @@ class Proxier:
         refused (left as they were; the others are written).
         """
         wanted = list(self._kernel.values())
+        splits = {split.key: split for split in self._splits.values()}
         failed: dict[ServicePortName, str] = {}
         for nft in self.nftables:
             failed.update(
-                (await nft.sync(wanted, self.rule_config, verify=full, remove=False)).failed
+                (
+                    await nft.sync(
+                        wanted, self.rule_config, splits=splits, verify=full, remove=False
+                    )
+                ).failed
             )
         if self.iptables and (full or self._targets != self._applied_targets):
             written = dict(self._targets)
@@ -461,7 +494,7 @@ class Proxier:
         elif not self.iptables:
             self._applied_targets = dict(self._targets)
         for nft in self.nftables:
-            failed.update((await nft.sync(wanted, self.rule_config)).failed)
+            failed.update((await nft.sync(wanted, self.rule_config, splits=splits)).failed)
         applied: dict[ServicePortName, KernelTarget] = {}
         for name, target in self._kernel.items():
             if name not in failed:
@@ -474,6 +507,8 @@ class Proxier:
         self._applied_kernel = applied
         for name in applied.keys() - previous_kernel.keys():
             self._weights_changed_at.setdefault(name, self._wall_clock())
+        for key in self._splits_in_force():
+            self._split_changed_at.setdefault(key, self._wall_clock())
         return failed
 
     def note_change(self) -> None:
@@ -662,25 +697,34 @@ class Proxier:
         self._weight_basis.pop(name, None)
         self._weights_changed_at.pop(name, None)
         self._kernel_candidates.pop(name, None)
-        self._stop_sampling(name)
+        self.balancer.stop_counting(name)
 
     def _refresh_kernel(self, name: ServicePortName, fallback_port: int) -> None:
-        """(Re)build a kernel-mode service port's rules target, with freshly computed weights."""
+        """(Re)build a kernel-mode service port's rules target, with freshly computed weights.
+
+        A Service drawn by a node split names its layout's split; a layout new to this node
+        gets its first split here, and the period's `refresh_weights` moves it after that."""
         entry = self._kernel_wanted[name]
         candidates = self._candidates(name, entry)
+        layout = candidates.layout
         basis = self._compute_weights(candidates, self._clock())
         weights = relabel(basis, candidates.cluster)
         sample_share = 0.0
-        split = self._sampled_split.get(name)
+        split = self._sampled_split.get(layout)
         if split is not None:  # keep sampling through an endpoint change
             sampled = split_weights(candidates.cluster, split, self.node_name, _SAMPLED)
             if sampled is not None:
                 weights = sampled
                 sample_share = self.config.dataplane.kernel_sample_share
+        if self._uses_split(candidates):
+            if layout not in self._splits:
+                self._set_split(layout, candidates, weights, sample_share)
+            self._kernel[name] = self._kernel_target(candidates, weights, fallback_port)
+            return
         if weights_moved(self._weights.get(name), weights, 0.0):
             self._weights_changed_at[name] = self._wall_clock()
         self._weights[name] = weights
-        self._weight_basis[name] = basis
+        self._weight_basis[name] = weights  # positional for the layout, as `refresh_weights`'
         self._kernel[name] = self._kernel_target(candidates, weights, fallback_port, sample_share)
 
     def _kernel_chain_changes(self) -> list[tuple[KernelTarget, KernelTarget]] | None:
@@ -712,7 +756,7 @@ class Proxier:
             entry,
             categorized.cluster,
             categorized.local,
-            (policy, layout_of(categorized.cluster)),
+            (policy, layout_of(categorized.cluster), entry.port.affinity_timeout_seconds is None),
         )
         self._kernel_candidates[name] = candidates
         return candidates
@@ -727,6 +771,27 @@ class Proxier:
             return uniform_weights(cluster, f"even (policy {policy.value})")
         return kernel_weights(cluster, self._telemetry(), self.node_name, now, self._rap_settings)
 
+    def _uses_split(self, candidates: _KernelCandidates) -> bool:
+        """Whether the entry's node is drawn by its layout's shared split (nftables, and no
+        more nodes than the mark field tells apart) rather than by weights of its own."""
+        if not self.nftables or not candidates.cluster:
+            return False
+        return len(set(candidates.layout[1])) <= self.rule_config.kernel.node_slots
+
+    def _set_split(
+        self,
+        layout: KernelLayout,
+        candidates: _KernelCandidates,
+        weights: KernelWeights,
+        sample_share: float,
+    ) -> NodeSplit:
+        """Make `weights` (positional for `layout`) the layout's wanted split."""
+        _, slots = node_slots(layout[1])
+        split = NodeSplit(_split_key(layout), slot_shares(weights, slots), sample_share)
+        self._splits[layout] = split
+        self._layout_weights[layout] = weights
+        return split
+
     def _kernel_target(
         self,
         candidates: _KernelCandidates,
@@ -734,23 +799,33 @@ class Proxier:
         fallback_port: int,
         sample_share: float = 0.0,
     ) -> KernelTarget:
+        local = tuple(WeightedEndpoint(e.ip, e.port, 1.0) for e in candidates.local)
+        if self._uses_split(candidates):  # weights live in the split: the target never moves
+            _, slots = node_slots(candidates.layout[1])
+            return KernelTarget(
+                service_port=candidates.entry.port,
+                cluster=tuple(WeightedEndpoint(e.ip, e.port, 1.0) for e in candidates.cluster),
+                local=local,
+                fallback_port=fallback_port,
+                split=SplitRef(_split_key(candidates.layout), slots),
+            )
         return KernelTarget(
             service_port=candidates.entry.port,
             cluster=tuple(WeightedEndpoint(s.ip, s.port, s.share) for s in weights.shares),
-            local=tuple(WeightedEndpoint(e.ip, e.port, 1.0) for e in candidates.local),
+            local=local,
             fallback_port=fallback_port,
             sample_share=sample_share,
         )
 
     def _layout_wants_sample(
-        self, layout: tuple[LbPolicy, Layout], view: TelemetryView | None, now: float
+        self, layout: KernelLayout, view: TelemetryView | None, now: float
     ) -> bool:
         """Whether the proxy should decide a sample of the connections of Services of this
-        layout (without ClientIP affinity): policy `rap`, this node fresh and overloaded (the
-        only time `rap` spills), and endpoints here and elsewhere to choose between."""
+        layout: policy `rap` without ClientIP affinity, this node fresh and overloaded (the only
+        time `rap` spills), and endpoints here and elsewhere to choose between."""
         if view is None or self.config.dataplane.kernel_sample_share <= 0:
             return False
-        if layout[0] is not LbPolicy.RAP:
+        if layout[0] is not LbPolicy.RAP or not layout[2]:
             return False
         local_peer = view.nodes.get(self.node_name)
         if local_peer is None or not local_peer.overloaded:
@@ -761,9 +836,14 @@ class Proxier:
         return self.node_name in nodes and len(nodes) > 1
 
     def _sampled_weights(
-        self, name: ServicePortName, candidates: _KernelCandidates, basis: KernelWeights
+        self,
+        layout: KernelLayout,
+        candidates: _KernelCandidates,
+        basis: KernelWeights,
+        tally: Mapping[str | None, int],
     ) -> KernelWeights:
-        """The split the proxy gave this period's sampled connections, smoothed over periods.
+        """The split the proxy gave this period's sampled connections of the layout's Services
+        (`tally`), smoothed over periods; positional for the layout.
 
         Until the first period with enough decisions, everything stays local (where `rap`
         starts); that first split is then taken whole, and later ones are blended in. Tried
@@ -771,111 +851,126 @@ class Proxier:
         shrunk to nothing by the time a node is overloaded, left two clients at 10 ms to the
         peers at 0.53x userspace `rap` (which stays local there); blending from all-local
         took 0.61x at 1 ms (where `rap` spills). Too few decisions: the written split stands.
+
+        One split per layout, not per Service: the Services of a layout share their nodes, so
+        what their sampled connections found (a queue, a stall, a slow node) is the nodes',
+        and a layout's many Services decide more connections per period than one.
         """
-        self.balancer.count_choices(name)
-        observed = observed_split(self.balancer.take_tally(name))
-        previous = self._sampled_split.get(name)
-        current = self._weights.get(name)
+        observed = observed_split(tally)
+        previous = self._sampled_split.get(layout)
+        current = self._layout_weights.get(layout)
         if observed is None:
             if previous is not None and current is not None and current.decision == _SAMPLED:
                 return current  # nothing new was decided: what is written stands
             if previous is None:
-                self._sample_unobserved.add(name)
+                self._sample_unobserved.add(layout)
             split = previous or {self.node_name: 1.0}
-        elif previous is None or name in self._sample_unobserved:
+        elif previous is None or layout in self._sample_unobserved:
             split = observed
-            self._sample_unobserved.discard(name)
+            self._sample_unobserved.discard(layout)
         else:
             split = blend(previous, observed, SAMPLE_BLEND)
-        self._sampled_split[name] = split
+        self._sampled_split[layout] = split
         weights = split_weights(candidates.cluster, split, self.node_name, _SAMPLED)
-        return weights if weights is not None else relabel(basis, candidates.cluster)
+        weights = weights if weights is not None else relabel(basis, candidates.cluster)
+        self._layout_weights[layout] = weights
+        return weights
 
-    def _stop_sampling(self, name: ServicePortName) -> None:
-        self._sampled_split.pop(name, None)
-        self._sample_unobserved.discard(name)
-        self.balancer.stop_counting(name)
+    def _stop_sampling(self, layout: KernelLayout, members: Iterable[ServicePortName]) -> None:
+        self._sampled_split.pop(layout, None)
+        self._sample_unobserved.discard(layout)
+        for name in members:
+            self.balancer.stop_counting(name)
 
     async def refresh_weights(self) -> int:
-        """Recompute every kernel Service's weights; write those that moved. Returns how many.
+        """Recompute every kernel Service's weights; write those that moved. Returns how many
+        service ports' weights moved.
 
-        Only the weighted chains are rewritten, all in one transaction per family. A Service
-        whose rules differ from the written ones in more than weights (an endpoint change not
-        yet synced) is left to the sync, which is asked for.
-
-        The shares are computed once per layout (policy and the node of each candidate) and
-        judged once per layout and previous basis: at 10k Services the period's work is a dict
-        lookup per Service unless its weights move (balancer/kernel_weights.py).
+        Weights are computed once per layout (policy, the node of each candidate, affinity or
+        not: balancer/kernel_weights.py), from telemetry or, while this node samples, from the
+        proxy's decisions on the layout's sampled connections. With nftables a layout's
+        Services share one node split: a move rewrites that chain alone, whatever the number of
+        Services. Otherwise only the moved Services' weighted chains are rewritten, all in one
+        transaction per family (in batches with nftables); a Service whose rules differ from the
+        written ones in more than weights (an endpoint change not yet synced) is left to the
+        sync, which is asked for.
         """
         threshold = self.config.dataplane.weight_threshold
+        sample_share = self.config.dataplane.kernel_sample_share
         # nftables: the new targets wait here until their batch is written (`_write_nft_weights`),
         # so a sync in between writes only what it changed, not every moved Service's weights.
         pending: dict[ServicePortName, KernelTarget] = {}
         async with self._rules_lock:
             started = time.monotonic()
             now = self._clock()
-            moved: list[ServicePortName] = []
-            bases: dict[tuple[LbPolicy, Layout], KernelWeights] = {}
-            verdicts: dict[tuple[tuple[LbPolicy, Layout], int], bool] = {}
             view = self._telemetry() if self._telemetry is not None else None
-            sample_share = self.config.dataplane.kernel_sample_share
-            sample_layouts: dict[tuple[LbPolicy, Layout], bool] = {}
+            members: dict[KernelLayout, list[tuple[ServicePortName, _KernelCandidates]]] = {}
             for name, entry in self._kernel_wanted.items():
-                target = self._kernel.get(name)
-                if target is None:
-                    continue
-                candidates = self._candidates(name, entry)
-                layout = candidates.layout
-                basis = bases.get(layout)
-                if basis is None:
-                    basis = bases[layout] = self._compute_weights(candidates, now)
-                sampling = sample_layouts.get(layout)
-                if sampling is None:
-                    sampling = sample_layouts[layout] = self._layout_wants_sample(layout, view, now)
-                sampling = sampling and entry.port.affinity_timeout_seconds is None
-                if sampling or name in self._sampled_split:
-                    # Per Service: its own sample's split, or back to the layout's weights.
-                    current = self._weights.get(name)
-                    if sampling:
-                        weights = self._sampled_weights(name, candidates, basis)
-                        share = sample_share
-                    else:
-                        self._stop_sampling(name)
-                        weights = relabel(basis, candidates.cluster)
-                        share = 0.0
-                    if share == target.sample_share and (
-                        weights is current or not weights_moved(current, weights, threshold)
+                if name in self._kernel:
+                    candidates = self._candidates(name, entry)
+                    members.setdefault(candidates.layout, []).append((name, candidates))
+            for layout in [layout for layout in self._splits if layout not in members]:
+                self._forget_layout(layout)
+            moved: list[ServicePortName] = []  # service ports with weights of their own
+            splits: list[NodeSplit] = []
+            split_ports = 0  # service ports drawn by the moved splits
+            for layout, group in members.items():
+                first = group[0][1]
+                basis = self._compute_weights(first, now)
+                if self._layout_wants_sample(layout, view, now):
+                    tally: Counter[str | None] = Counter()
+                    for name, _ in group:
+                        self.balancer.count_choices(name)
+                        tally.update(self.balancer.take_tally(name))
+                    weights = self._sampled_weights(layout, first, basis, tally)
+                    share = sample_share
+                else:
+                    if layout in self._sampled_split:
+                        self._stop_sampling(layout, (name for name, _ in group))
+                    weights, share = basis, 0.0
+                    self._layout_weights[layout] = basis
+                if self._uses_split(first):
+                    _, slots = node_slots(layout[1])
+                    old = self._splits.get(layout)
+                    new_shares = slot_shares(weights, slots)
+                    if (
+                        old is not None
+                        and old.sample_share == share
+                        and not slot_shares_moved(old.shares, new_shares, threshold)
                     ):
                         continue
-                    self._weights[name] = weights
-                    self._weight_basis[name] = basis
-                    sampled = self._kernel_target(candidates, weights, target.fallback_port, share)
+                    splits.append(self._set_split(layout, first, weights, share))
+                    split_ports += len(group)
+                    continue
+                verdicts: dict[tuple[int, float], bool] = {}
+                for name, candidates in group:
+                    target = self._kernel[name]
+                    previous = self._weight_basis.get(name)
+                    verdict_key = (id(previous), target.sample_share)
+                    verdict = verdicts.get(verdict_key)
+                    if verdict is None:
+                        verdict = verdicts[verdict_key] = share != target.sample_share or (
+                            weights is not previous and shares_moved(previous, weights, threshold)
+                        )
+                    if not verdict:
+                        continue
+                    self._weights[name] = relabel(weights, candidates.cluster)
+                    self._weight_basis[name] = weights
+                    new = self._kernel_target(
+                        candidates, self._weights[name], target.fallback_port, share
+                    )
                     if self.nftables:
-                        pending[name] = sampled
+                        pending[name] = new
                     else:
-                        self._kernel[name] = sampled
+                        self._kernel[name] = new
                     moved.append(name)
-                    continue
-                previous = self._weight_basis.get(name)
-                verdict_key = (layout, id(previous))
-                verdict = verdicts.get(verdict_key)
-                if verdict is None:
-                    verdict = verdicts[verdict_key] = shares_moved(previous, basis, threshold)
-                if not verdict:
-                    continue
-                weights = relabel(basis, candidates.cluster)
-                self._weights[name] = weights
-                self._weight_basis[name] = basis
-                new = self._kernel_target(candidates, weights, target.fallback_port)
-                if self.nftables:
-                    pending[name] = new
-                else:
-                    self._kernel[name] = new
-                moved.append(name)
+            if splits:
+                await self._write_splits(splits, split_ports, started)
             if not moved:
-                return 0
+                return split_ports
             if self.nftables:
-                return await self._write_nft_weights(moved, pending, started)
+                await self._write_nft_weights(moved, pending, started)
+                return split_ports + len(moved)
             applied = self._applied_kernel
             updates: list[KernelTarget] = []
             needs_sync = False
@@ -899,7 +994,43 @@ class Proxier:
                 self.metrics.kernel_weight_write_duration.observe(time.monotonic() - started)
         if needs_sync and self.request_sync is not None:
             self.request_sync()
-        return len(moved)
+        return split_ports + len(moved)
+
+    def _forget_layout(self, layout: KernelLayout) -> None:
+        """No Service has this layout any more: its split goes (the next sync deletes the
+        chain once no written Service jumps to it)."""
+        split = self._splits.pop(layout, None)
+        if split is not None:
+            self._split_changed_at.pop(split.key, None)
+        self._layout_weights.pop(layout, None)
+        self._sampled_split.pop(layout, None)
+        self._sample_unobserved.discard(layout)
+
+    async def _write_splits(self, splits: list[NodeSplit], ports: int, started: float) -> None:
+        """Write moved node splits (held under the rules lock). A failure is logged and a sync
+        asked for: the runner then rebuilds its table, with the splits as they are wanted."""
+        wrote = False
+        try:
+            for nft in self.nftables:
+                wrote = await nft.update_splits(splits, self.rule_config) or wrote
+        except Exception as error:
+            log.warning("kernel node splits not written (the sync rebuilds): %s", error)
+            if self.request_sync is not None:
+                self.request_sync()
+            return
+        changed_at = self._wall_clock()
+        for split in splits:
+            self._split_changed_at[split.key] = changed_at
+        if wrote:
+            elapsed = time.monotonic() - started
+            self.metrics.kernel_weight_writes.inc()
+            self.metrics.kernel_weight_write_duration.observe(elapsed)
+            log.info(
+                "kernel weights of %d service ports written in %.3f s (%d node splits)",
+                ports,
+                elapsed,
+                len(splits),
+            )
 
     async def _write_nft_weights(
         self,
@@ -987,39 +1118,68 @@ class Proxier:
     def _kernel_weight_rows(self) -> list[tuple[str, str, float, float | None]]:
         """(service, endpoint, share in force, last change) for the metrics exporter."""
         applied = self._applied_kernel or {}
+        splits = self._splits_in_force()
         rows: list[tuple[str, str, float, float | None]] = []
         for name, target in sorted(applied.items()):
-            total = sum(e.weight for e in target.cluster) or 1.0
-            changed = self._weights_changed_at.get(name)
-            for endpoint in target.cluster:
+            shares, changed = self._in_force(name, target, splits)
+            for endpoint, share in zip(target.cluster, shares, strict=True):
                 address = (
                     f"[{endpoint.ip}]:{endpoint.port}"
                     if ":" in endpoint.ip
                     else (f"{endpoint.ip}:{endpoint.port}")
                 )
-                rows.append((str(name), address, endpoint.weight / total, changed))
+                rows.append((str(name), address, share, changed))
         return rows
 
     def describe_kernel(self) -> dict[str, Any]:
         """Kernel-mode service ports: the weights written (in force), why, and since when."""
         applied = self._applied_kernel or {}
+        splits = self._splits_in_force()
         out: dict[str, Any] = {}
         for name in sorted(self._kernel_wanted):
             target = applied.get(name)
             weights = self._weights.get(name)
+            candidates = self._kernel_candidates.get(name)
+            if target is not None and target.split is not None and candidates is not None:
+                weights = self._layout_weights.get(candidates.layout)
+            shares, changed = ([], None) if target is None else self._in_force(name, target, splits)
+            split = None if target is None or target.split is None else splits.get(target.split.key)
             out[str(name)] = {
                 "written": target is not None and target == self._kernel.get(name),
                 "weights": {}
                 if target is None
-                else {f"{e.ip}:{e.port}": round(e.weight, 6) for e in target.cluster},
+                else {
+                    f"{e.ip}:{e.port}": round(share, 6)
+                    for e, share in zip(target.cluster, shares, strict=True)
+                },
+                "node_split": None
+                if split is None
+                else {"key": split.key, "sample_share": split.sample_share},
                 "local_endpoints": []
                 if target is None
                 else [f"{e.ip}:{e.port}" for e in target.local],
                 "decision": None if weights is None else weights.decision,
                 "local_share": None if weights is None else weights.local_share,
-                "weights_changed_at": self._weights_changed_at.get(name),
+                "weights_changed_at": changed,
             }
         return out
+
+    def _splits_in_force(self) -> Mapping[str, NodeSplit]:
+        """The node splits the kernel holds (the first family's runner), by key."""
+        return self.nftables[0].splits if self.nftables else {}
+
+    def _in_force(
+        self, name: ServicePortName, target: KernelTarget, splits: Mapping[str, NodeSplit]
+    ) -> tuple[list[float], float | None]:
+        """A written target's share per cluster endpoint, and when it last changed."""
+        if target.split is not None:
+            split = splits.get(target.split.key)
+            if split is None:
+                return [0.0] * len(target.cluster), None
+            return split_shares(target, split), self._split_changed_at.get(split.key)
+        total = sum(e.weight for e in target.cluster) or 1.0
+        shares = [e.weight / total for e in target.cluster]
+        return shares, self._weights_changed_at.get(name)
 
     async def _reconcile_udp(self) -> list[tuple[str | None, int]]:
         """Open a socket per UDP service port, close the ones gone; return stale conntrack keys."""
@@ -1204,6 +1364,7 @@ def _same_paths(a: KernelTarget, b: KernelTarget) -> bool:
         a.service_port == b.service_port
         and a.local == b.local
         and a.fallback_port == b.fallback_port
+        and a.split == b.split
         and [(e.ip, e.port) for e in a.cluster] == [(e.ip, e.port) for e in b.cluster]
     )
 

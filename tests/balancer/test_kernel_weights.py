@@ -13,9 +13,12 @@ from rapproxy.balancer.kernel_weights import (
     blend,
     kernel_weights,
     layout_of,
+    node_slots,
     observed_split,
     relabel,
     shares_moved,
+    slot_shares,
+    slot_shares_moved,
     split_weights,
     uniform_weights,
     weights_moved,
@@ -197,3 +200,19 @@ def test_split_weights_spread_a_nodes_share_over_its_endpoints_and_drop_gone_nod
     assert weights.local_share == pytest.approx(0.75)
     assert weights.decision == "sampled"
     assert split_weights(candidates, {"n9": 1.0}, LOCAL, "sampled") is None
+
+
+def test_a_layout_names_its_nodes_by_first_appearance_and_sums_their_shares() -> None:
+    layout = ("b", "a", "b", None)
+    assert node_slots(layout) == (("b", "a", None), (1, 2, 1, 3))
+    weights = split_weights(endpoints(["b", "a"], per_node=1), {"a": 0.3, "b": 0.7}, "a", "x")
+    assert weights is not None
+    assert slot_shares(weights, (1, 2)) == pytest.approx((0.7, 0.3))
+    with pytest.raises(ValueError, match="2 shares for 3 candidates"):
+        slot_shares(weights, (1, 2, 2))
+
+
+def test_a_node_split_moved_beyond_the_threshold_or_with_another_node_count() -> None:
+    assert not slot_shares_moved((0.5, 0.5), (0.54, 0.46), 0.05)
+    assert slot_shares_moved((0.5, 0.5), (0.56, 0.44), 0.05)
+    assert slot_shares_moved((0.5, 0.5), (0.5, 0.5, 0.0), 0.05)

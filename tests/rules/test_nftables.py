@@ -11,9 +11,12 @@ from rapproxy.rules.kernel import (
     KernelConfig,
     KernelRenderError,
     KernelTarget,
+    NodeSplit,
+    SplitRef,
     WeightedEndpoint,
     endpoint_hash,
     port_hash,
+    split_shares,
 )
 from rapproxy.rules.nftables import (
     SCALE,
@@ -24,8 +27,11 @@ from rapproxy.rules.nftables import (
     render_cleanup,
     render_port,
     render_rebuild,
+    render_split,
+    render_split_change,
     render_weights,
     shares,
+    split_chain,
 )
 
 NAME = ServicePortName("default", "web", "http")
@@ -299,3 +305,98 @@ def test_joined_groups_know_their_line_numbers() -> None:
     text, spans = join_groups([NftGroup(None, ("a", "b")), NftGroup(NAME, ("c",))])
     assert text == "a\nb\nc\n"
     assert spans == [range(1, 3), range(3, 4)]
+
+
+# -- shared node splits --------------------------------------------------------------------------
+
+KEY = "LAYOUTKEY23456"
+FIELD, CLEAR = "0x00ff0000", "meta mark set meta mark & 0xff00ffff"
+
+
+def split_target(
+    service: ServicePort | None = None, slots: tuple[int, ...] = (1, 1, 2)
+) -> KernelTarget:
+    cluster = tuple(WeightedEndpoint(e.ip, e.port, 1.0) for e in (A, B, C))
+    return KernelTarget(service or port(), cluster, (A,), 15001, split=SplitRef(KEY, slots))
+
+
+def test_a_split_service_jumps_to_the_shared_draw_then_draws_evenly_inside_the_node() -> None:
+    rules = chain(render_port(split_target(), CONFIG, 4), SVC)
+    assert rules == (
+        f"jump lay-{KEY}",
+        f"meta mark & {FIELD} == {FIELD} meta l4proto tcp {CLEAR} redirect to :15001",
+        f"meta mark & {FIELD} == 0x00010000 numgen random mod {SCALE} < 500000"
+        f" meta l4proto tcp {CLEAR} dnat to 10.0.1.1:8080",
+        f"meta mark & {FIELD} == 0x00010000 meta l4proto tcp {CLEAR} dnat to 10.0.2.1:8080",
+        f"meta mark & {FIELD} == 0x00020000 meta l4proto tcp {CLEAR} dnat to 10.0.3.1:8080",
+        f"meta l4proto tcp {CLEAR} redirect to :15001",  # no value taken: the proxy decides
+    )
+    assert split_chain(KEY) == f"lay-{KEY}"
+
+
+def test_the_shared_draw_clears_the_field_then_draws_the_sample_and_each_node() -> None:
+    rules = render_split(NodeSplit(KEY, (0.25, 0.0, 0.75), sample_share=0.2), CONFIG)
+    assert rules == (
+        CLEAR,
+        f"numgen random mod {SCALE} < 200000 meta mark set meta mark | {FIELD} return",
+        f"numgen random mod {SCALE} < 250000 meta mark set meta mark | 0x00010000 return",
+        "meta mark set meta mark | 0x00030000",  # slot 2 has share 0: never drawn
+    )
+    assert render_split(NodeSplit(KEY, (0.0, 0.0)), CONFIG)[1:] == (  # all 0: evenly
+        f"numgen random mod {SCALE} < 500000 meta mark set meta mark | 0x00010000 return",
+        "meta mark set meta mark | 0x00020000",
+    )
+    narrow = KernelConfig(node_mark_mask=0x3 << 20)
+    with pytest.raises(KernelRenderError, match="tells 2 apart"):
+        render_split(NodeSplit(KEY, (0.3, 0.3, 0.4)), narrow)
+
+
+def test_a_split_write_is_the_chain_alone_and_a_table_level_group() -> None:
+    before, after = NodeSplit(KEY, (0.5, 0.5)), NodeSplit(KEY, (0.9, 0.1))
+    created = render_split_change(None, before, CONFIG, 4)
+    assert created is not None and created.owner is None
+    assert created.lines[0] == f"add chain ip rapproxy lay-{KEY}"
+    moved = render_split_change(before, after, CONFIG, 4)
+    assert moved is not None
+    assert moved.lines[0] == f"flush chain ip rapproxy lay-{KEY}"
+    assert all(line.startswith(f"add rule ip rapproxy lay-{KEY} ") for line in moved.lines[1:])
+    assert render_split_change(after, after, CONFIG, 4) is None
+    gone = render_split_change(after, None, CONFIG, 4)
+    assert gone is not None and gone.lines == (
+        f"flush chain ip rapproxy lay-{KEY}",
+        f"delete chain ip rapproxy lay-{KEY}",
+    )
+    groups = render_rebuild(
+        render_base(CONFIG, 4), [render_port(split_target(), CONFIG, 4)], 4, [before], CONFIG
+    )
+    assert [g.owner for g in groups] == [None, None, NAME]  # the draw before its Services
+
+
+def test_with_affinity_the_draw_comes_after_the_affinity_lookups_and_nothing_is_sampled() -> None:
+    rules = chain(render_port(split_target(port(affinity_timeout_seconds=60)), CONFIG, 4), SVC)
+    lookups = [i for i, rule in enumerate(rules) if "saddr @aff-" in rule]
+    assert lookups and rules.index(f"jump lay-{KEY}") > max(lookups)
+    assert sum("redirect" in rule for rule in rules) == 1  # only the last resort
+    a = endpoint_hash(NAME, A.ip, A.port)
+    assert f"meta mark & {FIELD} == 0x00010000 numgen random mod {SCALE} < 500000 {CLEAR}" in (
+        " ".join(rules)
+    )
+    assert any(rule.endswith(f"{CLEAR} goto sep-{a}") for rule in rules)
+
+
+def test_split_shares_spread_a_nodes_share_evenly_over_its_endpoints() -> None:
+    target = split_target()
+    assert split_shares(target, NodeSplit(KEY, (0.4, 0.6))) == [0.2, 0.2, 0.6]
+    assert split_shares(target, NodeSplit(KEY, (0.0, 0.0))) == pytest.approx([1 / 3] * 3)
+
+
+def test_the_node_field_must_be_contiguous_wide_enough_and_clear_of_the_masquerade_bit() -> None:
+    assert KernelConfig().node_slots == 254
+    assert KernelConfig(node_mark_mask=0x7 << 4).node_slots == 6
+    for mask in (0, 0x10000, 0x50000, 1 << 32):
+        with pytest.raises(KernelRenderError, match="node_mark_mask"):
+            KernelConfig(node_mark_mask=mask)
+    with pytest.raises(KernelRenderError, match="masquerade bit"):
+        KernelConfig(node_mark_mask=0xC000)
+    with pytest.raises(KernelRenderError, match="2 node slots for 3 endpoints"):
+        KernelTarget(port(), (A, B, C), (), 15001, split=SplitRef(KEY, (1, 2)))

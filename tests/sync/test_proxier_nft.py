@@ -14,7 +14,8 @@ import pytest
 
 from rapproxy.config import RapproxyConfiguration, from_mapping
 from rapproxy.model.service import L4Protocol, ServicePortName
-from rapproxy.rules.kernel import KernelTarget
+from rapproxy.model.telemetry import NodeStats, RapSettings, TelemetryTracker
+from rapproxy.rules.kernel import KernelTarget, NodeSplit
 from rapproxy.rules.nft_apply import NftWriteResult
 from rapproxy.rules.render import RedirectTarget, RuleConfig
 from rapproxy.sync.proxier import KernelWriteError, Proxier
@@ -73,15 +74,19 @@ class Table:
         self.log = log
         self.held: dict[ServicePortName, KernelTarget] = {}
         self.refuse: set[ServicePortName] = set()
+        self.splits: dict[str, NodeSplit] = {}
+        self.split_writes: list[list[NodeSplit]] = []
 
     async def sync(
         self,
         kernel: Sequence[KernelTarget],
         config: RuleConfig,
         *,
+        splits: Mapping[str, NodeSplit] | None = None,
         remove: bool = True,
         verify: bool = False,
     ) -> NftWriteResult:
+        self.splits.update(splits or {})
         wanted = {t.service_port.name: t for t in kernel}
         failed: dict[ServicePortName, str] = {}
         for name, target in wanted.items():
@@ -99,6 +104,11 @@ class Table:
         self, kernel: Sequence[KernelTarget], config: RuleConfig
     ) -> NftWriteResult:
         return NftWriteResult()
+
+    async def update_splits(self, splits: Sequence[NodeSplit], config: RuleConfig) -> bool:
+        self.split_writes.append(list(splits))
+        self.splits.update((s.key, s) for s in splits if s.key in self.splits)
+        return True
 
 
 def proxier(log: Log, table: Table) -> Proxier:
@@ -165,3 +175,52 @@ async def test_a_refused_port_fails_the_sync_by_name_after_the_others_are_writte
     table.refuse.clear()
     await p.sync()  # the retry writes it
     assert set(table.held) == {WEB, API}
+
+
+async def test_a_telemetry_move_rewrites_one_shared_split_not_the_services_of_its_layout() -> None:
+    """200 Services with endpoints on the same two nodes: one node split; an overload moves
+    it, and no Service's target (its chains) changes."""
+    now = 100.0
+    settings = RapSettings()
+    telemetry = TelemetryTracker("node", settings)
+    telemetry.record_local(NodeStats("node", 0.2, 0.2, now))
+    telemetry.record_peer("peer", NodeStats("peer", 0.1, 0.2, now), 0.001)
+    config = from_mapping(
+        {"dataplane": {"mode": "kernel", "kernelBackend": "nftables", "kernelSampleShare": 0}}
+    )
+    log: Log = []
+    table = Table(log)
+    p = Proxier(
+        config,
+        "node",
+        iptables=[Redirects(log)],  # type: ignore[list-item]
+        nftables=[table],  # type: ignore[list-item]
+        clock=lambda: now,
+        telemetry=telemetry.snapshot,
+        rap_settings=settings,
+    )
+    for index in range(200):
+        service, endpoint_slice = objects(f"s{index}", f"10.96.1.{index}", None)
+        endpoint_slice["endpoints"] = [
+            {"addresses": ["10.244.0.1"], "nodeName": "node"},
+            {"addresses": [f"10.244.1.{index}"], "nodeName": "peer"},
+        ]
+        p.tracker.service_updated(service)
+        p.tracker.slice_updated(endpoint_slice)
+    await p.sync()
+    assert len(table.held) == 200 and len(table.splits) == 1
+    (before,) = table.splits.values()
+    assert before.shares == (1.0, 0.0)
+    targets = dict(p._kernel)
+
+    telemetry.record_local(NodeStats("node", 0.95, 0.2, now))
+    telemetry.record_local(NodeStats("node", 0.95, 0.2, now))
+    assert await p.refresh_weights() == 200
+    assert [[s.key for s in write] for write in table.split_writes] == [[before.key]]
+    (after,) = table.splits.values()
+    assert after.shares == pytest.approx((0.49, 0.51))
+    assert p._kernel == targets and all(p._kernel[n] is t for n, t in targets.items())
+    state = p.describe_kernel()["default/s7:"]
+    assert state["weights"] == {"10.244.0.1:8080": 0.49, "10.244.1.7:8080": 0.51}
+    assert state["decision"] != "local"
+    assert await p.refresh_weights() == 0 and len(table.split_writes) == 1

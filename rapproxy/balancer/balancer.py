@@ -79,6 +79,20 @@ class _ServiceState:
     by_key: dict[EndpointKey, Endpoint] = field(default_factory=dict)
 
 
+class ChoiceTally:
+    """The policy's choices by node, counted for the kernel fast path (its sampled split)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str | None, int] = {}
+
+    def take(self) -> dict[str | None, int]:
+        """The counts so far; counting starts again from zero."""
+        counts, self.counts = self.counts, {}
+        return counts
+
+
 class Balancer:
     def __init__(
         self,
@@ -108,7 +122,7 @@ class Balancer:
         self.selections: defaultdict[Placement, int] = defaultdict(int)
         # Per service whose decisions are counted: choices per node since the last `take_tally`
         # (the kernel fast path's sample, balancer/kernel_weights.py). Empty: nothing counted.
-        self._tallies: dict[ServicePortName, dict[str | None, int]] = {}
+        self._tallies: dict[ServicePortName, ChoiceTally] = {}
         # The snapshot the state reflects; None until the first update, or after one failed.
         self.table: ServiceTable | None = None
 
@@ -267,25 +281,26 @@ class Balancer:
             tally = self._tallies.get(name)
             if tally is not None:
                 node = choice.endpoint.node_name
-                tally[node] = tally.get(node, 0) + 1
+                tally.counts[node] = tally.counts.get(node, 0) + 1
         return choice
 
     # -- decision counts for the kernel fast path -----------------------------------------------
 
-    def count_choices(self, name: ServicePortName) -> None:
-        """Start counting the policy's choices for `name` by node (idempotent)."""
-        self._tallies.setdefault(name, {})
+    def count_choices(self, name: ServicePortName, into: ChoiceTally | None = None) -> ChoiceTally:
+        """Count the policy's choices for `name` by node, into `into` (several service ports
+        may share one: a kernel layout's) or a tally of its own (kept if it has one)."""
+        if into is not None:
+            self._tallies[name] = into
+            return into
+        return self._tallies.setdefault(name, ChoiceTally())
 
     def stop_counting(self, name: ServicePortName) -> None:
         self._tallies.pop(name, None)
 
     def take_tally(self, name: ServicePortName) -> dict[str | None, int]:
-        """The policy's choices for `name` per node since the last call; counting goes on."""
+        """The choices counted into `name`'s tally since it was last taken; counting goes on."""
         tally = self._tallies.get(name)
-        if tally is None:
-            return {}
-        self._tallies[name] = {}
-        return tally
+        return {} if tally is None else tally.take()
 
     def dial_failed(
         self, name: ServicePortName, endpoint: EndpointKey, client_ip: str, now: float

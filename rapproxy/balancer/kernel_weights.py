@@ -35,7 +35,11 @@ At ten thousand Services the shares cannot be computed Service by Service every 
 0.2 ms each, two seconds of the event loop per period). They do not need to be: they depend on
 the telemetry and on which node each candidate is on, nothing else. `layout_of` names that
 shape; Services of one layout share one computation (`relabel` puts it on their endpoints), and
-whether their weights moved is judged once per layout (`shares_moved`).
+whether their weights moved is judged once per layout (`shares_moved`). With nftables they share
+the written weights too: one node split per layout (`node_slots` names its nodes, `slot_shares`
+gives each node's share, `slot_shares_moved` judges it), drawn in one chain the layout's
+Services jump to, so a telemetry change rewrites a few chains, not every Service's.
+The sampled split is per layout as well: the layout's Services' tallies are summed.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rapproxy.model.service import ServicePortName
@@ -92,6 +93,7 @@ class NftRunner:
         self._written: dict[ServicePortName, KernelTarget] | None = None
         self._base: NftGroup | None = None
         self._splits: dict[str, NodeSplit] = {}  # the node splits the kernel holds, by key
+        self._split_refs: Counter[str] = Counter()  # written service ports naming each
 
     @property
     def family(self) -> Family:
@@ -107,6 +109,11 @@ class NftRunner:
         """The node splits the kernel holds, by key."""
         return dict(self._splits)
 
+    @property
+    def needs_rebuild(self) -> bool:
+        """Whether the next sync replaces the table (so it needs every target, not a few)."""
+        return self._written is None
+
     async def sync(
         self,
         kernel: Sequence[KernelTarget],
@@ -115,6 +122,7 @@ class NftRunner:
         splits: Mapping[str, NodeSplit] | None = None,
         remove: bool = True,
         verify: bool = False,
+        only: Collection[ServicePortName] | None = None,
     ) -> NftWriteResult:
         """Bring the table to `kernel`: only the service ports that differ are written.
 
@@ -125,6 +133,12 @@ class NftRunner:
         the redirect is in place). `verify` first checks that the table is still there
         (someone may have flushed the ruleset) and rebuilds it if not; do it on the periodic
         full sync.
+
+        `only`: the caller knows which service ports may have changed; `kernel` holds the
+        wanted ones among them, a name in `only` but not in `kernel` is removed (with
+        `remove`), and the rest are not looked at: at 10k Services, comparing every target on
+        every sync cost more than the nft run. Refused (ValueError) when the table is to be
+        rebuilt (`needs_rebuild`), which needs them all.
         """
         wanted = {target.service_port.name: target for target in kernel}
         splits = splits or {}
@@ -132,6 +146,8 @@ class NftRunner:
         if verify and self._written is not None and not await self._table_present():
             self._written = None
         if self._written is None:
+            if only is not None:
+                raise ValueError("the table is to be rebuilt: sync every target, not a few")
             return await self._rebuild(wanted, base, config, splits)
         written = self._written
         groups: list[NftGroup] = []
@@ -141,9 +157,12 @@ class NftRunner:
         groups.extend(split_groups)
         changed: list[ServicePortName] = []
         pairs: list[tuple[KernelTarget | None, KernelTarget | None]] = []
-        names = list(wanted)
-        if remove:
-            names.extend(name for name in written if name not in wanted)
+        if only is not None:
+            names = [name for name in only if remove or name in wanted]
+        else:
+            names = list(wanted)
+            if remove:
+                names.extend(name for name in written if name not in wanted)
         for name in names:
             old, new = written.get(name), wanted.get(name)
             if old is new or old == new:
@@ -240,6 +259,7 @@ class NftRunner:
         self._written = None
         self._base = None
         self._splits = {}
+        self._split_refs = Counter()
         if present:
             await self._run(render_cleanup(self._family))
         return present
@@ -248,10 +268,13 @@ class NftRunner:
 
     def _record(self, name: ServicePortName, target: KernelTarget | None) -> None:
         assert self._written is not None
-        if target is None:
-            self._written.pop(name, None)
-        else:
+        old = self._written.pop(name, None) if target is None else self._written.get(name)
+        if target is not None:
             self._written[name] = target
+        if old is not None and old.split is not None:
+            self._split_refs[old.split.key] -= 1
+        if target is not None and target.split is not None:
+            self._split_refs[target.split.key] += 1
 
     def _split_changes(
         self,
@@ -276,7 +299,7 @@ class NftRunner:
         """Delete the split chains no written Service jumps to any more."""
         if self._written is None:
             return
-        unused = self._splits.keys() - _named(self._written.values())
+        unused = {key for key in self._splits if self._split_refs[key] <= 0}
         if not unused:
             return
         groups = [
@@ -287,6 +310,7 @@ class NftRunner:
         await self._apply(groups)
         for key in unused:
             del self._splits[key]
+            del self._split_refs[key]
 
     async def _rebuild(
         self,
@@ -305,6 +329,9 @@ class NftRunner:
         self._splits = {}
         failed = await self._apply(groups)
         self._written = {name: t for name, t in wanted.items() if name not in failed}
+        self._split_refs = Counter(
+            t.split.key for t in self._written.values() if t.split is not None
+        )
         self._splits = named
         self._base = base
         return NftWriteResult(True, failed)

@@ -20,7 +20,14 @@ the model, names included):
                     proxy while RAP samples (rules/kernel.py)] [SNAT marks]
                     [affinity: saddr @aff-<e> goto sep-<e>]
                     `numgen random mod 1000000 < T_i` + DNAT per endpoint, T_i from
-                    p_i = w_i / (w_i + ... + w_n) (the last unconditional): RAP's weights
+                    p_i = w_i / (w_i + ... + w_n) (the last unconditional): RAP's weights.
+                    With a node split instead: `jump lay-<k>`, [the sample value → redirect
+                    to the proxy], [SNAT marks] [affinity], then per node value an even draw
+                    over that node's endpoints + DNAT, each clearing the field; last, a
+                    redirect to the proxy for a value no rule took (none, normally)
+    lay-<k>         one node layout's shared draw (`NodeSplit`): clear the field of
+                    `dataplane.nodeMarkMask`, then [the sample: the field all ones] and one
+                    value per node, `numgen ... < T` + `meta mark set ... return`
     svl-<h>         the same over this node's endpoints, evenly, no SNAT (traffic policy Local)
     ext-<h>         external entries (NodePort, externalIPs, LB IPs), as rules/kernel.py's EXT
     sep-<e>         affinity Services only: `update @aff-<e> { saddr }`, DNAT
@@ -54,6 +61,20 @@ written. Addresses are only added (a stale pair matches only a hairpin anyway, w
 SNAT whatever it is), and the set starts afresh when the table is rebuilt. That also keeps a
 weight write to the draw rules alone.
 
+Node splits (why the fwmark): RAP's weights depend on the telemetry and on which node each
+endpoint is on, nothing else (balancer/kernel_weights.py), so the Services whose endpoints are
+on the same nodes all want the same split. Written into each Service's chain, a telemetry
+change that moves every weight rewrites 50k rules at 10k Services: 4-10 s here. Drawn once in a
+chain the layout's Services share, it rewrites a few rules. The drawn node has to reach the
+Service's own chain, which is the only one that knows its endpoints; nft cannot return a value
+from a chain, so it rides in a few fwmark bits for the length of that one traversal, as
+kube-proxy's masquerade bit does (set in one chain, read in another). The draw clears the field
+first, so a value left by anything else is never read as a node; the Service's chain clears it
+as it DNATs, so the packet leaves with the field zero. What another component kept in those bits
+is lost: the field is configurable for that reason. A Service under ClientIP affinity draws
+after its affinity lookups and is never sampled, so its layout's split is its own (the layout
+key says whether it can be sampled).
+
 `render_port` gives one service port's objects; `render_change` the commands that turn what the
 kernel holds for it into what is wanted, as one group that stands or falls alone (a group never
 refers to another group's objects), so a broken Service can be left out of a transaction and
@@ -73,6 +94,7 @@ from rapproxy.rules.kernel import (
     KernelTarget,
     NodeSplit,
     WeightedEndpoint,
+    comment_for,
     endpoint_address,
     endpoint_hash,
     family_of,
@@ -187,6 +209,10 @@ def render_port(target: KernelTarget, config: KernelConfig, family: int) -> NftP
         return NftPort(name)
     cluster = tuple(e for e in target.cluster if family_of(e.ip, name) == family)
     local = tuple(e for e in target.local if family_of(e.ip, name) == family)
+    if target.split is not None and cluster and len(cluster) != len(target.cluster):
+        raise KernelRenderError(
+            f"{comment_for(name)}: a node split needs endpoints of one address family"
+        )
     h = port_hash(name)
     svc, svl, ext = f"svc-{h}", f"svl-{h}", f"ext-{h}"
     external = [

@@ -30,9 +30,11 @@ recorded; programming latency and /healthz staleness count until then.
 Kernel-mode Services (`dataplane.mode`, annotation `rapproxy.io/dataplane`) are forwarded by
 DNAT rules instead of the relay (rules/kernel.py). Their rules name their endpoints, so for them
 an endpoint change is a rules change; their probabilities are RAP's weights
-(balancer/kernel_weights.py), recomputed every `dataplane.weightPeriod` by `refresh_weights`,
-which rewrites only the weighted chains of the Services whose weights moved by more than
-`dataplane.weightThreshold`, in one transaction. Every rules write (sync or weights) holds
+(balancer/kernel_weights.py), recomputed every `dataplane.weightPeriod` by `refresh_weights`
+once per node layout, which rewrites only what moved by more than `dataplane.weightThreshold`:
+with nftables the layout's shared node split (one chain however many Services share it,
+rules/nftables.py), otherwise the weighted chains of the Services whose weights moved, in one
+transaction. Every rules write (sync or weights) holds
 `_rules_lock`, so the two never interleave and the kernel always holds what was last written.
 A kernel Service's UDP socket and the TCP listener stay: they are its fallback when a traffic
 policy leaves it no endpoint, and what makes a switch back to userspace mode instant.
@@ -49,11 +51,11 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rapproxy.balancer.balancer import Balancer, PolicyFactory
+from rapproxy.balancer.balancer import Balancer, ChoiceTally, PolicyFactory
 from rapproxy.balancer.categorize import Locality, categorize
 from rapproxy.balancer.kernel_weights import (
     SAMPLE_BLEND,
@@ -287,6 +289,11 @@ class Proxier:
         self._kernel_wanted: dict[ServicePortName, ServiceEntry] = {}
         self._kernel: dict[ServicePortName, KernelTarget] = {}
         self._applied_kernel: dict[ServicePortName, KernelTarget] | None = None
+        # nftables: the kernel-mode service ports set or removed since the last write, and
+        # those nft refused then; a sync compares only these (`NftRunner.sync`'s `only`).
+        self._kernel_changed: set[ServicePortName] = set()
+        self._nft_retry: set[ServicePortName] = set()
+        self._nft_written_only: set[ServicePortName] | None = None  # the last write's `only`
         self._weights: dict[ServicePortName, KernelWeights] = {}
         # The layout-wide weights each Service's were relabelled from (`refresh_weights`
         # judges a layout's move once per basis), and each entry's categorized candidates.
@@ -302,6 +309,10 @@ class Proxier:
         self._layout_weights: dict[KernelLayout, KernelWeights] = {}
         self._splits: dict[KernelLayout, NodeSplit] = {}
         self._split_changed_at: dict[str, float] = {}
+        # Per layout: its kernel-mode service ports (kept by `_candidates`), and while it
+        # samples, the tally their choices are counted into.
+        self._layout_members: dict[KernelLayout, dict[ServicePortName, None]] = {}
+        self._layout_tallies: dict[KernelLayout, ChoiceTally] = {}
         self._rules_lock = asyncio.Lock()
         # Asked for when a weight change cannot be written alone (its endpoints changed too).
         self.request_sync: Callable[[], None] | None = None
@@ -427,7 +438,12 @@ class Proxier:
                 self._applied_targets = dict(self._targets)
                 self._applied_kernel = dict(self._kernel)
             stale_udp.extend(
-                _stale_kernel_udp(previous_targets, previous_kernel, self._applied_kernel or {})
+                _stale_kernel_udp(
+                    previous_targets,
+                    previous_kernel,
+                    self._applied_kernel or {},
+                    names=self._nft_written_only if self.nftables else None,
+                )
             )
         if full:
             self._last_full_sync = started
@@ -476,14 +492,26 @@ class Proxier:
         changes, then the iptables write, then nft removals. Returns the service ports nft
         refused (left as they were; the others are written).
         """
-        wanted = list(self._kernel.values())
+        changed, self._kernel_changed = self._kernel_changed | self._nft_retry, set()
+        partial = not full and not any(nft.needs_rebuild for nft in self.nftables)
+        only = changed if partial else None
+        self._nft_written_only = only
+        if only is not None:
+            wanted = [self._kernel[name] for name in only if name in self._kernel]
+        else:
+            wanted = list(self._kernel.values())
         splits = {split.key: split for split in self._splits.values()}
         failed: dict[ServicePortName, str] = {}
         for nft in self.nftables:
             failed.update(
                 (
                     await nft.sync(
-                        wanted, self.rule_config, splits=splits, verify=full, remove=False
+                        wanted,
+                        self.rule_config,
+                        splits=splits,
+                        verify=full,
+                        remove=False,
+                        only=only,
                     )
                 ).failed
             )
@@ -494,21 +522,39 @@ class Proxier:
         elif not self.iptables:
             self._applied_targets = dict(self._targets)
         for nft in self.nftables:
-            failed.update((await nft.sync(wanted, self.rule_config, splits=splits)).failed)
-        applied: dict[ServicePortName, KernelTarget] = {}
-        for name, target in self._kernel.items():
-            if name not in failed:
+            failed.update(
+                (await nft.sync(wanted, self.rule_config, splits=splits, only=only)).failed
+            )
+        self._nft_retry = set(failed)
+        now_wall = self._wall_clock()
+        if only is not None:  # what is in force: the last write's, with what changed in it
+            applied = dict(previous_kernel)
+            written_now = {target.service_port.name: target for target in wanted}
+            for name in only:
+                target = written_now.get(name)  # not self._kernel: `_absorb` may be ahead
+                if name in failed:
+                    continue
+                if target is None:
+                    applied.pop(name, None)
+                    continue
+                if name not in applied:
+                    self._weights_changed_at.setdefault(name, now_wall)
                 applied[name] = target
-            elif name in previous_kernel:
-                applied[name] = previous_kernel[name]
-        for name, target in previous_kernel.items():
-            if name not in self._kernel and name in failed:
-                applied[name] = target
+        else:
+            applied = {}
+            for name, target in self._kernel.items():
+                if name not in failed:
+                    applied[name] = target
+                elif name in previous_kernel:
+                    applied[name] = previous_kernel[name]
+            for name, target in previous_kernel.items():
+                if name not in self._kernel and name in failed:
+                    applied[name] = target
+            for name in applied.keys() - previous_kernel.keys():
+                self._weights_changed_at.setdefault(name, now_wall)
         self._applied_kernel = applied
-        for name in applied.keys() - previous_kernel.keys():
-            self._weights_changed_at.setdefault(name, self._wall_clock())
         for key in self._splits_in_force():
-            self._split_changed_at.setdefault(key, self._wall_clock())
+            self._split_changed_at.setdefault(key, now_wall)
         return failed
 
     def note_change(self) -> None:
@@ -656,7 +702,7 @@ class Proxier:
         kernel_mode = (new.port.dataplane or self.config.dataplane.mode) is DataplaneMode.KERNEL
         if kernel_mode:
             self._kernel_wanted[name] = new
-            self._kernel.pop(name, None)  # rebuilt below (TCP) or once its socket is open (UDP)
+            self._drop_kernel(name)  # rebuilt below (TCP) or once its socket is open (UDP)
         else:
             self._forget_kernel(name)
         if name.protocol is L4Protocol.TCP:
@@ -676,7 +722,7 @@ class Proxier:
             relay = self.udp.get(name)
             if relay is None:
                 self._targets.pop(name, None)
-                self._kernel.pop(name, None)
+                self._drop_kernel(name)
                 continue
             if name in self._kernel_wanted:
                 self._targets.pop(name, None)
@@ -690,14 +736,23 @@ class Proxier:
 
     # -- kernel mode ----------------------------------------------------------------------------
 
+    def _set_kernel(self, name: ServicePortName, target: KernelTarget) -> None:
+        self._kernel[name] = target
+        self._kernel_changed.add(name)
+
+    def _drop_kernel(self, name: ServicePortName) -> None:
+        if self._kernel.pop(name, None) is not None:
+            self._kernel_changed.add(name)
+
     def _forget_kernel(self, name: ServicePortName) -> None:
         self._kernel_wanted.pop(name, None)
-        self._kernel.pop(name, None)
+        self._drop_kernel(name)
         self._weights.pop(name, None)
         self._weight_basis.pop(name, None)
         self._weights_changed_at.pop(name, None)
-        self._kernel_candidates.pop(name, None)
-        self.balancer.stop_counting(name)
+        cached = self._kernel_candidates.pop(name, None)
+        if cached is not None:
+            self._leave_layout(name, cached.layout)
 
     def _refresh_kernel(self, name: ServicePortName, fallback_port: int) -> None:
         """(Re)build a kernel-mode service port's rules target, with freshly computed weights.
@@ -719,13 +774,15 @@ class Proxier:
         if self._uses_split(candidates):
             if layout not in self._splits:
                 self._set_split(layout, candidates, weights, sample_share)
-            self._kernel[name] = self._kernel_target(candidates, weights, fallback_port)
+            self._set_kernel(name, self._kernel_target(candidates, weights, fallback_port))
             return
         if weights_moved(self._weights.get(name), weights, 0.0):
             self._weights_changed_at[name] = self._wall_clock()
         self._weights[name] = weights
         self._weight_basis[name] = weights  # positional for the layout, as `refresh_weights`'
-        self._kernel[name] = self._kernel_target(candidates, weights, fallback_port, sample_share)
+        self._set_kernel(
+            name, self._kernel_target(candidates, weights, fallback_port, sample_share)
+        )
 
     def _kernel_chain_changes(self) -> list[tuple[KernelTarget, KernelTarget]] | None:
         """(written, wanted) for every kernel-mode service port whose rules differ, when only
@@ -759,7 +816,22 @@ class Proxier:
             (policy, layout_of(categorized.cluster), entry.port.affinity_timeout_seconds is None),
         )
         self._kernel_candidates[name] = candidates
+        if cached is None or cached.layout != candidates.layout:
+            if cached is not None:
+                self._leave_layout(name, cached.layout)
+            self._layout_members.setdefault(candidates.layout, {})[name] = None
+            tally = self._layout_tallies.get(candidates.layout)
+            if tally is not None:  # the layout samples: count this one's choices too
+                self.balancer.count_choices(name, into=tally)
         return candidates
+
+    def _leave_layout(self, name: ServicePortName, layout: KernelLayout) -> None:
+        members = self._layout_members.get(layout)
+        if members is not None:
+            members.pop(name, None)
+            if not members:
+                del self._layout_members[layout]
+        self.balancer.stop_counting(name)
 
     def _compute_weights(self, candidates: _KernelCandidates, now: float) -> KernelWeights:
         """RAP's shares for the cluster-wide endpoints; even ones for a non-RAP policy."""
@@ -774,7 +846,13 @@ class Proxier:
     def _uses_split(self, candidates: _KernelCandidates) -> bool:
         """Whether the entry's node is drawn by its layout's shared split (nftables, and no
         more nodes than the mark field tells apart) rather than by weights of its own."""
-        if not self.nftables or not candidates.cluster:
+        cluster = candidates.cluster
+        if not self.nftables or not cluster:
+            return False
+        # One family: a split is drawn in each family's table, and a dual-stack Service's nodes
+        # differ per family (a node with only IPv6 endpoints would be drawn for IPv4 too).
+        v6 = ":" in cluster[0].ip
+        if any((":" in e.ip) != v6 for e in cluster):
             return False
         return len(set(candidates.layout[1])) <= self.rule_config.kernel.node_slots
 
@@ -876,11 +954,21 @@ class Proxier:
         self._layout_weights[layout] = weights
         return weights
 
-    def _stop_sampling(self, layout: KernelLayout, members: Iterable[ServicePortName]) -> None:
+    def _layout_tally(self, layout: KernelLayout) -> ChoiceTally:
+        """The choices made for the layout's Services, counted into one tally from now on."""
+        tally = self._layout_tallies.get(layout)
+        if tally is None:
+            tally = self._layout_tallies[layout] = ChoiceTally()
+            for name in self._layout_members.get(layout, {}):
+                self.balancer.count_choices(name, into=tally)
+        return tally
+
+    def _stop_sampling(self, layout: KernelLayout) -> None:
         self._sampled_split.pop(layout, None)
         self._sample_unobserved.discard(layout)
-        for name in members:
-            self.balancer.stop_counting(name)
+        if self._layout_tallies.pop(layout, None) is not None:
+            for name in self._layout_members.get(layout, {}):
+                self.balancer.stop_counting(name)
 
     async def refresh_weights(self) -> int:
         """Recompute every kernel Service's weights; write those that moved. Returns how many
@@ -904,29 +992,25 @@ class Proxier:
             started = time.monotonic()
             now = self._clock()
             view = self._telemetry() if self._telemetry is not None else None
-            members: dict[KernelLayout, list[tuple[ServicePortName, _KernelCandidates]]] = {}
-            for name, entry in self._kernel_wanted.items():
-                if name in self._kernel:
-                    candidates = self._candidates(name, entry)
-                    members.setdefault(candidates.layout, []).append((name, candidates))
+            members = self._layout_members
             for layout in [layout for layout in self._splits if layout not in members]:
                 self._forget_layout(layout)
             moved: list[ServicePortName] = []  # service ports with weights of their own
             splits: list[NodeSplit] = []
             split_ports = 0  # service ports drawn by the moved splits
-            for layout, group in members.items():
-                first = group[0][1]
+            for layout, names in list(members.items()):
+                first_name = next((name for name in names if name in self._kernel), None)
+                if first_name is None:  # UDP ports whose sockets are not open yet
+                    continue
+                first = self._candidates(first_name, self._kernel_wanted[first_name])
                 basis = self._compute_weights(first, now)
                 if self._layout_wants_sample(layout, view, now):
-                    tally: Counter[str | None] = Counter()
-                    for name, _ in group:
-                        self.balancer.count_choices(name)
-                        tally.update(self.balancer.take_tally(name))
+                    tally = self._layout_tally(layout).take()
                     weights = self._sampled_weights(layout, first, basis, tally)
                     share = sample_share
                 else:
-                    if layout in self._sampled_split:
-                        self._stop_sampling(layout, (name for name, _ in group))
+                    if layout in self._sampled_split or layout in self._layout_tallies:
+                        self._stop_sampling(layout)
                     weights, share = basis, 0.0
                     self._layout_weights[layout] = basis
                 if self._uses_split(first):
@@ -940,11 +1024,14 @@ class Proxier:
                     ):
                         continue
                     splits.append(self._set_split(layout, first, weights, share))
-                    split_ports += len(group)
+                    split_ports += len(names)
                     continue
                 verdicts: dict[tuple[int, float], bool] = {}
-                for name, candidates in group:
-                    target = self._kernel[name]
+                for name in list(names):
+                    target = self._kernel.get(name)
+                    if target is None:
+                        continue
+                    candidates = self._candidates(name, self._kernel_wanted[name])
                     previous = self._weight_basis.get(name)
                     verdict_key = (id(previous), target.sample_share)
                     verdict = verdicts.get(verdict_key)
@@ -962,7 +1049,7 @@ class Proxier:
                     if self.nftables:
                         pending[name] = new
                     else:
-                        self._kernel[name] = new
+                        self._set_kernel(name, new)
                     moved.append(name)
             if splits:
                 await self._write_splits(splits, split_ports, started)
@@ -1003,8 +1090,7 @@ class Proxier:
         if split is not None:
             self._split_changed_at.pop(split.key, None)
         self._layout_weights.pop(layout, None)
-        self._sampled_split.pop(layout, None)
-        self._sample_unobserved.discard(layout)
+        self._stop_sampling(layout)
 
     async def _write_splits(self, splits: list[NodeSplit], ports: int, started: float) -> None:
         """Write moved node splits (held under the rules lock). A failure is logged and a sync
@@ -1060,7 +1146,7 @@ class Proxier:
                 current, new = self._kernel.get(name), pending[name]
                 if current is None or not _same_paths(current, new):
                     continue
-                self._kernel[name] = new
+                self._set_kernel(name, new)
                 written = None if applied is None else applied.get(name)
                 if written is not None and _same_paths(written, new):
                     updates.append(new)
@@ -1371,8 +1457,9 @@ def _same_paths(a: KernelTarget, b: KernelTarget) -> bool:
 
 def _stale_kernel_udp(
     old_targets: dict[ServicePortName, RedirectTarget],
-    old_kernel: dict[ServicePortName, KernelTarget],
-    new_kernel: dict[ServicePortName, KernelTarget],
+    old_kernel: Mapping[ServicePortName, KernelTarget],
+    new_kernel: Mapping[ServicePortName, KernelTarget],
+    names: Collection[ServicePortName] | None = None,
 ) -> list[tuple[str | None, int]]:
     """UDP conntrack keys to forget after a write touching kernel-mode service ports.
 
@@ -1380,9 +1467,13 @@ def _stale_kernel_udp(
     when an endpoint it may be pinned to goes away, or the port switches mode either way, the
     service's entries are deleted and the next datagram is NATed by the current rules. All of
     the port's flows, not only the removed endpoint's: coarser than kube-proxy (which filters by
-    the reply source), simpler, and harmless for UDP (docs/limits.md).
+    the reply source), simpler, and harmless for UDP (docs/limits.md). `names`: only these
+    can have changed (None: any).
     """
     stale: list[tuple[str | None, int]] = []
+    if names is not None:
+        old_kernel = {n: old_kernel[n] for n in names if n in old_kernel}
+        new_kernel = {n: new_kernel[n] for n in names if n in new_kernel}
     for name, old in old_kernel.items():
         if name.protocol is not L4Protocol.UDP:
             continue

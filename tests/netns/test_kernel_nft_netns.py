@@ -268,3 +268,26 @@ async def test_a_sample_share_reaches_the_proxy_port_and_the_rest_follows_the_we
         assert result.ran and not result.failed
         assert "redirect" not in await ruleset(node)
         assert await runner.cleanup()
+
+
+async def test_a_sync_told_which_ports_changed_writes_and_removes_only_those(
+    make_namespace: MakeNamespace,
+) -> None:
+    node, listener = await world(make_namespace)
+    with listener:
+        runner = NftRunner(4, exec_prefix=node.exec_prefix)
+        web = KernelTarget(service_port(), weighted(1, 0, 0), (), FALLBACK)
+        api = KernelTarget(service_port(OTHER, OTHER_IP), weighted(0, 1, 0), (), FALLBACK)
+        with pytest.raises(ValueError, match="rebuilt"):
+            await runner.sync([web], RuleConfig(), only={NAME})
+        assert not (await runner.sync([web, api], RuleConfig())).failed
+        moved = KernelTarget(service_port(), weighted(0, 0, 1), (), FALLBACK)
+        # Only NAME is looked at: API, absent from `kernel` but not named, stays.
+        assert (await runner.sync([moved], RuleConfig(), only={NAME})).ran
+        assert await chosen(node, listener, 20) == Counter({ENDPOINTS[2]: 20})
+        assert await chosen(node, listener, 20, OTHER_IP) == Counter({ENDPOINTS[1]: 20})
+        # Named and absent: removed.
+        assert (await runner.sync([moved], RuleConfig(), only={NAME, OTHER})).ran
+        assert set(runner.written) == {NAME}
+        assert f"svc-{port_hash(OTHER)}" not in await ruleset(node)
+        assert await runner.cleanup()

@@ -400,3 +400,25 @@ def test_the_node_field_must_be_contiguous_wide_enough_and_clear_of_the_masquera
         KernelConfig(node_mark_mask=0xC000)
     with pytest.raises(KernelRenderError, match="2 node slots for 3 endpoints"):
         KernelTarget(port(), (A, B, C), (), 15001, split=SplitRef(KEY, (1, 2)))
+
+
+def test_a_node_split_over_two_families_is_refused_and_an_absent_family_redirects() -> None:
+    v6 = WeightedEndpoint("fd00::1", 8080, 1.0)
+    cluster = (WeightedEndpoint(A.ip, A.port, 1.0), v6)
+    dual = KernelTarget(
+        port(cluster_ips=("10.96.0.10", "fd00::10")),
+        cluster,
+        (),
+        15001,
+        split=SplitRef(KEY, (1, 2)),
+    )
+    with pytest.raises(KernelRenderError, match="one address family"):
+        render_port(dual, CONFIG, 4)
+    only_v4 = KernelTarget(
+        port(cluster_ips=("10.96.0.10", "fd00::10")),
+        (WeightedEndpoint(A.ip, A.port, 1.0),),
+        (),
+        15001,
+        split=SplitRef(KEY, (1,)),
+    )
+    assert chain(render_port(only_v4, CONFIG, 6), SVC) == ("meta l4proto tcp redirect to :15001",)

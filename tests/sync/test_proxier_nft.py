@@ -7,7 +7,7 @@ tests/integration/test_kernel_switch_netns.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -76,6 +76,8 @@ class Table:
         self.refuse: set[ServicePortName] = set()
         self.splits: dict[str, NodeSplit] = {}
         self.split_writes: list[list[NodeSplit]] = []
+        self.onlys: list[set[ServicePortName] | None] = []  # each sync's `only`
+        self.needs_rebuild = False
 
     async def sync(
         self,
@@ -85,9 +87,12 @@ class Table:
         splits: Mapping[str, NodeSplit] | None = None,
         remove: bool = True,
         verify: bool = False,
+        only: Collection[ServicePortName] | None = None,
     ) -> NftWriteResult:
         self.splits.update(splits or {})
         wanted = {t.service_port.name: t for t in kernel}
+        assert only is None or wanted.keys() <= set(only)
+        self.onlys.append(None if only is None else set(only))
         failed: dict[ServicePortName, str] = {}
         for name, target in wanted.items():
             if name in self.refuse:
@@ -95,7 +100,8 @@ class Table:
             else:
                 self.held[name] = target
         if remove:
-            for name in [n for n in self.held if n not in wanted and n not in self.refuse]:
+            candidates = self.held if only is None else [n for n in only if n in self.held]
+            for name in [n for n in candidates if n not in wanted and n not in self.refuse]:
                 del self.held[name]
         self.log.append(("nft", set(self.held)))
         return NftWriteResult(True, failed)
@@ -224,3 +230,38 @@ async def test_a_telemetry_move_rewrites_one_shared_split_not_the_services_of_it
     assert state["weights"] == {"10.244.0.1:8080": 0.49, "10.244.1.7:8080": 0.51}
     assert state["decision"] != "local"
     assert await p.refresh_weights() == 0 and len(table.split_writes) == 1
+
+
+async def test_after_the_first_write_a_sync_hands_nft_only_the_changed_service_ports() -> None:
+    log: Log = []
+    table = Table(log)
+    p = proxier(log, table)
+    for name, ip in (("web", "10.96.0.10"), ("api", "10.96.0.11")):
+        service, endpoint_slice = objects(name, ip, "kernel")
+        p.tracker.service_updated(service)
+        p.tracker.slice_updated(endpoint_slice)
+    await p.sync()
+    assert table.onlys[-1] is None and set(table.held) == {WEB, API}  # the first: everything
+    service, endpoint_slice = objects("api", "10.96.0.11", "kernel")
+    endpoint_slice["endpoints"][0]["addresses"] = ["10.244.0.9"]
+    p.tracker.slice_updated(endpoint_slice)
+    await p.sync()
+    assert table.onlys[-2:] == [{API}, {API}]
+    assert [e.ip for e in table.held[API].cluster] == ["10.244.0.9"]
+    assert (p._applied_kernel or {})[API] is table.held[API]
+    p.tracker.service_deleted(service)
+    await p.sync()
+    assert set(table.held) == {WEB} and set(p._applied_kernel or {}) == {WEB}
+    table.refuse.add(WEB)  # refused: retried by name on the next sync, however small
+    service, endpoint_slice = objects("web", "10.96.0.10", "kernel")
+    endpoint_slice["endpoints"][0]["addresses"] = ["10.244.0.7"]
+    p.tracker.slice_updated(endpoint_slice)
+    with pytest.raises(KernelWriteError):
+        await p.sync()
+    table.refuse.clear()
+    await p.sync()
+    assert table.onlys[-1] == {WEB}
+    assert [e.ip for e in table.held[WEB].cluster] == ["10.244.0.7"]
+    table.needs_rebuild = True  # the runner lost track: everything again
+    await p.sync()
+    assert table.onlys[-1] is None

@@ -175,7 +175,8 @@ class DataplaneSettings:
         default=KernelBackend.IPTABLES,
     )
     weight_period: float = _doc(
-        "Kernel mode: seconds between recomputations of the endpoint weights from telemetry.",
+        "Kernel mode: the longest time in seconds between two recomputations of the endpoint "
+        "weights; every telemetry sample (this node's or a peer's) also triggers one at once.",
         default=1.0,
     )
     weight_threshold: float = _doc(

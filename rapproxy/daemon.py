@@ -129,6 +129,7 @@ async def run(config: RapproxyConfiguration, options: RunOptions) -> None:
         rap_settings=rap.settings,
     )
     proxier.extra_state["rap"] = rap.describe
+    rap.tracker.on_change.append(proxier.telemetry_changed)
     runner = BoundedRunner(
         "proxy-rules",
         proxier.sync,

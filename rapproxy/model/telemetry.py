@@ -24,7 +24,7 @@ Three decisions live here rather than in the policy:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -401,11 +401,16 @@ class TelemetryTracker:
         self._version = 0
         self._snapshot: TelemetryView | None = None
         self.local_share = 1.0
+        # Called after every new sample or failure (the kernel fast path recomputes its
+        # weights at once rather than at its next period).
+        self.on_change: list[Callable[[], None]] = []
 
     def _put(self, view: PeerView) -> None:
         self._nodes[view.node_name] = view
         self._version += 1
         self._snapshot = None
+        for callback in self.on_change:
+            callback()
 
     def record_local(self, stats: NodeStats) -> None:
         previous = self._nodes.get(self.local_node)

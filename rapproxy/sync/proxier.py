@@ -47,6 +47,7 @@ snapshot and the Balancer, never from the API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -314,6 +315,7 @@ class Proxier:
         self._layout_members: dict[KernelLayout, dict[ServicePortName, None]] = {}
         self._layout_tallies: dict[KernelLayout, ChoiceTally] = {}
         self._rules_lock = asyncio.Lock()
+        self._weights_due = asyncio.Event()  # set by `telemetry_changed`
         # Asked for when a weight change cannot be written alone (its endpoints changed too).
         self.request_sync: Callable[[], None] | None = None
         self._last_full_sync = -float("inf")
@@ -1189,11 +1191,23 @@ class Proxier:
             self.request_sync()
         return len(moved)
 
+    def telemetry_changed(self) -> None:
+        """A telemetry sample arrived: `run_weights` recomputes the weights now."""
+        self._weights_due.set()
+
     async def run_weights(self) -> None:
-        """Every `dataplane.weightPeriod`: `refresh_weights`. Failures are logged and retried."""
+        """`refresh_weights` after every telemetry change (`telemetry_changed`), and at least
+        every `dataplane.weightPeriod`. Changes during a refresh make one more. Failures are
+        logged and retried.
+
+        Waiting for a period after the sample put up to a period (1 s) between the telemetry
+        and the weights; per layout a refresh is cheap enough to run on every sample."""
         period = self.config.dataplane.weight_period
         while True:
-            await asyncio.sleep(period)  # a period, not a synchronisation
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await self._weights_due.wait()
+            self._weights_due.clear()
             if not self._kernel_wanted:
                 continue
             try:

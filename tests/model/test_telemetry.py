@@ -211,3 +211,14 @@ def test_a_mirror_adopting_an_export_sees_the_same_view_after_a_pickle_round_tri
     mirror.adopt(*source.export())
     assert mirror.snapshot() != before, "adopting replaces the cached snapshot"
     assert mirror.snapshot().nodes["n2"].last_error == "timeout"
+
+
+def test_every_sample_and_failure_is_announced_to_the_listeners() -> None:
+    tracker = TelemetryTracker("a")
+    heard: list[int] = []
+    tracker.on_change.append(lambda: heard.append(len(heard)))
+    tracker.record_local(NodeStats("a", 0.5, 0.5, 1.0))
+    tracker.record_peer("b", NodeStats("b", 0.5, 0.5, 1.0), 0.001)
+    tracker.record_failure("b", "refused")
+    tracker.record_failure("b", "refused")  # nothing new: not announced
+    assert heard == [0, 1, 2]

@@ -7,11 +7,16 @@ tests/integration/test_kernel_switch_netns.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import pytest
 
+from rapproxy.balancer.rap import rap_policy_factory
 from rapproxy.config import RapproxyConfiguration, from_mapping
 from rapproxy.model.service import L4Protocol, ServicePortName
 from rapproxy.model.telemetry import NodeStats, RapSettings, TelemetryTracker
@@ -76,6 +81,7 @@ class Table:
         self.refuse: set[ServicePortName] = set()
         self.splits: dict[str, NodeSplit] = {}
         self.split_writes: list[list[NodeSplit]] = []
+        self.split_written = asyncio.Event()
         self.onlys: list[set[ServicePortName] | None] = []  # each sync's `only`
         self.needs_rebuild = False
 
@@ -113,6 +119,7 @@ class Table:
 
     async def update_splits(self, splits: Sequence[NodeSplit], config: RuleConfig) -> bool:
         self.split_writes.append(list(splits))
+        self.split_written.set()
         self.splits.update((s.key, s) for s in splits if s.key in self.splits)
         return True
 
@@ -183,16 +190,27 @@ async def test_a_refused_port_fails_the_sync_by_name_after_the_others_are_writte
     assert set(table.held) == {WEB, API}
 
 
-async def test_a_telemetry_move_rewrites_one_shared_split_not_the_services_of_its_layout() -> None:
-    """200 Services with endpoints on the same two nodes: one node split; an overload moves
-    it, and no Service's target (its chains) changes."""
-    now = 100.0
+NOW = 100.0
+
+
+def layout_proxier(
+    services: int, *, real_rap: bool = False, **dataplane: object
+) -> tuple[Proxier, Table, TelemetryTracker]:
+    """Kernel-mode Services with endpoints on this node and one peer (one layout), telemetry
+    fresh and healthy; synced by the caller. `real_rap`: the rap policy decides from it."""
     settings = RapSettings()
     telemetry = TelemetryTracker("node", settings)
-    telemetry.record_local(NodeStats("node", 0.2, 0.2, now))
-    telemetry.record_peer("peer", NodeStats("peer", 0.1, 0.2, now), 0.001)
+    telemetry.record_local(NodeStats("node", 0.2, 0.2, NOW))
+    telemetry.record_peer("peer", NodeStats("peer", 0.1, 0.2, NOW), 0.001)
     config = from_mapping(
-        {"dataplane": {"mode": "kernel", "kernelBackend": "nftables", "kernelSampleShare": 0}}
+        {
+            "dataplane": {
+                "mode": "kernel",
+                "kernelBackend": "nftables",
+                "kernelSampleShare": 0,
+                **dataplane,
+            }
+        }
     )
     log: Log = []
     table = Table(log)
@@ -201,11 +219,14 @@ async def test_a_telemetry_move_rewrites_one_shared_split_not_the_services_of_it
         "node",
         iptables=[Redirects(log)],  # type: ignore[list-item]
         nftables=[table],  # type: ignore[list-item]
-        clock=lambda: now,
+        clock=lambda: NOW,
         telemetry=telemetry.snapshot,
         rap_settings=settings,
+        policy_factory=rap_policy_factory(telemetry.snapshot, settings, random.Random(1))
+        if real_rap
+        else None,
     )
-    for index in range(200):
+    for index in range(services):
         service, endpoint_slice = objects(f"s{index}", f"10.96.1.{index}", None)
         endpoint_slice["endpoints"] = [
             {"addresses": ["10.244.0.1"], "nodeName": "node"},
@@ -213,6 +234,32 @@ async def test_a_telemetry_move_rewrites_one_shared_split_not_the_services_of_it
         ]
         p.tracker.service_updated(service)
         p.tracker.slice_updated(endpoint_slice)
+    return p, table, telemetry
+
+
+async def test_a_telemetry_sample_recomputes_the_weights_without_waiting_for_the_period() -> None:
+    p, table, telemetry = layout_proxier(3, weightPeriod=60)
+    telemetry.on_change.append(p.telemetry_changed)
+    await p.sync()
+    weights = asyncio.create_task(p.run_weights())
+    try:
+        telemetry.record_local(NodeStats("node", 0.95, 0.2, NOW))
+        telemetry.record_local(NodeStats("node", 0.95, 0.2, NOW))
+        async with asyncio.timeout(5):  # the period is a minute
+            await table.split_written.wait()
+    finally:
+        weights.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await weights
+    (split,) = table.splits.values()
+    assert split.shares[0] < 1.0
+
+
+async def test_a_telemetry_move_rewrites_one_shared_split_not_the_services_of_its_layout() -> None:
+    """200 Services with endpoints on the same two nodes: one node split; an overload moves
+    it, and no Service's target (its chains) changes."""
+    now = NOW
+    p, table, telemetry = layout_proxier(200)
     await p.sync()
     assert len(table.held) == 200 and len(table.splits) == 1
     (before,) = table.splits.values()
@@ -265,3 +312,32 @@ async def test_after_the_first_write_a_sync_hands_nft_only_the_changed_service_p
     table.needs_rebuild = True  # the runner lost track: everything again
     await p.sync()
     assert table.onlys[-1] is None
+
+
+async def test_a_layouts_sampled_split_counts_the_decisions_of_all_its_services() -> None:
+    """Sampling: what the proxy decided for either Service of the layout sets the one split."""
+    p, table, telemetry = layout_proxier(2, real_rap=True, kernelSampleShare=0.2)
+    await p.sync()
+    telemetry.record_local(NodeStats("node", 0.95, 0.2, NOW))
+    telemetry.record_local(NodeStats("node", 0.95, 0.2, NOW))
+    assert await p.refresh_weights() == 2  # sampling starts, all local: where rap starts
+    (split,) = table.splits.values()
+    assert split.sample_share == 0.2 and split.shares == (1.0, 0.0)
+    # The shared local pod answers in 200 ms, each Service's remote one in 1 ms.
+    for ip, seconds in (("10.244.0.1", 0.2), ("10.244.1.0", 0.001), ("10.244.1.1", 0.001)):
+        for _ in range(3):
+            queued = p.balancer.connection_opened((ip, 8080), 0.0005, NOW)
+            p.balancer.first_response((ip, 8080), 0.0005, seconds, NOW, queued)
+            p.balancer.connection_closed((ip, 8080), awaiting=False)
+    decided: Counter[str] = Counter()
+    for index in range(2):  # 5 decisions each: neither alone reaches MIN_SAMPLES (8)
+        key = p.service_for("TCP", f"10.96.1.{index}", 80)
+        assert key is not None
+        for _ in range(5):
+            backend = p.choose(key, "10.200.0.1", frozenset())
+            assert backend is not None
+            decided["local" if backend.ip == "10.244.0.1" else "remote"] += 1
+    assert await p.refresh_weights() == 2
+    (split,) = table.splits.values()
+    assert split.shares[0] == pytest.approx(decided["local"] / 10)
+    assert split.shares[0] < 0.5

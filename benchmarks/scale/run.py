@@ -472,13 +472,11 @@ async def time_weight_writes(
             matched += len(waiting)
 
 
-def nft_weight_writes(
-    log_path: Path, wall_offset: float, at_least: float
-) -> list[tuple[float, int, float]]:
-    """--nftables: (monotonic end, service ports, seconds) of each weight write the daemon logged
-    (JSON lines) that wrote at least `at_least` service ports."""
-    found: list[tuple[float, int, float]] = []
-    pattern = re.compile(r"kernel weights of (\d+) service ports written in ([\d.]+) s")
+def logged(
+    log_path: Path, wall_offset: float, pattern: re.Pattern[str]
+) -> list[tuple[float, re.Match[str]]]:
+    """(monotonic time, match) of each daemon log line (JSON lines) whose message matches."""
+    found: list[tuple[float, re.Match[str]]] = []
     for line in log_path.read_text(errors="replace").splitlines():
         if not line.startswith("{"):
             continue
@@ -487,12 +485,31 @@ def nft_weight_writes(
         except ValueError:
             continue
         match = pattern.search(str(record.get("msg", "")))
-        if match is None or int(match.group(1)) < at_least:
+        if match is None:
             continue
         stamp = datetime.datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
         wall = stamp.replace(tzinfo=datetime.UTC).timestamp()
-        found.append((wall - wall_offset, int(match.group(1)), float(match.group(2))))
+        found.append((wall - wall_offset, match))
     return found
+
+
+def nft_weight_writes(
+    log_path: Path, wall_offset: float, at_least: float
+) -> list[tuple[float, int, float]]:
+    """--nftables: (monotonic end, service ports, seconds) of each weight write the daemon logged
+    that wrote at least `at_least` service ports."""
+    pattern = re.compile(r"kernel weights of (\d+) service ports written in ([\d.]+) s")
+    return [
+        (at, int(match.group(1)), float(match.group(2)))
+        for at, match in logged(log_path, wall_offset, pattern)
+        if int(match.group(1)) >= at_least
+    ]
+
+
+def overloads_seen(log_path: Path, wall_offset: float) -> list[float]:
+    """When the daemon's telemetry found this node overloaded (its own log line)."""
+    pattern = re.compile(r"^this node is overloaded")
+    return [at for at, _ in logged(log_path, wall_offset, pattern)]
 
 
 async def flip_load(
@@ -663,6 +680,7 @@ async def measure(args: Any, workdir: Path) -> Result:
                 )
             elif args.nftables:
                 writes = nft_weight_writes(log_path, wall_offset, 0.9 * args.services)
+                overload_times = overloads_seen(log_path, wall_offset)
                 result.weight_bursts = len(writes)
                 for onset in onsets:
                     after = [w for w in writes if w[0] >= onset]
@@ -672,12 +690,15 @@ async def measure(args: Any, workdir: Path) -> Result:
                         )
                         continue
                     end, ports, seconds = after[0]
+                    observed = [at for at in overload_times if onset <= at <= end]
                     result.weight_writes.append(
                         {
                             "at": onset - phase_start,
                             "seconds": end - onset,
                             "rule_events": ports,
                             "events_seconds": seconds,
+                            # From the daemon's telemetry seeing the overload to the write.
+                            "from_sample": end - observed[0] if observed else None,
                         }
                     )
                 result.weight_notes.append(
@@ -845,8 +866,9 @@ def render(result: Result, meta: dict[str, Any]) -> str:
                 else "the first rule event of the weight write (a transaction touching "
                 "RAPPROXY-SVC chains alone) seen by `nft monitor`"
             )
-            + ". This includes waiting for the next telemetry sample (`rap.telemetryInterval`, 1 s) and "
-            "for the next weight period (`dataplane.weightPeriod`, 1 s), then computing and "
+            + ". This includes waiting for the next telemetry sample (`rap.telemetryInterval`, 1 s) "
+            "(and, before weights followed each sample, for the next weight period, "
+            "`dataplane.weightPeriod`, 1 s), then computing and "
             f"writing. {result.weight_bursts} weight writes were seen in all.",
             "",
         ]
@@ -861,6 +883,18 @@ def render(result: Result, meta: dict[str, Any]) -> str:
                     for w in result.weight_writes
                 ),
             ]
+            from_sample = [
+                w["from_sample"] for w in result.weight_writes if w.get("from_sample") is not None
+            ]
+            if from_sample:
+                lines.append(
+                    "- the daemon's telemetry sample that found the overload (its log line"
+                    " `this node is overloaded`) → weights in force: p50 "
+                    f"{percentile(from_sample, 50):.2f} s, p99 {percentile(from_sample, 99):.2f}"
+                    f" s, worst {max(from_sample):.2f} s over {len(from_sample)} onsets (target"
+                    f" ≤ 1 s p99: {verdict(percentile(from_sample, 99), 1.0)}); the rest of the"
+                    " figure above is the wait for that sample (`rap.telemetryInterval`, 1 s)"
+                )
         duration = result.metrics_after.get("kernel_weight_write_duration") or {}
         if duration.get("count"):
             lines.append(

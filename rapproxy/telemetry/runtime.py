@@ -21,7 +21,7 @@ from rapproxy.balancer.rap import rap_policy_factory
 from rapproxy.config import RapproxyConfiguration
 from rapproxy.model.errors import InvalidObject
 from rapproxy.model.node import NodeInfo, parse_node
-from rapproxy.model.telemetry import RapSettings, TelemetryTracker
+from rapproxy.model.telemetry import NodeStats, RapSettings, TelemetryTracker
 from rapproxy.telemetry.collector import Collector, probe_from_spec
 from rapproxy.telemetry.poller import PeerPoller, PeerTarget
 from rapproxy.telemetry.server import TELEMETRY_PATH, TelemetryEndpoint, TokenFile
@@ -126,7 +126,7 @@ class RapRuntime:
         interval = self.settings.telemetry_interval
 
         async def sample() -> None:
-            await self.collector.run(self.tracker.record_local, interval)
+            await self.collector.run(self.record_local, interval)
 
         work: list[Callable[[], Coroutine[Any, Any, None]]] = [sample]
         if self.tokens is not None:
@@ -149,6 +149,21 @@ class RapRuntime:
         else:
             log.info("rap.tokenFile is empty: peer telemetry off; RAP sees only this node")
         return work
+
+    def record_local(self, stats: NodeStats) -> None:
+        """This node's sample into the tracker; a change of its overloaded state is logged
+        (the moment RAP starts or stops spilling)."""
+        before = self.tracker.snapshot().nodes.get(self.tracker.local_node)
+        self.tracker.record_local(stats)
+        after = self.tracker.snapshot().nodes.get(self.tracker.local_node)
+        was = before is not None and before.overloaded
+        if after is not None and after.overloaded != was:
+            log.info(
+                "this node is %s (cpu %.2f, memory %.2f)",
+                "overloaded" if after.overloaded else "no longer overloaded",
+                stats.cpu,
+                stats.memory,
+            )
 
     def describe(self, now: float) -> dict[str, Any]:
         return {

@@ -83,7 +83,7 @@ class Table:
         self.split_writes: list[list[NodeSplit]] = []
         self.split_written = asyncio.Event()
         self.onlys: list[set[ServicePortName] | None] = []  # each sync's `only`
-        self.needs_rebuild = False
+        self.needs_rebuild = True  # as NftRunner: until the first write
 
     async def sync(
         self,
@@ -99,6 +99,7 @@ class Table:
         wanted = {t.service_port.name: t for t in kernel}
         assert only is None or wanted.keys() <= set(only)
         self.onlys.append(None if only is None else set(only))
+        self.needs_rebuild = False
         failed: dict[ServicePortName, str] = {}
         for name, target in wanted.items():
             if name in self.refuse:
@@ -111,6 +112,9 @@ class Table:
                 del self.held[name]
         self.log.append(("nft", set(self.held)))
         return NftWriteResult(True, failed)
+
+    async def verify(self) -> bool:
+        return not self.needs_rebuild
 
     async def update_weights(
         self, kernel: Sequence[KernelTarget], config: RuleConfig

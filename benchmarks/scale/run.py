@@ -961,14 +961,31 @@ async def main_async(args: Any) -> int:
         except BaseException:
             print((Path(tmp) / "daemon.log").read_text(errors="replace")[-3000:], file=sys.stderr)
             raise
-        log_tail = (Path(tmp) / "daemon.log").read_text(errors="replace").splitlines()[-15:]
+        log_lines = (Path(tmp) / "daemon.log").read_text(errors="replace").splitlines()
+        log_tail = log_lines[-15:]
+        # What explains an outlier: every warning and error, and every sync of a second or more.
+        log_notable = [
+            line
+            for line in log_lines[:-15]
+            if '"level": "warning"' in line
+            or '"level": "error"' in line
+            or re.search(r"synced .* in \d{4,}\.\d ms", line)
+        ][-200:]
     meta["load_after"] = load_average()
     report = render(result, meta)
     args.output.mkdir(parents=True, exist_ok=True)
     stem = f"scale-{when}" + (f"-{args.label}" if args.label else "")
     (args.output / f"{stem}.md").write_text(report)
     (args.output / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "result": asdict(result), "daemon_log_tail": log_tail}, indent=1)
+        json.dumps(
+            {
+                "meta": meta,
+                "result": asdict(result),
+                "daemon_log_notable": log_notable,
+                "daemon_log_tail": log_tail,
+            },
+            indent=1,
+        )
     )
     if result.profile:
         (args.output / f"{stem}-profile.txt").write_text(result.profile)

@@ -379,6 +379,11 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _beside(stem: Path, suffix: str) -> Path:
+    """`stem` plus `suffix`; not `with_suffix`, which takes a label's dot ("share-0.5") for one."""
+    return stem.with_name(stem.name + suffix)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", choices=("sweep", "overload", "failover", "grid", "all"))
@@ -474,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = sweep_markdown(points, env, options)
             chart(
                 points,
-                stem.with_suffix(".png"),
+                _beside(stem, ".png"),
                 "one-way delay between nodes (ms)",
                 "Delay sweep: wrk from node-1 to ClusterIP, Connection: close",
             )
@@ -487,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = overload_markdown(points, env, options)
             chart(
                 points,
-                stem.with_suffix(".png"),
+                _beside(stem, ".png"),
                 "wrk connections from node-1",
                 "Concentrated load on node-1 (pods: 0.5 CPU per node, 2 ms CPU per request)",
             )
@@ -501,17 +506,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cells = grid_cells(args.scales, args.levels, remote, states_of(args.states))
             grid_results = asyncio.run(grid(options, cells, rounds, progress))
             text = grid_markdown(grid_results, env, options, rounds)
-            heatmap(grid_results, stem.with_suffix(".png"))
+            heatmap(grid_results, _beside(stem, ".png"))
             raw = grid_json(grid_results)
         else:
             options = base
             results = asyncio.run(failovers(options, args.runs, progress))
             text = failover_markdown(results, env, options)
-            failover_chart(results, stem.with_suffix(".png"))
+            failover_chart(results, _beside(stem, ".png"))
             raw = [asdict(r) for r in results]
         env["load_average_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-        stem.with_suffix(".md").write_text(text)
-        stem.with_suffix(".json").write_text(
+        _beside(stem, ".md").write_text(text)
+        _beside(stem, ".json").write_text(
             json.dumps({"environment": env, "results": raw}, indent=2, default=str) + "\n"
         )
         print(text)

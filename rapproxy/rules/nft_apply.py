@@ -405,7 +405,9 @@ class NftRunner:
         try:
             await self._run(probe, ("-c", "-f", "-"))
         except NftError as error:
-            if error.returncode is None:
+            # Only "no such table" means gone: anything else (a timeout, a busy kernel) must
+            # not cost a 30-s rebuild of 10k Services; it fails this sync, which is retried.
+            if error.returncode is None or "No such file or directory" not in error.stderr:
                 raise
             return False
         return True

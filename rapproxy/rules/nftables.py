@@ -380,12 +380,11 @@ def render_split(split: NodeSplit, config: KernelConfig) -> tuple[str, ...]:
             f" meta mark set meta mark | {_hex(config.sample_mark)} return"
         )
     shares = split.shares if any(s > 0 for s in split.shares) else (1.0,) * len(split.shares)
-    for index, threshold in _draws(shares):
-        mark = f"meta mark set meta mark | {_hex(config.slot_mark(index + 1))}"
-        if threshold >= SCALE:
-            rules.append(mark)
-            break
-        rules.append(f"numgen random mod {SCALE} < {threshold} {mark} return")
+    marks = [
+        (f"meta mark set meta mark | {_hex(config.slot_mark(index + 1))} return", threshold)
+        for index, threshold in _draws(shares)
+    ]
+    rules.extend(_drawn(marks))
     return tuple(rules)
 
 
@@ -504,15 +503,16 @@ def _balance(
             rules.append(f"jump {split_chain(split.key)}")
         rules.extend(_dispatch(target, endpoints, split.slots, config))
         return tuple(rules)
-    for endpoint, threshold in _thresholds(_live(endpoints)):
-        if affinity is None:
-            action = f"meta l4proto {proto} {_dnat(endpoint)}"
-        else:
-            action = f"goto sep-{endpoint_hash(name, endpoint.ip, endpoint.port)}"
-        if threshold >= SCALE:
-            rules.append(action)
-            break
-        rules.append(f"numgen random mod {SCALE} < {threshold} {action}")
+    actions = [
+        (
+            f"meta l4proto {proto} {_dnat(endpoint)}"
+            if affinity is None
+            else f"goto sep-{endpoint_hash(name, endpoint.ip, endpoint.port)}",
+            threshold,
+        )
+        for endpoint, threshold in _thresholds(_live(endpoints))
+    ]
+    rules.extend(_drawn(actions))
     return tuple(rules)
 
 
@@ -534,16 +534,17 @@ def _dispatch(
         by_slot.setdefault(slot, []).append(WeightedEndpoint(endpoint.ip, endpoint.port, 1.0))
     rules: list[str] = []
     for slot, members in sorted(by_slot.items()):
-        drawn = f"meta mark & {field} == {_hex(config.slot_mark(slot))}"
-        for endpoint, threshold in _thresholds(members):
-            if port.affinity_timeout_seconds is None:
-                action = f"meta l4proto {proto} {clear} {_dnat(endpoint)}"
-            else:
-                action = f"{clear} goto sep-{endpoint_hash(name, endpoint.ip, endpoint.port)}"
-            if threshold >= SCALE:
-                rules.append(f"{drawn} {action}")
-                break
-            rules.append(f"{drawn} numgen random mod {SCALE} < {threshold} {action}")
+        actions = [
+            (
+                f"meta l4proto {proto} {clear} {_dnat(endpoint)}"
+                if port.affinity_timeout_seconds is None
+                else f"{clear} goto sep-{endpoint_hash(name, endpoint.ip, endpoint.port)}",
+                threshold,
+            )
+            for endpoint, threshold in _thresholds(members)
+        ]
+        drawn = f"meta mark & {field} == {_hex(config.slot_mark(slot))} "
+        rules.extend(_drawn(actions, drawn))
     rules.append(f"meta l4proto {proto} {clear} redirect to :{target.fallback_port}")
     return rules
 
@@ -577,6 +578,18 @@ def _live(endpoints: Sequence[WeightedEndpoint]) -> list[WeightedEndpoint]:
 def _thresholds(live: Sequence[WeightedEndpoint]) -> list[tuple[WeightedEndpoint, int]]:
     """(endpoint, T) for `numgen random mod SCALE < T`, in rule order; the last T is SCALE."""
     return [(live[index], t) for index, t in _draws([e.weight for e in live])]
+
+
+def _drawn(actions: Sequence[tuple[str, int]], prefix: str = "") -> list[str]:
+    """One rule per (action, T): `numgen random mod SCALE < T` then the action; a T of SCALE
+    is unconditional and the last. `prefix`: matches every rule starts with."""
+    rules: list[str] = []
+    for action, threshold in actions:
+        if threshold >= SCALE:
+            rules.append(f"{prefix}{action}")
+            break
+        rules.append(f"{prefix}numgen random mod {SCALE} < {threshold} {action}")
+    return rules
 
 
 def _draws(weights: Sequence[float]) -> list[tuple[int, int]]:

@@ -340,11 +340,11 @@ def test_the_shared_draw_clears_the_field_then_draws_the_sample_and_each_node() 
         CLEAR,
         f"numgen random mod {SCALE} < 200000 meta mark set meta mark | {FIELD} return",
         f"numgen random mod {SCALE} < 250000 meta mark set meta mark | 0x00010000 return",
-        "meta mark set meta mark | 0x00030000",  # slot 2 has share 0: never drawn
+        "meta mark set meta mark | 0x00030000 return",  # slot 2 has share 0: never drawn
     )
     assert render_split(NodeSplit(KEY, (0.0, 0.0)), CONFIG)[1:] == (  # all 0: evenly
         f"numgen random mod {SCALE} < 500000 meta mark set meta mark | 0x00010000 return",
-        "meta mark set meta mark | 0x00020000",
+        "meta mark set meta mark | 0x00020000 return",
     )
     narrow = KernelConfig(node_mark_mask=0x3 << 20)
     with pytest.raises(KernelRenderError, match="tells 2 apart"):

@@ -26,6 +26,7 @@ from rapproxy.model.service import ServicePort, ServicePortName
 from rapproxy.rules.kernel import KernelTarget, WeightedEndpoint, port_hash
 from rapproxy.rules.nft_apply import NftRunner
 from rapproxy.rules.render import RuleConfig
+from rapproxy.testing.kernel_world import endpoint_world
 from rapproxy.testing.netns import Namespace
 
 pytestmark = pytest.mark.root
@@ -52,17 +53,7 @@ async def world(make_namespace: MakeNamespace) -> tuple[Namespace, socket.socket
 async def world_with_backends(
     make_namespace: MakeNamespace,
 ) -> tuple[Namespace, Namespace, socket.socket]:
-    node = await make_namespace("node")
-    backends = await make_namespace("backends")
-    veth = await node.add_veth_peer(backends, "10.200.0.1", "10.200.0.2", 24)
-    for ip in ENDPOINTS:
-        await backends.add_address(veth.peer_ifname, f"{ip}/24")
-    await node.add_route("10.96.0.0/16", dev=veth.ifname)
-    listener = backends.socket()
-    listener.bind(("0.0.0.0", 8080))
-    listener.listen(512)
-    listener.setblocking(False)
-    return node, backends, listener
+    return await endpoint_world(make_namespace, ENDPOINTS)
 
 
 async def chosen(

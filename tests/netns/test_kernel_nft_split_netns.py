@@ -35,6 +35,7 @@ from rapproxy.rules.kernel import (
 from rapproxy.rules.nft_apply import NftRunner
 from rapproxy.rules.render import RuleConfig
 from rapproxy.sync.proxier import Proxier
+from rapproxy.testing.kernel_world import endpoint_world
 from rapproxy.testing.netns import Namespace
 
 pytestmark = pytest.mark.root
@@ -55,16 +56,7 @@ def sigma5(n: int, p: float) -> float:
 
 
 async def world(make_namespace: MakeNamespace) -> tuple[Namespace, socket.socket]:
-    node = await make_namespace("node")
-    backends = await make_namespace("backends")
-    veth = await node.add_veth_peer(backends, "10.200.0.1", "10.200.0.2", 24)
-    for ip in ENDPOINTS:
-        await backends.add_address(veth.peer_ifname, f"{ip}/24")
-    await node.add_route("10.96.0.0/16", dev=veth.ifname)
-    listener = backends.socket()
-    listener.bind(("0.0.0.0", 8080))
-    listener.listen(512)
-    listener.setblocking(False)
+    node, _, listener = await endpoint_world(make_namespace, ENDPOINTS)
     return node, listener
 
 
